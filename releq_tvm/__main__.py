@@ -1,0 +1,3 @@
+from releq_tvm.cli import main
+
+main()

@@ -1,0 +1,21 @@
+"""Click options shared by several subcommands, so each is spelled and checked once."""
+
+from __future__ import annotations
+
+import click
+
+network_argument = click.argument("network", metavar="NET")
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder with the torchvision dataset files (CIFAR-10, SVHN, ImageNet). MNIST needs none.",
+)
+checkpoint_option = click.option(
+    "--checkpoint", type=click.Path(dir_okay=False), default=None, help="Float model state_dict (default: the shipped one)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def bits_option(required: bool = False, help: str = "Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers)."):
+    return click.option("--bits", "bits_text", required=required, default=None, help=help)

