@@ -58,7 +58,7 @@ def train_steps(
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, loss.item())
     return model.eval()
 
 
