@@ -188,6 +188,7 @@ def bench_cli():
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--network", "networks", multiple=True, help="Only these networks (default: all).")
 def _speed(out_path, repeats, networks):
+    """Time the stepped and closed-form simulators on every network -> results/sim_speed.csv."""
     for row in bench_simulator(out_path, repeats, networks or None):
         click.echo(f"{row['network']:<14} stepped {row['stepped_ms']:8.2f} ms  closed {row['closed_form_ms']:7.2f} ms"
                    f"  cost_ratio (warm) {row['cost_ratio_cached_ms']:6.3f} ms  ({row['stepped_bit_steps']} steps)")
@@ -197,6 +198,7 @@ def _speed(out_path, repeats, networks):
 @bench_cli.command("published")
 @click.option("--out-dir", default="results/stripes", show_default=True)
 def _published(out_dir):
+    """Per-network Stripes CSVs at the published bitwidths -> results/stripes/."""
     for path in write_published_csvs(out_dir):
         click.echo(f"wrote {path}")
 

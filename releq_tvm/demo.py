@@ -1,0 +1,43 @@
+"""`releq-tvm demo`: the main job on the embedded default, LeNet-5 on MNIST, end to end.
+
+Each step is an ordinary subcommand, run in-process and printed with the command line a user
+would type, so the demo doubles as a tour of the tool.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+
+import click
+
+DEMO_BITS = "8,2,2,3,2"
+
+
+def demo_steps(out: str) -> list[tuple[str, list[str]]]:
+    """(title, argv) of each demo step; ``out`` is the folder the demo writes into."""
+    return [
+        ("full-precision accuracy of the shipped checkpoint", ["eval", "lenet"]),
+        (
+            f"quantize to {DEMO_BITS}, short fine-tune, accuracy",
+            ["finetune", "lenet", "--bits", DEMO_BITS, "--steps", "300"],
+        ),
+        ("Stripes: cycles and energy against 8 bits", ["simulate", "lenet", "--bits", DEMO_BITS]),
+    ]
+
+
+@click.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, help="Folder for the demo's builds, runs and report.")
+@click.pass_context
+def demo_cmd(ctx: click.Context, out: str) -> None:
+    """Run the main job on LeNet-5 / MNIST: accuracy, quantize + fine-tune, compile, simulate, search, report."""
+    from releq_tvm.cli import main
+
+    start = time.time()
+    steps = demo_steps(out)
+    for i, (title, argv) in enumerate(steps, 1):
+        click.secho(f"\n[{i}/{len(steps)}] {title}\n$ releq-tvm {shlex.join(argv)}", bold=True)
+        cmd = main.get_command(ctx, argv[0])
+        with cmd.make_context(argv[0], argv[1:], parent=ctx.parent) as sub:
+            cmd.invoke(sub)
+    click.secho(f"\ndemo finished in {time.time() - start:.0f} s; outputs under {out}/", bold=True)
