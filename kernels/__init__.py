@@ -1,0 +1,84 @@
+"""TVM bit-serial (and plain int8) conv2d / dense kernels for x86, with numpy references.
+
+This package knows nothing of torch or RL: it takes integer levels as numpy arrays and
+returns exact int32 results. Import it as ``releq_tvm.kernels``.
+
+* :mod:`.shapes`: ``ConvShape`` / ``DenseShape``;
+* :mod:`.encoding`: weight levels, the unsigned bit-plane encoding (with its proof), the packed
+  weight layouts and :func:`pack_weights`;
+* :mod:`.bitserial`: the bit-serial TE computes + TensorIR schedules and their PrimFuncs;
+* :mod:`.int8`: the plain int8 baseline kernels (AVX2 ``vpmaddwd``);
+* :mod:`.common`: TE helpers both share (layouts, padded input reads);
+* :mod:`.reference`: int64 numpy references;
+* :mod:`.runtime`: build / run / measure helpers;
+* :mod:`.target`: the x86 LLVM target;
+* :mod:`.bench`: the kernel benchmark that writes a CSV with a provenance sidecar.
+"""
+
+from .bitserial import (
+    bitpack,
+    bitpack_primfunc,
+    bitserial_conv2d_primfunc,
+    bitserial_dense_primfunc,
+    plan_conv2d,
+    plan_dense,
+)
+from .encoding import (
+    activation_level_range,
+    conv_weight_layout,
+    decode_weights,
+    dense_weight_layout,
+    encode_weights,
+    pack_weights,
+    weight_level_range,
+    weight_scale_offset,
+)
+from .int8 import int8_conv2d_primfunc, int8_dense_primfunc, int8_weight_shape, pack_int8_weights
+from .reference import conv2d_reference, dense_reference
+from .runtime import (
+    BuiltKernel,
+    Timing,
+    build_bitserial_conv2d,
+    build_bitserial_dense,
+    build_int8_conv2d,
+    build_int8_dense,
+    measure,
+    run,
+)
+from .shapes import ConvShape, DenseShape
+from .target import host_target, make_target
+
+__all__ = [
+    "BuiltKernel",
+    "ConvShape",
+    "DenseShape",
+    "Timing",
+    "activation_level_range",
+    "bitpack",
+    "bitpack_primfunc",
+    "bitserial_conv2d_primfunc",
+    "bitserial_dense_primfunc",
+    "build_bitserial_conv2d",
+    "build_bitserial_dense",
+    "build_int8_conv2d",
+    "build_int8_dense",
+    "conv2d_reference",
+    "conv_weight_layout",
+    "decode_weights",
+    "dense_reference",
+    "dense_weight_layout",
+    "encode_weights",
+    "host_target",
+    "int8_conv2d_primfunc",
+    "int8_dense_primfunc",
+    "int8_weight_shape",
+    "make_target",
+    "measure",
+    "pack_int8_weights",
+    "pack_weights",
+    "plan_conv2d",
+    "plan_dense",
+    "run",
+    "weight_level_range",
+    "weight_scale_offset",
+]

@@ -1,0 +1,341 @@
+"""Kernel benchmark: latency and throughput of the bit-serial and int8 kernels on this CPU.
+
+:func:`bench_kernels` times every (layer shape, bit pair) plus the int8 baseline and writes
+one CSV row each, with a JSON sidecar (``<csv>.meta.json``) saying which machine, TVM version
+and command produced it. Throughput is reported in *binary operations* (one AND+popcount bit
+of the product, i.e. MACs x w_bits x a_bits; 64 per MAC for int8) and as a fraction of this
+CPU's peak, measured here by :func:`measure_popcount_peak`: a tight AND+popcount loop over
+uint64 data that stays in L1, on every core, built by the same TVM/LLVM as the kernels.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import functools
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+from .encoding import VECTOR_LANES
+from .int8 import INT32_LANES, _replace_with_pmaddwd
+from .runtime import (
+    BuiltKernel,
+    Timing,
+    build_bitserial_conv2d,
+    build_bitserial_dense,
+    build_int8_conv2d,
+    build_int8_dense,
+)
+from .shapes import ConvShape, DenseShape
+from .target import make_target, target_has_avx2
+
+#: Representative layers: LeNet-5 conv2, a ResNet-20 stage-3 conv, a ResNet-20 stage-1 conv,
+#: LeNet-5 fc1, a 512x512 fully connected layer and a MobileNet-style depthwise 3x3.
+DEFAULT_SHAPES: tuple[tuple[str, ConvShape | DenseShape], ...] = (
+    ("lenet_conv2", ConvShape(6, 16, (14, 14), (5, 5))),
+    ("resnet20_conv_64", ConvShape(64, 64, (8, 8), (3, 3), padding=(1, 1))),
+    ("resnet20_conv_16", ConvShape(16, 16, (32, 32), (3, 3), padding=(1, 1))),
+    ("lenet_fc1", DenseShape(400, 120)),
+    ("dense_512", DenseShape(512, 512)),
+    ("depthwise_3x3", ConvShape(64, 64, (16, 16), (3, 3), padding=(1, 1), groups=64)),
+)
+#: (w_bits, a_bits) pairs timed for every shape.
+DEFAULT_BIT_PAIRS: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2), (2, 3), (4, 4), (8, 8))
+
+CSV_COLUMNS = (
+    "layer", "shape", "kernel", "mode", "w_bits", "a_bits", "batch", "macs", "binary_ops", "threads",
+    "latency_ms", "latency_spread_ms", "latency_min_ms", "gbinary_ops_per_s", "gmacs_per_s",
+    "efficiency_vs_popcount_peak", "efficiency_vs_int8_peak", "speedup_vs_int8",
+)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Measured peak throughput of this machine: on ``threads`` cores and per core."""
+
+    gbinary_ops_per_s: float  # AND + popcount, uint64 data in L1, all threads
+    gmacs_int8_per_s: float  # vpmaddwd int16 x int16 -> int32, data in L1, all threads
+    threads: int
+    #: max(one-thread peak, all-thread peak / threads): on a shared machine the other cores'
+    #: load hits the all-thread run harder, so the better of the two estimates one core.
+    gbinary_ops_per_s_per_core: float = 0.0
+    gmacs_int8_per_s_per_core: float = 0.0
+
+
+def _threads() -> int:
+    """Threads TVM's pool runs parallel loops on (``TVM_NUM_THREADS`` or one per core)."""
+    env = os.environ.get("TVM_NUM_THREADS")
+    if env and env.isdigit():
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _peak_module(kind: str, threads: int, target_json: str):
+    """A tight L1-resident kernel: ``threads`` parallel slices, each re-reading 16 KB ``reps`` times.
+
+    Eight independent accumulator registers per thread hide the popcount (or multiply)
+    latency, as the real kernels' register tiles do. The data index rotates with the
+    repetition so LLVM cannot fold the repetitions into a multiply.
+    """
+    words, acc_regs, reps = 32, 8, 256
+    if kind == "popcount":
+        lanes = VECTOR_LANES
+        a = te.placeholder((threads, words, acc_regs, lanes), "uint64", name="a")
+        b = te.placeholder((threads, words, acc_regs, lanes), "uint64", name="b")
+        r = te.reduce_axis((0, reps), name="r")
+        k = te.reduce_axis((0, words), name="k")
+        out = te.compute(
+            (threads, acc_regs, lanes),
+            lambda p, t, l: te.sum(
+                tirx.popcount(a[p, (k + r) % words, t, l] & b[p, k, t, l]).astype("int64"), axis=[r, k]
+            ),
+            name="acc",
+        )
+        ops_per_call = threads * reps * words * acc_regs * lanes * 64
+        sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, out]))
+        block = sch.get_sblock("acc")
+        p, t, l, rr, kk = sch.get_loops(block)
+        sch.reorder(p, rr, kk, t, l)
+        sch.parallel(p)
+        sch.unroll(t)
+        sch.vectorize(l)
+        sch.decompose_reduction(block, rr)
+    else:
+        lanes = INT32_LANES
+        pad = te.placeholder((threads, words, 2), "int16", name="pad")
+        w = te.placeholder((threads, words, acc_regs, 2 * lanes), "int16", name="weights")
+        r = te.reduce_axis((0, reps), name="r")
+        k = te.reduce_axis((0, words), name="k")
+        e = te.reduce_axis((0, 2), name="e")
+        out = te.compute(
+            (threads, acc_regs, lanes),
+            lambda p, t, o: te.sum(
+                pad[p, (k + r) % words, e].astype("int32") * w[p, k, t, o * 2 + e].astype("int32"), axis=[r, k, e]
+            ),
+            name="acc",
+        )
+        ops_per_call = threads * reps * words * acc_regs * lanes * 2  # MACs
+        sch = tvm.s_tir.Schedule(te.create_prim_func([pad, w, out]))
+        block = sch.get_sblock("acc")
+        p, t, o, rr, kk, ee = sch.get_loops(block)
+        sch.reorder(p, rr, kk, t, o, ee)
+        sch.parallel(p)
+        sch.unroll(t)
+        init = sch.decompose_reduction(block, rr)
+        sch.vectorize(sch.get_loops(init)[-1])
+        _replace_with_pmaddwd(sch, sch.blockize(o))
+    func = sch.mod["main"]
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=make_target(tvm.target.Target(target_json)))
+    rng = np.random.default_rng(0)
+    if kind == "popcount":
+        sizes = [[int(d) for d in t.shape] for t in (a, b)]
+        args = [rng.integers(0, 2**63, size=size, dtype=np.int64).astype(np.uint64) for size in sizes]
+    else:
+        args = [rng.integers(-128, 128, size=[int(d) for d in t.shape]).astype(np.int16) for t in (pad, w)]
+    out_np = np.zeros([int(d) for d in out.shape], dtype="int64" if kind == "popcount" else "int32")
+    tensors = [tvm.runtime.tensor(v) for v in (*args, out_np)]
+    return lib, tensors, ops_per_call
+
+
+def measure_popcount_peak(target=None, threads: int | None = None, repeat: int = 9) -> Peak:
+    """Peak AND+popcount (binary ops/s) and vpmaddwd (int8 MACs/s) throughput, all cores and per core.
+
+    The best of ``repeat`` samples is taken: a peak is what the hardware can do, and on a shared
+    machine every disturbance only makes a sample slower.
+    """
+    target = make_target(target)
+    threads = threads or _threads()
+    rates = {}
+    for kind in ("popcount", "int8"):
+        for n in sorted({1, threads}):
+            lib, tensors, ops = _peak_module(kind, n, str(target))
+            lib["main"](*tensors)
+            samples = lib.mod.time_evaluator("main", tvm.cpu(), number=20, repeat=repeat)(*tensors).results
+            rates[kind, n] = ops / min(samples) / 1e9
+    return Peak(
+        rates["popcount", threads],
+        rates["int8", threads],
+        threads,
+        max(rates["popcount", 1], rates["popcount", threads] / threads),
+        max(rates["int8", 1], rates["int8", threads] / threads),
+    )
+
+
+def _build(shape, w_bits: int | None, a_bits: int | None, target, parallel: bool | None) -> BuiltKernel:
+    if isinstance(shape, DenseShape):
+        if w_bits:
+            return build_bitserial_dense(shape, w_bits, a_bits, target, parallel=parallel)
+        return build_int8_dense(shape, target, parallel=parallel)
+    if w_bits:
+        return build_bitserial_conv2d(shape, w_bits, a_bits, target, parallel=parallel)
+    return build_int8_conv2d(shape, target, parallel=parallel)
+
+
+def _mode(kernel: BuiltKernel) -> str:
+    if kernel.kind.startswith("int8"):
+        return "int8"
+    from .encoding import conv_weight_layout, dense_weight_layout
+
+    if isinstance(kernel.shape, DenseShape):
+        return dense_weight_layout(kernel.shape, kernel.w_bits).mode
+    return conv_weight_layout(kernel.shape, kernel.w_bits).mode
+
+
+def _row(layer: str, kernel: BuiltKernel, timing: Timing, peak: Peak | None, threads: int) -> dict:
+    shape = kernel.shape
+    int8 = kernel.kind.startswith("int8")
+    w_bits, a_bits = (8, 8) if int8 else (kernel.w_bits, kernel.a_bits)
+    macs = shape.macs
+    binary_ops = macs * w_bits * a_bits
+    seconds = timing.median_ms / 1e3
+    gbops = binary_ops / seconds / 1e9
+    used = threads if kernel.parallel else 1
+    return {
+        "layer": layer,
+        "shape": shape.label(),
+        "kernel": "int8" if int8 else "bitserial",
+        "mode": _mode(kernel),
+        "w_bits": w_bits,
+        "a_bits": a_bits,
+        "batch": shape.batch,
+        "macs": macs,
+        "binary_ops": binary_ops,
+        "threads": threads if kernel.parallel else 1,
+        "latency_ms": f"{timing.median_ms:.6f}",
+        "latency_spread_ms": f"{timing.spread_ms:.6f}",
+        "latency_min_ms": f"{timing.min_ms:.6f}",
+        "gbinary_ops_per_s": f"{gbops:.3f}",
+        "gmacs_per_s": f"{macs / seconds / 1e9:.3f}",
+        # against the per-core peak times the cores this kernel ran on
+        "efficiency_vs_popcount_peak": (
+            f"{gbops / (peak.gbinary_ops_per_s_per_core * used):.4f}" if peak and not int8 else ""
+        ),
+        "efficiency_vs_int8_peak": (
+            f"{macs / seconds / 1e9 / (peak.gmacs_int8_per_s_per_core * used):.4f}" if peak and int8 else ""
+        ),
+        "speedup_vs_int8": "",
+    }
+
+
+def _write_atomic(path: str, write: Callable) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def bench_kernels(
+    out_csv_path: str,
+    shapes: Sequence[tuple[str, ConvShape | DenseShape]] = DEFAULT_SHAPES,
+    bit_pairs: Sequence[tuple[int, int]] = DEFAULT_BIT_PAIRS,
+    *,
+    target=None,
+    include_int8: bool = True,
+    measure_peak: bool = True,
+    parallel: bool | None = None,
+    repeat: int = 15,
+    min_repeat_ms: float = 20.0,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    command: str | None = None,
+) -> list[dict]:
+    """Time every shape x bit pair (+ the int8 baseline) and write ``out_csv_path``.
+
+    Columns: see :data:`CSV_COLUMNS`. Latencies are medians over ``repeat`` samples (each
+    about ``min_repeat_ms`` long) with the interquartile range as spread, in milliseconds;
+    ``gbinary_ops_per_s`` counts MACs x w_bits x a_bits per second (x64 for int8);
+    ``efficiency_vs_popcount_peak`` (bit-serial rows) divides that by the measured per-core
+    AND+popcount peak times ``threads`` (the cores the kernel ran on);
+    ``efficiency_vs_int8_peak`` (int8 rows) does the same for int8 MACs/s against the
+    measured vpmaddwd peak;
+    ``speedup_vs_int8`` is int8 latency / bit-serial latency of the same shape. ``parallel``
+    forces every kernel onto all cores (True) or one (False); None lets each kernel decide
+    by its size (the ``threads`` column says what ran). ``command`` is recorded in the sidecar
+    (default: this process's argv). The CSV and its
+    ``.meta.json`` sidecar (machine, versions, command, peaks) are each written atomically.
+    Returns the rows.
+    """
+    target = make_target(target)
+    threads = _threads()
+    say = progress or (lambda message: None)
+    peak = None
+    if measure_peak:
+        say("measuring the AND+popcount and vpmaddwd peaks")
+        peak = measure_popcount_peak(target, threads)
+    rows: list[dict] = []
+    for layer, shape in shapes:
+        pairs = [(int(w), int(a)) for w, a in bit_pairs] + ([(None, None)] if include_int8 else [])
+        shape_rows = []
+        for w_bits, a_bits in pairs:
+            kernel = _build(shape, w_bits, a_bits, target, parallel)
+            timing = kernel.measure(repeat=repeat, min_repeat_ms=min_repeat_ms, seed=seed)
+            row = _row(layer, kernel, timing, peak, threads)
+            say(f"{layer} {row['kernel']} w{row['w_bits']}a{row['a_bits']}: {timing.median_ms:.4f} ms, "
+                f"{row['gbinary_ops_per_s']} Gbop/s")
+            shape_rows.append(row)
+        if include_int8:
+            int8_ms = float(shape_rows[-1]["latency_ms"])
+            for row in shape_rows[:-1]:
+                row["speedup_vs_int8"] = f"{int8_ms / float(row['latency_ms']):.3f}"
+        rows.extend(shape_rows)
+
+    def write_csv(handle):
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    _write_atomic(out_csv_path, write_csv)
+    meta = {
+        "what": "releq_tvm.kernels.bench.bench_kernels",
+        "command": command or " ".join(sys.argv),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpus_available": threads,
+        "target": str(target),
+        "avx2": target_has_avx2(target),
+        "tvm_version": tvm.__version__,
+        "numpy_version": np.__version__,
+        "python": platform.python_version(),
+        "seed": seed,
+        "repeat": repeat,
+        "min_repeat_ms": min_repeat_ms,
+        "parallel": "auto" if parallel is None else parallel,
+        "peak_gbinary_ops_per_s": peak.gbinary_ops_per_s if peak else None,
+        "peak_gbinary_ops_per_s_per_core": peak.gbinary_ops_per_s_per_core if peak else None,
+        "peak_int8_gmacs_per_s": peak.gmacs_int8_per_s if peak else None,
+        "peak_int8_gmacs_per_s_per_core": peak.gmacs_int8_per_s_per_core if peak else None,
+        "peak_threads": peak.threads if peak else None,
+        "note": "latency_ms is the median of repeat samples; spread is the interquartile range; "
+                "the machine may be shared, so compare rows of one file rather than across files",
+    }
+    _write_atomic(out_csv_path + ".meta.json", lambda handle: json.dump(meta, handle, indent=2))
+    return rows

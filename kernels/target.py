@@ -1,0 +1,110 @@
+"""The x86 LLVM target the kernels are built for.
+
+TVM 0.27 only accepts a target as a dict (``{"kind": "llvm", "mtriple": ..., "mcpu": ...}``);
+a target string and ``mcpu=native`` fail. :func:`host_target` asks LLVM which CPU it runs on
+(``znver3`` on a Zen 3 machine) so nothing here hard-codes a CPU name; :func:`make_target`
+turns whatever a caller passes into a checked x86 target, or raises a one-line ``ValueError``.
+The schedules assume x86 with AVX2 for speed but stay correct on any x86-64 CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import tvm
+from tvm.target import codegen
+
+#: The triple we build for. LLVM reports the host triple of the toolchain TVM was built with
+#: (e.g. ``x86_64-conda-linux-gnu``); the plain form is what TVM's x86 code paths expect.
+X86_TRIPLE = "x86_64-linux-gnu"
+
+_X86_MACHINES = {"x86_64", "amd64", "x64"}
+
+
+def host_cpu_name() -> str:
+    """The LLVM name of this machine's CPU (e.g. ``"znver3"``), or ``"x86-64"`` if LLVM cannot tell."""
+    name = str(codegen.llvm_get_system_cpu())
+    if not name or name == "generic" or not codegen.llvm_is_valid_cpu(name, X86_TRIPLE):
+        return "x86-64"
+    return name
+
+
+def host_target() -> tvm.target.Target:
+    """An LLVM target for the CPU this process runs on.
+
+    Raises ``ValueError`` on a non-x86 host: the kernels and their schedules are x86 only.
+    """
+    machine = platform.machine().lower()
+    if machine not in _X86_MACHINES:
+        raise ValueError(
+            f"releq_tvm.kernels builds for x86-64 only; this host is {platform.machine()!r}. "
+            "Run on an x86-64 machine or pass an explicit x86 target"
+        )
+    return tvm.target.Target({"kind": "llvm", "mtriple": X86_TRIPLE, "mcpu": host_cpu_name()})
+
+
+def make_target(spec: str | dict | tvm.target.Target | None = None) -> tvm.target.Target:
+    """A checked x86 LLVM target from a loose description.
+
+    ``spec`` may be ``None``, ``"host"`` or ``"native"`` (this machine), an LLVM x86 CPU name
+    (``"znver3"``, ``"skylake"``), a JSON object string or dict in TVM's target form, or a
+    ``tvm.target.Target``. Anything that is not an x86-64 LLVM target raises ``ValueError``
+    with one line saying what was given and what to pass instead.
+    """
+    if spec is None:
+        return host_target()
+    if isinstance(spec, tvm.target.Target):
+        return _check_x86(spec, repr(str(spec)))
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in ("", "host", "native", "llvm"):
+            return host_target()
+        if text.startswith("{"):
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"target {spec!r} is not valid JSON ({err.msg}); pass e.g. "
+                                 '{"kind": "llvm", "mcpu": "znver3"}') from None
+        elif codegen.llvm_is_valid_cpu(text, X86_TRIPLE):
+            return tvm.target.Target({"kind": "llvm", "mtriple": X86_TRIPLE, "mcpu": text})
+        else:
+            raise ValueError(
+                f"unsupported target {spec!r}: pass 'host', an x86 CPU name such as 'znver3' or "
+                "'skylake', or a dict {'kind': 'llvm', 'mcpu': ...}"
+            )
+    if not isinstance(spec, dict):
+        raise ValueError(f"target must be None, a str, a dict or a tvm Target; got {type(spec).__name__}")
+    config = dict(spec)
+    if config.get("kind", "llvm") != "llvm":
+        raise ValueError(f"unsupported target kind {config.get('kind')!r}: these kernels need kind 'llvm' on x86-64")
+    config["kind"] = "llvm"
+    config.setdefault("mtriple", X86_TRIPLE)
+    if config.get("mcpu") in (None, "native", "host"):
+        config["mcpu"] = host_cpu_name()
+    try:
+        target = tvm.target.Target(config)
+    except Exception as err:  # TVM raises its own error types for malformed configs
+        raise ValueError(f"TVM rejected target {config!r}: {str(err).splitlines()[0]}") from None
+    return _check_x86(target, repr(spec))
+
+
+def _check_x86(target: tvm.target.Target, given: str) -> tvm.target.Target:
+    if target.kind.name != "llvm":
+        raise ValueError(
+            f"unsupported target {given}: these kernels need an LLVM x86-64 target, not {target.kind.name!r}"
+        )
+    triple = str(target.attrs.get("mtriple", "") or X86_TRIPLE)
+    if not triple.startswith(("x86_64", "amd64")):
+        raise ValueError(f"unsupported target {given}: triple {triple!r} is not x86-64; these kernels are x86 only")
+    mcpu = str(target.attrs.get("mcpu", "") or "")
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, X86_TRIPLE):
+        raise ValueError(
+            f"unsupported target {given}: LLVM does not know x86 CPU {mcpu!r} (try 'znver3', 'skylake' or 'host')"
+        )
+    return target
+
+
+def target_has_avx2(target: tvm.target.Target) -> bool:
+    """Whether LLVM will emit AVX2 for ``target`` (the fast popcount path needs it)."""
+    return "avx2" in set(codegen.llvm_get_cpu_features(target))

@@ -1,0 +1,563 @@
+"""Bit-exact tests of the TVM kernels against int64 numpy references.
+
+Builds are cached per (kernel, shape, bits, layout, parallel) by ``releq_tvm.kernels.runtime``,
+so the grids below cost one TVM build per distinct case (~0.3-0.8 s each). The full 8x8
+(w_bits, a_bits) grid runs on one small shape; every other shape runs a rotating subset of
+bit pairs that always includes 1-bit weights, odd widths and 8x8.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import releq_tvm.kernels as K
+from releq_tvm.kernels.bench import CSV_COLUMNS, bench_kernels, measure_popcount_peak
+from releq_tvm.kernels.encoding import WORD_BITS, bit_planes, pack_bits_along
+
+SEED = 20240611
+
+
+def rng_for(*key) -> np.random.Generator:
+    """A generator seeded by the test case, so every case is reproducible on its own."""
+    return np.random.default_rng([SEED, *[abs(hash(str(k))) % (2**31) for k in key]])
+
+
+def random_weights(rng, shape, w_bits: int) -> np.ndarray:
+    """Levels of ``w_bits`` with both extremes present."""
+    lo, hi = K.weight_level_range(w_bits)
+    if w_bits == 1:
+        q = rng.choice(np.array([-1, 1]), size=shape)
+    else:
+        q = rng.integers(lo, hi + 1, size=shape)
+    flat = q.reshape(-1)
+    flat[0], flat[-1] = lo, hi
+    return q
+
+
+def random_activations(rng, shape, a_bits: int) -> np.ndarray:
+    x = rng.integers(0, 2**a_bits, size=shape).astype(np.uint8)
+    x.reshape(-1)[0] = 2**a_bits - 1
+    return x
+
+
+def popcount(words: np.ndarray) -> np.ndarray:
+    as_bytes = np.ascontiguousarray(words, dtype=np.uint64).view(np.uint8)
+    return np.unpackbits(as_bytes).reshape(words.shape + (64,)).sum(axis=-1).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# levels and encoding (numpy only)
+
+
+def test_weight_levels_are_mid_tread_and_symmetric():
+    assert K.weight_level_range(1) == (-1, 1)
+    assert K.weight_level_range(2) == (-1, 1)
+    assert K.weight_level_range(3) == (-3, 3)
+    assert K.weight_level_range(8) == (-127, 127)
+    assert K.activation_level_range(1) == (0, 1)
+    assert K.activation_level_range(8) == (0, 255)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w_bits=st.integers(1, 8), data=st.data())
+def test_encode_decode_round_trip(w_bits, data):
+    lo, hi = K.weight_level_range(w_bits)
+    levels = [-1, 1] if w_bits == 1 else list(range(lo, hi + 1))
+    q = np.array(data.draw(st.lists(st.sampled_from(levels), min_size=1, max_size=40)))
+    u = K.encode_weights(q, w_bits)
+    assert u.dtype == np.uint8 and u.max() < 2**w_bits  # fits in w_bits unsigned bits
+    np.testing.assert_array_equal(K.decode_weights(u, w_bits), q)
+    s, m = K.weight_scale_offset(w_bits)
+    np.testing.assert_array_equal(s * u.astype(np.int64) - m, q)
+
+
+def test_encode_rejects_values_off_the_grid():
+    with pytest.raises(ValueError, match="-1 or \\+1"):
+        K.encode_weights(np.array([1, 0, -1]), 1)
+    with pytest.raises(ValueError, match="\\[-3, 3\\]"):
+        K.encode_weights(np.array([4]), 3)
+    with pytest.raises(ValueError, match="integer levels"):
+        K.encode_weights(np.array([0.5]), 4)
+    with pytest.raises(ValueError, match="1..8"):
+        K.weight_level_range(9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(w_bits=st.integers(1, 8), a_bits=st.integers(1, 8), n=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_bit_plane_popcount_identity_gives_the_signed_dot_product(w_bits, a_bits, n, seed):
+    """The encoding proof, numerically: s * sum 2^(b+c) pc(U_b & X_c) - M * sum 2^c pc(X_c) == sum q*x."""
+    rng = np.random.default_rng(seed)
+    q = random_weights(rng, (n,), w_bits)
+    x = random_activations(rng, (n,), a_bits)
+    s, m = K.weight_scale_offset(w_bits)
+    u_planes = pack_bits_along(bit_planes(K.encode_weights(q, w_bits), w_bits), axis=0)  # (words, B)
+    x_planes = pack_bits_along(bit_planes(x, a_bits), axis=0)  # (words, A)
+    product = sum(
+        (1 << (b + c)) * int(popcount(u_planes[:, b] & x_planes[:, c]).sum())
+        for b in range(w_bits)
+        for c in range(a_bits)
+    )
+    correction = sum((1 << c) * int(popcount(x_planes[:, c]).sum()) for c in range(a_bits))
+    assert s * product - m * correction == int(np.dot(q.astype(np.int64), x.astype(np.int64)))
+
+
+def test_pack_bits_along_puts_element_64w_plus_j_in_bit_j_of_word_w():
+    bits = np.zeros((3, 130), dtype=np.uint8)
+    bits[1, 0] = bits[1, 63] = bits[1, 64] = bits[2, 129] = 1
+    words = pack_bits_along(bits, axis=1)
+    assert words.shape == (3, 3) and words.dtype == np.uint64
+    assert words[0].tolist() == [0, 0, 0]
+    assert words[1].tolist() == [1 | (1 << 63), 1, 0]
+    assert words[2].tolist() == [0, 0, 2]  # 129 = 2*64 + 1; bits 130..191 are zero padding
+
+
+@pytest.mark.parametrize(
+    "shape, mode, packed",
+    [
+        (K.ConvShape(8, 8, (9, 9), (3, 3), groups=8), "window", (8, 1, 1, 3)),
+        (K.ConvShape(1, 6, (28, 28), (5, 5)), "window", (1, 6, 1, 3)),
+        (K.ConvShape(3, 64, (227, 227), (11, 11), stride=4), "folded", (1, 4, 11, 1, 1, 3, 16)),
+        (K.ConvShape(16, 20, (8, 8), (3, 3)), "folded", (1, 3, 3, 1, 1, 3, 8)),
+        (K.ConvShape(33, 9, (8, 8), (5, 5)), "channel", (1, 1, 5, 5, 1, 3, 16)),
+        (K.ConvShape(130, 3, (8, 8), (1, 1)), "channel", (1, 1, 1, 1, 3, 3, 4)),
+    ],
+)
+def test_conv_weight_layout_modes_and_shapes(shape, mode, packed):
+    layout = K.conv_weight_layout(shape, 3)
+    assert (layout.mode, layout.shape) == (mode, packed)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        K.ConvShape(3, 20, (8, 8), (3, 5), groups=1),  # folded, slot 4
+        K.ConvShape(70, 20, (8, 8), (2, 3), groups=1),  # channel, 2 words
+        K.ConvShape(6, 6, (8, 8), (3, 3), groups=6),  # window
+        K.ConvShape(8, 12, (8, 8), (3, 3), groups=4),  # folded, 3 groups of outputs per group
+    ],
+)
+def test_pack_weights_puts_each_weight_bit_where_the_layout_says(shape):
+    """Set one bit of one weight's code and find it at the documented coordinates."""
+    w_bits = 3
+    _, m = K.weight_scale_offset(w_bits)
+    layout = K.conv_weight_layout(shape, w_bits)
+    kh, kw = shape.kernel
+    cg, og = shape.in_per_group, shape.out_per_group
+    rng = rng_for("layout", shape)
+    for _ in range(6):
+        o, c, i, j, b = (int(rng.integers(n)) for n in (shape.out_channels, cg, kh, kw, w_bits))
+        q = np.full(shape.weight_shape(), -m)  # code u = 0 everywhere
+        q[o, c, i, j] = (1 << b) - m  # code u = 2^b
+        packed = K.pack_weights(q, w_bits, shape.groups)
+        assert packed.shape == layout.shape and packed.dtype == np.uint64
+        g, ol = divmod(o, og)
+        if layout.mode == "window":
+            e = i * kw + j
+            where = (g, ol, e // WORD_BITS, b)
+        else:
+            e = c if layout.mode == "channel" else j * layout.slot + c
+            col = j if layout.mode == "channel" else 0
+            where = (g, ol // layout.tile, i, col, e // WORD_BITS, b, ol % layout.tile)
+        expected = np.zeros(layout.shape, dtype=np.uint64)
+        expected[where] = np.uint64(1) << np.uint64(e % WORD_BITS)
+        np.testing.assert_array_equal(packed, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# references
+
+
+def _naive_conv(x, q, shape):
+    (kh, kw), (sh, sw), (ph, pw) = shape.kernel, shape.stride, shape.padding
+    (h, w), (oh, ow) = shape.in_size, shape.out_size
+    cg, og = shape.in_per_group, shape.out_per_group
+    out = np.zeros(shape.output_shape(), dtype=np.int64)
+    for n in range(shape.batch):
+        for o in range(shape.out_channels):
+            g = o // og
+            for r in range(oh):
+                for s in range(ow):
+                    total = 0
+                    for c in range(cg):
+                        for i in range(kh):
+                            for j in range(kw):
+                                y, z = r * sh + i - ph, s * sw + j - pw
+                                if 0 <= y < h and 0 <= z < w:
+                                    total += int(x[n, g * cg + c, y, z]) * int(q[o, c, i, j])
+                    out[n, o, r, s] = total
+    return out
+
+
+def test_conv2d_reference_hand_example():
+    x = np.arange(9, dtype=np.uint8).reshape(1, 1, 3, 3)  # [[0,1,2],[3,4,5],[6,7,8]]
+    q = np.array([[[[1, -1], [2, 0]]]])
+    shape = K.ConvShape(1, 1, (3, 3), (2, 2))
+    # top-left window [[0,1],[3,4]]: 0 - 1 + 6 + 0 = 5; every step right adds 1-1+2 = 2... by hand:
+    expected = np.array([[[[0 - 1 + 6, 1 - 2 + 8], [3 - 4 + 12, 4 - 5 + 14]]]])
+    np.testing.assert_array_equal(K.conv2d_reference(x, q, shape), expected)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        K.ConvShape(4, 6, (7, 6), (3, 2), stride=(2, 1), padding=(1, 2), groups=2, batch=2),
+        K.ConvShape(3, 3, (5, 5), (3, 3), stride=2, padding=1, groups=3),
+    ],
+)
+def test_conv2d_reference_matches_naive_loops(shape):
+    rng = rng_for("ref", shape)
+    x = random_activations(rng, shape.input_shape(), 8)
+    q = random_weights(rng, shape.weight_shape(), 8)
+    np.testing.assert_array_equal(K.conv2d_reference(x, q, shape), _naive_conv(x, q, shape))
+    nhwc = K.conv2d_reference(x.transpose(0, 2, 3, 1), q, shape, layout="NHWC")
+    np.testing.assert_array_equal(nhwc.transpose(0, 3, 1, 2), _naive_conv(x, q, shape))
+
+
+def test_dense_reference():
+    x = np.array([[1, 2, 3]], dtype=np.uint8)
+    q = np.array([[1, -1, 2], [0, 3, -3]])
+    np.testing.assert_array_equal(K.dense_reference(x, q), [[1 - 2 + 6, 6 - 9]])
+
+
+# ------------------------------------------------------------------------------------------
+# target
+
+
+def test_host_target_is_x86_llvm():
+    target = K.host_target()
+    assert target.kind.name == "llvm"
+    assert str(target.attrs["mtriple"]).startswith("x86_64")
+    assert str(target.attrs["mcpu"])
+
+
+def test_avx2_detection_follows_the_cpu_name():
+    from releq_tvm.kernels.target import target_has_avx2
+
+    assert target_has_avx2(K.make_target("znver3")) and target_has_avx2(K.make_target("skylake"))
+    assert not target_has_avx2(K.make_target("nehalem"))
+
+
+@pytest.mark.parametrize("spec", [None, "host", "znver3", "skylake", {"kind": "llvm", "mcpu": "znver3"}])
+def test_make_target_accepts_x86(spec):
+    assert str(K.make_target(spec).attrs["mtriple"]).startswith("x86_64")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}, "x86"),
+        ({"kind": "cuda"}, "kind"),
+        ("cortex-a72", "unsupported target"),
+        ("not-a-cpu", "unsupported target"),
+        ({"kind": "llvm", "mcpu": "not-a-cpu"}, "does not know"),
+    ],
+)
+def test_make_target_rejects_non_x86_with_one_line(spec, message):
+    with pytest.raises(ValueError, match=message) as info:
+        K.make_target(spec)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------
+# bitpack
+
+
+@pytest.mark.parametrize(
+    "data_shape, bits, axis",
+    [((2, 70, 3, 8), 3, 1), ((5, 130), 8, 1), ((3, 1, 4), 1, 1), ((9, 4), 2, 0), ((2, 64, 5), 5, 1)],
+)
+def test_bitpack_matches_numpy(data_shape, bits, axis):
+    import tvm
+
+    lib = tvm.compile(K.bitpack_primfunc(data_shape, bits, axis).with_attr("global_symbol", "main"),
+                      target=K.host_target())
+    x = random_activations(rng_for("pack", data_shape, bits), data_shape, bits)
+    words = -(-data_shape[axis] // WORD_BITS)
+    out = tvm.runtime.tensor(np.zeros(data_shape[:axis] + (words, bits) + data_shape[axis + 1:], np.uint64))
+    lib["main"](tvm.runtime.tensor(x), out)
+    expected = np.moveaxis(pack_bits_along(bit_planes(x, bits), axis), -1, axis + 1)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+# ------------------------------------------------------------------------------------------
+# bit-serial conv2d / dense: exact equality with the reference
+
+CONV_CASES = [
+    # (id, shape, layout)
+    ("folded_3x3_p1", K.ConvShape(16, 16, (8, 8), (3, 3), padding=(1, 1)), "NCHW"),
+    ("lenet_conv2_folded_5x5", K.ConvShape(6, 16, (14, 14), (5, 5)), "NCHW"),
+    ("channel_2words_s2_odd", K.ConvShape(70, 20, (7, 9), (3, 3), stride=2, padding=(1, 1)), "NCHW"),
+    ("channel_2words_s2_nhwc", K.ConvShape(70, 20, (7, 9), (3, 3), stride=2, padding=(1, 1)), "NHWC"),
+    ("channel_64_exact_word", K.ConvShape(64, 64, (6, 6), (3, 3), padding=(1, 1)), "NCHW"),
+    ("channel_33in_9out_5x5", K.ConvShape(33, 9, (7, 8), (5, 5), padding=(2, 2)), "NCHW"),
+    ("pointwise_odd_1x1", K.ConvShape(5, 7, (6, 5), (1, 1)), "NCHW"),
+    ("one_channel_input_5x5", K.ConvShape(1, 6, (12, 12), (5, 5)), "NCHW"),
+    ("one_channel_one_output", K.ConvShape(1, 1, (5, 7), (3, 3), padding=(1, 1)), "NCHW"),
+    ("depthwise_3x3_p1", K.ConvShape(8, 8, (9, 9), (3, 3), padding=(1, 1), groups=8), "NCHW"),
+    ("depthwise_3x3_s2_nhwc", K.ConvShape(6, 6, (9, 10), (3, 3), stride=2, padding=(1, 1), groups=6), "NHWC"),
+    ("depthwise_multiplier_2", K.ConvShape(3, 6, (7, 7), (3, 3), padding=(1, 1), groups=3), "NCHW"),
+    ("grouped_4", K.ConvShape(8, 12, (6, 6), (3, 3), padding=(1, 1), groups=4), "NCHW"),
+    ("grouped_2_channel_mode", K.ConvShape(80, 16, (5, 9), (3, 3), padding=(1, 1), groups=2), "NCHW"),
+    ("folded_2words_16ch_5x5", K.ConvShape(16, 8, (9, 9), (5, 5), padding=(2, 2)), "NCHW"),
+    ("folded_2words_32ch_s2", K.ConvShape(32, 12, (9, 11), (3, 3), stride=2, padding=(1, 1)), "NHWC"),
+    ("alexnet_like_11x11_s4", K.ConvShape(3, 8, (31, 31), (11, 11), stride=4, padding=(2, 2)), "NCHW"),
+    ("depthwise_11x11_s4_2words", K.ConvShape(2, 4, (31, 31), (11, 11), stride=4, padding=(2, 2), groups=2), "NCHW"),
+    ("depthwise_8x9_72taps", K.ConvShape(2, 2, (12, 13), (8, 9), padding=(1, 1), groups=2), "NCHW"),
+    ("even_2x2_s2_batch3", K.ConvShape(4, 4, (8, 6), (2, 2), stride=2, batch=3), "NCHW"),
+    ("rect_kernel_1x3_pad", K.ConvShape(40, 5, (5, 9), (1, 3), padding=(0, 1)), "NHWC"),
+]
+BIT_PAIR_ROTATION = [(1, 1), (2, 3), (8, 8), (1, 5), (3, 2), (4, 4), (5, 7), (7, 1), (6, 8)]
+
+
+def _bit_pairs_for(index: int) -> list[tuple[int, int]]:
+    """Three pairs per shape: always 1-bit weights or 8x8 somewhere, rotating the rest."""
+    n = len(BIT_PAIR_ROTATION)
+    return [BIT_PAIR_ROTATION[(index * 3 + k) % n] for k in range(3)]
+
+
+CONV_GRID = [
+    pytest.param(shape, layout, w, a, id=f"{name}-w{w}a{a}")
+    for index, (name, shape, layout) in enumerate(CONV_CASES)
+    for w, a in _bit_pairs_for(index)
+]
+
+
+def _check_conv(shape, layout, w_bits, a_bits, parallel=None, x=None, q=None):
+    kernel = K.build_bitserial_conv2d(shape, w_bits, a_bits, layout=layout, parallel=parallel)
+    rng = rng_for("conv", shape, layout, w_bits, a_bits)
+    x = random_activations(rng, shape.input_shape(layout), a_bits) if x is None else x
+    q = random_weights(rng, shape.weight_shape(), w_bits) if q is None else q
+    out = kernel(x, kernel.pack(q))
+    assert out.dtype == np.int32 and out.shape == shape.output_shape(layout)
+    np.testing.assert_array_equal(out, K.conv2d_reference(x, q, shape, layout))
+
+
+@pytest.mark.parametrize("shape, layout, w_bits, a_bits", CONV_GRID)
+def test_bitserial_conv2d_is_exact(shape, layout, w_bits, a_bits):
+    _check_conv(shape, layout, w_bits, a_bits)
+
+
+@pytest.mark.parametrize("w_bits", range(1, 9))
+@pytest.mark.parametrize("a_bits", range(1, 9))
+def test_bitserial_full_bit_grid_on_a_small_conv(w_bits, a_bits):
+    _check_conv(K.ConvShape(5, 6, (5, 4), (3, 3), padding=(1, 1)), "NCHW", w_bits, a_bits)
+
+
+@pytest.mark.parametrize(
+    "shape, w_bits, a_bits",
+    [
+        (K.ConvShape(64, 32, (8, 8), (3, 3), padding=(1, 1)), 2, 2),  # channel
+        (K.ConvShape(16, 16, (10, 10), (3, 3), padding=(1, 1)), 1, 3),  # folded
+        (K.ConvShape(16, 16, (10, 10), (3, 3), padding=(1, 1), groups=16), 3, 1),  # window
+    ],
+)
+def test_bitserial_conv2d_parallel_schedule_is_exact(shape, w_bits, a_bits):
+    _check_conv(shape, "NCHW", w_bits, a_bits, parallel=True)
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (1, 8), (2, 1)])
+def test_bitserial_extreme_levels_and_padding_reach_the_int32_sums(w_bits, a_bits):
+    """All activations at their maximum, weights at one extreme: border outputs see only real taps."""
+    shape = K.ConvShape(64, 8, (6, 6), (3, 3), padding=(1, 1))
+    lo, hi = K.weight_level_range(w_bits)
+    x = np.full(shape.input_shape(), 2**a_bits - 1, dtype=np.uint8)
+    for level in (lo, hi):
+        q = np.full(shape.weight_shape(), level)
+        _check_conv(shape, "NCHW", w_bits, a_bits, x=x, q=q)
+        out = K.build_bitserial_conv2d(shape, w_bits, a_bits)(x, K.pack_weights(q, w_bits))
+        corner, centre = 64 * 4 * level * (2**a_bits - 1), 64 * 9 * level * (2**a_bits - 1)
+        assert out[0, 0, 0, 0] == corner and out[0, 0, 2, 2] == centre
+
+
+DENSE_GRID = [
+    pytest.param(K.DenseShape(400, 120), 1, 1, id="lenet_fc1-w1a1"),
+    pytest.param(K.DenseShape(400, 120), 2, 3, id="lenet_fc1-w2a3"),
+    pytest.param(K.DenseShape(65, 3, batch=2), 8, 8, id="tail_word_batch2-w8a8"),
+    pytest.param(K.DenseShape(1, 1), 1, 8, id="one_by_one-w1a8"),
+    pytest.param(K.DenseShape(64, 17), 5, 2, id="exact_word_17out-w5a2"),
+    pytest.param(K.DenseShape(512, 512), 1, 1, id="dense512-w1a1"),
+    pytest.param(K.DenseShape(84, 10, batch=3), 4, 6, id="lenet_fc3_batch3-w4a6"),
+]
+
+
+DENSE_PARALLEL = [
+    pytest.param(K.DenseShape(400, 120), 2, 3, True, id="lenet_fc1-w2a3-parallel"),
+    pytest.param(K.DenseShape(512, 512), 1, 1, True, id="dense512-w1a1-parallel"),
+]
+
+
+@pytest.mark.parametrize("shape, w_bits, a_bits, parallel",
+                         [pytest.param(*p.values, None, id=p.id) for p in DENSE_GRID] + DENSE_PARALLEL)
+def test_bitserial_dense_is_exact(shape, w_bits, a_bits, parallel):
+    kernel = K.build_bitserial_dense(shape, w_bits, a_bits, parallel=parallel)
+    rng = rng_for("dense", shape, w_bits, a_bits)
+    x = random_activations(rng, shape.input_shape(), a_bits)
+    q = random_weights(rng, shape.weight_shape(), w_bits)
+    out = kernel(x, kernel.pack(q))
+    assert out.dtype == np.int32 and out.shape == shape.output_shape()
+    np.testing.assert_array_equal(out, K.dense_reference(x, q))
+
+
+# ------------------------------------------------------------------------------------------
+# int8 baseline
+
+
+INT8_CASES = [
+    pytest.param(shape, layout, id=name)
+    for name, shape, layout in CONV_CASES
+    if name not in ("channel_64_exact_word", "depthwise_11x11_s4_2words")
+] + [pytest.param(K.ConvShape(64, 32, (8, 8), (3, 3), padding=(1, 1)), "NCHW", id="channel_64_to_32")]
+
+
+@pytest.mark.parametrize("shape, layout", INT8_CASES)
+def test_int8_conv2d_is_exact_over_full_ranges(shape, layout):
+    kernel = K.build_int8_conv2d(shape, layout=layout)
+    rng = rng_for("int8", shape, layout)
+    x = rng.integers(0, 256, size=shape.input_shape(layout)).astype(np.uint8)
+    q = rng.integers(-128, 128, size=shape.weight_shape())
+    x.reshape(-1)[:2], q.reshape(-1)[:2] = 255, (-128, 127)
+    out = kernel(x, kernel.pack(q))
+    np.testing.assert_array_equal(out, K.conv2d_reference(x, q, shape, layout))
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_int8_extremes_do_not_saturate(parallel):
+    """255 * -128 in every product: vpmaddubsw would saturate here, vpmaddwd must not."""
+    shape = K.ConvShape(64, 16, (6, 6), (3, 3), padding=(1, 1))
+    kernel = K.build_int8_conv2d(shape, parallel=parallel)
+    x = np.full(shape.input_shape(), 255, dtype=np.uint8)
+    q = np.full(shape.weight_shape(), -128)
+    out = kernel(x, kernel.pack(q))
+    np.testing.assert_array_equal(out, K.conv2d_reference(x, q, shape))
+    assert out[0, 0, 2, 2] == 64 * 9 * 255 * -128
+
+
+@pytest.mark.parametrize(
+    "shape", [K.DenseShape(400, 120), K.DenseShape(65, 3, batch=2), K.DenseShape(512, 512), K.DenseShape(1, 1)],
+    ids=str,
+)
+def test_int8_dense_is_exact(shape):
+    kernel = K.build_int8_dense(shape)
+    rng = rng_for("int8dense", shape)
+    x = rng.integers(0, 256, size=shape.input_shape()).astype(np.uint8)
+    q = rng.integers(-128, 128, size=shape.weight_shape())
+    np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.dense_reference(x, q))
+
+
+def test_int8_pack_rejects_out_of_range():
+    with pytest.raises(ValueError, match="-128, 127"):
+        K.pack_int8_weights(np.array([[128]]))
+
+
+# ------------------------------------------------------------------------------------------
+# the API the compile stage uses
+
+
+def _params(func):
+    return [(str(p.dtype), tuple(int(d) for d in p.shape)) for p in func.params]
+
+
+def test_primfunc_signatures_are_as_documented():
+    conv = K.ConvShape(16, 32, (8, 8), (3, 3), padding=(1, 1))
+    func = K.bitserial_conv2d_primfunc(conv, 2, 3)
+    assert _params(func) == [
+        ("uint8", (1, 16, 8, 8)),
+        ("uint64", K.conv_weight_layout(conv, 2).shape),
+        ("int32", (1, 32, 8, 8)),
+    ]
+    assert "global_symbol" not in func.attrs  # named by whoever adds it to a module
+    nhwc = K.bitserial_conv2d_primfunc(conv, 2, 3, layout="NHWC")
+    assert _params(nhwc)[0] == ("uint8", (1, 8, 8, 16)) and _params(nhwc)[2] == ("int32", (1, 8, 8, 32))
+    dense = K.DenseShape(400, 120)
+    assert _params(K.bitserial_dense_primfunc(dense, 1, 1)) == [
+        ("uint8", (1, 400)),
+        ("uint64", K.dense_weight_layout(dense, 1).shape),
+        ("int32", (1, 120)),
+    ]
+    assert _params(K.int8_conv2d_primfunc(conv)) == [
+        ("uint8", (1, 16, 8, 8)),
+        ("int8", K.int8_weight_shape(conv)[1]),
+        ("int32", (1, 32, 8, 8)),
+    ]
+
+
+def test_primfuncs_run_inside_a_relax_module():
+    import tvm
+    from tvm import relax
+
+    conv = K.ConvShape(6, 16, (10, 10), (3, 3), padding=(1, 1))
+    dense = K.DenseShape(16 * 10 * 10, 10)
+    w_bits, a_bits = 2, 3
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(conv.input_shape(), "uint8"))
+    w_conv = relax.Var("w_conv", relax.TensorType(K.conv_weight_layout(conv, w_bits).shape, "uint64"))
+    w_int8 = relax.Var("w_int8", relax.TensorType(K.int8_weight_shape(conv)[1], "int8"))
+    with builder.function("main", [x, w_conv, w_int8]):
+        conv_fn = builder.add_func(K.bitserial_conv2d_primfunc(conv, w_bits, a_bits), "conv_bitserial")
+        int8_fn = builder.add_func(K.int8_conv2d_primfunc(conv), "conv_int8")
+        with builder.dataflow():
+            y = builder.emit(relax.call_tir(conv_fn, [x, w_conv], relax.TensorType(conv.output_shape(), "int32")))
+            z = builder.emit(relax.call_tir(int8_fn, [x, w_int8], relax.TensorType(conv.output_shape(), "int32")))
+            out = builder.emit_output(relax.Tuple([y, z]))
+        builder.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(builder.get(), target=K.host_target()), tvm.cpu())
+    rng = rng_for("relax")
+    xv = random_activations(rng, conv.input_shape(), a_bits)
+    q = random_weights(rng, conv.weight_shape(), w_bits)
+    y, z = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(K.pack_weights(q, w_bits)),
+                      tvm.runtime.tensor(K.pack_int8_weights(q)))
+    expected = K.conv2d_reference(xv, q, conv)
+    np.testing.assert_array_equal(y.numpy(), expected)
+    np.testing.assert_array_equal(z.numpy(), expected)
+    del dense
+
+
+def test_built_kernel_rejects_wrong_inputs_with_a_message():
+    shape = K.ConvShape(16, 16, (8, 8), (3, 3), padding=(1, 1))
+    kernel = K.build_bitserial_conv2d(shape, 1, 1)
+    x, w = kernel.random_inputs()
+    with pytest.raises(ValueError, match="uint8 activations"):
+        kernel(x.astype(np.int32), w)
+    with pytest.raises(ValueError, match="packed weights"):
+        kernel(x, w[..., :1])
+    with pytest.raises(ValueError, match="layout must be"):
+        K.build_bitserial_conv2d(shape, 1, 1, layout="NCWH")
+
+
+def test_measure_reports_a_positive_median_and_spread():
+    kernel = K.build_bitserial_dense(K.DenseShape(400, 120), 1, 1)
+    timing = K.measure(kernel, repeat=5, min_repeat_ms=2)
+    assert 0 < timing.min_ms <= timing.median_ms <= timing.max_ms < 100
+    assert timing.spread_ms >= 0 and timing.number >= 1 and len(timing.samples_ms) == 5
+
+
+def test_measured_peaks_are_positive():
+    peak = measure_popcount_peak(repeat=3)
+    assert peak.gbinary_ops_per_s > 1 and peak.gmacs_int8_per_s > 0.1 and peak.threads >= 1
+
+
+def test_bench_kernels_writes_csv_and_sidecar(tmp_path):
+    path = tmp_path / "kernels.csv"
+    rows = bench_kernels(str(path), shapes=[("fc", K.DenseShape(128, 16))], bit_pairs=[(1, 1), (2, 2)],
+                         repeat=3, min_repeat_ms=1)
+    with open(path) as handle:
+        read = list(csv.DictReader(handle))
+    assert [r["kernel"] for r in read] == ["bitserial", "bitserial", "int8"]
+    assert tuple(read[0]) == CSV_COLUMNS and len(rows) == 3
+    assert [(r["w_bits"], r["a_bits"]) for r in read] == [("1", "1"), ("2", "2"), ("8", "8")]
+    assert all(float(r["latency_ms"]) > 0 for r in read)
+    assert float(read[0]["speedup_vs_int8"]) > 0 and read[2]["speedup_vs_int8"] == ""
+    assert int(read[1]["binary_ops"]) == 128 * 16 * 4
+    assert float(read[0]["efficiency_vs_popcount_peak"]) > 0 and read[0]["efficiency_vs_int8_peak"] == ""
+    assert float(read[2]["efficiency_vs_int8_peak"]) > 0 and read[2]["efficiency_vs_popcount_peak"] == ""
+    meta = json.loads((tmp_path / "kernels.csv.meta.json").read_text())
+    assert meta["cpu_model"] and meta["tvm_version"] and "command" in meta
+    assert meta["peak_gbinary_ops_per_s"] > 0 and meta["peak_int8_gmacs_per_s"] > 0
+    assert isinstance(meta["avx2"], bool)
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temp files
