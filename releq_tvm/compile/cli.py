@@ -1,0 +1,148 @@
+"""`releq-tvm compile NET --bits ...`: build the bit-serial library, write it to DIR, measure it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from releq_tvm.cli_options import bits_option, checkpoint_option, json_option, network_argument
+
+
+@click.command("compile")
+@network_argument
+@bits_option(help="Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers; default: the published bits).")
+@click.option("--act-bits", "act_bits_text", default=None, help="Activation bits per layer (default 8 everywhere).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for net.so, params.npz, manifest.json (default runs/compile/<net>-<bits>).")
+@checkpoint_option
+@click.option("--target", "target_text", default=None,
+              help='Target: host (default), an x86 CPU name, llvm/MCPU, or JSON {"kind": "llvm", "mcpu": ...}.')
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="Time on a TVM RPC server instead of this process.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Images per call of the library.")
+@click.option("--repeats", type=click.IntRange(1), default=7, show_default=True, help="Timing samples per measurement.")
+@click.option("--measure/--no-measure", default=True, show_default=True, help="Time the layers and the network.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True, help="Also time the int8 and fp32 builds.")
+@click.option("--fidelity-csv", type=click.Path(dir_okay=False), default=None,
+              help="Add (or replace) this network's row of layer-sum vs whole-network latency in a CSV.")
+@json_option
+def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_text, rpc, batch, repeats, measure,
+                baselines, fidelity_csv, as_json) -> None:
+    """Compile NET with bit-serial kernels at per-layer bits into a deployable folder and time it.
+
+    Prints a per-layer table (bits, latency, speedup over the all-8-bit bit-serial build, the
+    int8 and fp32 builds) and whole-network totals; --json prints the same as JSON.
+    """
+    from pathlib import Path
+
+    from releq_tvm.bits import format_bits, parse_bits
+    from releq_tvm.compile.artifact import compile_network
+    from releq_tvm.compile.integer import quantize_network
+    from releq_tvm.compile.measure import Runner, measure_network
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.compile.target import resolve_target
+    from releq_tvm.networks import get_network_spec, layer_table
+
+    spec = get_network_spec(network)
+    n = len(layer_table(network))
+    w_bits = parse_bits(bits_text if bits_text is not None else list(spec.published_bits), n, network)
+    a_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
+    target = resolve_target(target_text)
+    if fidelity_csv and not measure:
+        raise ReleqError("--fidelity-csv needs the measurement; drop --no-measure")
+    runner = Runner(rpc) if (measure and rpc) else Runner()
+
+    def say(message: str) -> None:
+        if not as_json:
+            click.echo(f"  .. {message}", err=True)
+
+    started = time.perf_counter()
+    say(f"quantize {network} to integers (w {format_bits(w_bits)})")
+    net = quantize_network(network, w_bits, a_bits, checkpoint=checkpoint)
+    say("lower to Relax and compile")
+    t0 = time.perf_counter()
+    compiled = compile_network(net, "bitserial", batch, target)
+    compile_s = time.perf_counter() - t0
+    out = Path(out_dir) if out_dir else Path("runs") / "compile" / f"{network}-{format_bits(w_bits).replace(',', '')}"
+    compiled.export(out)
+    result = {
+        "network": network,
+        "out_dir": str(out),
+        "files": ["net.so", "params.npz", "manifest.json"],
+        "w_bits": format_bits(net.w_bits),
+        "a_bits": format_bits(net.a_bits),
+        "weights": net.weights_source,
+        "frac_bits": net.frac_bits,
+        "compile_s": compile_s,
+        "target": compiled.manifest["machine"]["target"],
+    }
+    if measure:
+        result["measure"] = measure_network(network, net.w_bits, net.a_bits, repeats=repeats, target=target, batch=batch,
+                                            baselines=baselines, runner=runner, compiled=compiled if not rpc else None,
+                                            model=net.model, progress=say)
+        if fidelity_csv:
+            from releq_tvm.compile.measure import write_fidelity_csv
+
+            write_fidelity_csv([result["measure"]], fidelity_csv, update=True)
+    result["seconds"] = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        _print_report(result)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _short(row: dict) -> str:
+    """``conv 6->16 5x5/1 14x14`` from a measured layer row (its shape label)."""
+    tokens = row["shape"].split()[1:]
+    size = next((t[2:] for t in tokens if t.startswith("in")), "")
+    parts = {t[0]: t[1:] for t in tokens if not t.startswith("in")}
+    if row["kind"] == "dense":
+        return f"dense {parts['i']}->{parts['o']}"
+    return f"{row['kind']} {parts['i']}->{parts['o']} {parts['k']}/{parts['s'].split('x')[0]} {size}"
+
+
+def _print_report(result: dict) -> None:
+    echo = click.echo
+    echo(f"{result['network']}: wrote {result['out_dir']}/ (net.so, params.npz, manifest.json) "
+         f"in {result['compile_s']:.1f} s; weights: {result['weights']}")
+    m = result.get("measure")
+    if not m:
+        return
+    has_base = "int8_ms" in m["layers"][0]
+    head = f"{'#':>3} {'layer':<34} {'w':>2} {'a':>2} {'bits ms':>9} {'8-bit ms':>9} {'speedup':>7}"
+    if has_base:
+        head += f" {'int8 ms':>9} {'fp32 ms':>9}"
+    echo(head)
+    for row in m["layers"]:
+        line = (f"{row['index']:>3} {_short(row)[:34]:<34} {row['w_bits']:>2} {row['a_bits']:>2} "
+                f"{row['bits_ms']:>9.4f} {row['bitserial8_ms']:>9.4f} {row['speedup_vs_8bit']:>6.2f}x")
+        if has_base:
+            line += f" {row['int8_ms']:>9.4f} {row['fp32_ms']:>9.4f}"
+        echo(line)
+    sums = m["totals"]["sum_of_layers_ms"]
+    line = (f"{'':>3} {'sum of layers':<34} {'':>2} {'':>2} {sums['bits']:>9.4f} {sums['bitserial8']:>9.4f} "
+            f"{sums['bitserial8'] / sums['bits']:>6.2f}x")
+    if has_base:
+        line += f" {sums['int8']:>9.4f} {sums['fp32']:>9.4f}"
+    echo(line)
+    echo("whole network (median ms, iqr):")
+    for label, name in (("bits", "bit-serial at the bits"), ("bitserial8", "bit-serial all 8-bit"), ("int8", "plain int8"),
+                        ("fp32", "fp32 (TVM default pipeline)")):
+        t = m["network_ms"].get(label)
+        if t:
+            echo(f"  {name:<28} {t['median_ms']:>9.4f} ms  (iqr {t['iqr_ms']:.4f}, {t['repeats']} repeats)")
+    tot, fid = m["totals"], m["fidelity"]
+    echo(f"speedup over 8-bit bit-serial {tot['speedup_vs_8bit']:.2f}x; over int8 {_fmt(tot['speedup_vs_int8'], 2)}x; "
+         f"over fp32 {_fmt(tot['speedup_vs_fp32'], 2)}x")
+    echo(f"cost ratio: predicted from layers {fid['cost_ratio_predicted']:.3f}, measured {fid['cost_ratio_measured']:.3f} "
+         f"({fid['cost_ratio_error_pct']:+.1f} %); sum of layers / network: bits {fid['bits']['sum_over_network']:.2f}, "
+         f"8-bit {fid['bitserial8']['sum_over_network']:.2f}")
+    mach = m["machine"]
+    echo(f"machine: {mach['cpu_model']} {json.dumps(mach['target'])} TVM {mach['tvm']}; timing {m['timing']['where']}")
+    sys.stdout.flush()

@@ -1,0 +1,238 @@
+"""Measured per-layer latency, cached on disk, and the cost ratio the search asks for.
+
+:class:`LatencyTable` maps (layer shape, weight bits, activation bits, backend) to a measured
+latency in microseconds. An entry is measured the first time it is asked for (one kernel
+build, well under a second, plus a few milliseconds of timing), then served from a JSON file
+under ``releq_tvm.config.cache_dir()/latency/``. The file name is the machine key (CPU model,
+LLVM CPU, TVM version), and the machine description (plus a hash of the kernel sources) is
+stored in the file and checked on load, so a table measured elsewhere, with another TVM or
+with other kernel code, is never used.
+
+Besides the layers, a network spends time in what is not a conv / dense: input quantizers,
+requantization, pooling, residual adds. :meth:`LatencyTable.fixed_us` measures it once per
+network (the whole 8-bit bit-serial network minus the sum of its 8-bit layers, timed in
+interleaved rounds so both see the same machine load) and caches it;
+it does not depend on the bits (the activation bit-packing, which does, is inside the layer
+kernels). :func:`cpu_cost_ratio` adds it to both sides of the ratio by default.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from releq_tvm.bits import parse_bits
+from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS, cache_dir
+from releq_tvm.io import atomic_write_text
+from releq_tvm.networks import LayerSpec, get_network_spec, layer_table
+
+from releq_tvm.compile.measure import Runner, TimingConfig, measure_layer
+from releq_tvm.compile.target import kernels_fingerprint, machine_info, machine_key, resolve_target
+
+#: Bump when the meaning of a stored number changes (kernel protocol, timing protocol).
+TABLE_FORMAT = 1
+
+
+def shape_label(layer: LayerSpec) -> str:
+    """Every shape field a kernel's code depends on, e.g. ``conv i6 o16 k5x5 s1x1 p0x0 g1 in14x14``."""
+    if layer.kind == "dense":
+        return f"dense i{layer.in_channels} o{layer.out_channels}"
+    return (
+        f"{layer.kind} i{layer.in_channels} o{layer.out_channels} k{layer.kernel[0]}x{layer.kernel[1]}"
+        f" s{layer.stride[0]}x{layer.stride[1]} p{layer.padding[0]}x{layer.padding[1]} g{layer.groups}"
+        f" in{layer.in_size[0]}x{layer.in_size[1]}"
+    )
+
+
+def layer_key(layer: LayerSpec, w_bits: int, a_bits: int, backend: str = "bitserial", batch: int = 1) -> str:
+    """The table key of one (shape, batch, bits, backend)."""
+    if backend != "bitserial":
+        w_bits = a_bits = 8  # the int8 and fp32 kernels do not depend on the bits
+    return f"{backend}|{shape_label(layer)} n{batch}|w{w_bits}a{a_bits}"
+
+
+class LatencyTable:
+    """Per-layer latencies (microseconds) of this machine, measured lazily and cached on disk.
+
+    ``target`` defaults to the host CPU; ``path`` to ``cache_dir()/latency/<machine key>.json``.
+    ``builds`` counts the kernels this object compiled (0 when everything came from the cache).
+    """
+
+    def __init__(self, target=None, path: str | Path | None = None, timing: TimingConfig = TimingConfig(),
+                 batch: int = 1, runner: Runner | None = None):
+        self.target = resolve_target(target)
+        # the kernel sources are part of what a number depends on: edited kernels invalidate the table
+        self.machine = dict(machine_info(self.target), kernels=kernels_fingerprint())
+        if runner is not None and runner.rpc:
+            self.machine = dict(self.machine, rpc=runner.rpc)
+        key = machine_key(self.target) + (f"-rpc_{runner.rpc.replace(':', '_')}" if runner and runner.rpc else "")
+        self.path = Path(path) if path is not None else cache_dir() / "latency" / f"{key}.json"
+        self.timing = timing
+        self.batch = batch
+        self.runner = runner
+        self.builds = 0
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] = self._load()
+
+    # -- storage -------------------------------------------------------------------------------
+    def _load(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        if data.get("format") != TABLE_FORMAT or data.get("machine") != self.machine:
+            return {}  # measured on another machine / TVM / protocol: never reuse
+        return dict(data.get("entries", {}))
+
+    def _save(self) -> None:
+        # merge with entries another process may have written meanwhile, then replace atomically
+        merged = self._load()
+        merged.update(self._entries)
+        self._entries = merged
+        payload = {"format": TABLE_FORMAT, "machine": self.machine, "entries": dict(sorted(merged.items()))}
+        atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def entry(self, key: str) -> dict | None:
+        return self._entries.get(key)
+
+    # -- layers --------------------------------------------------------------------------------
+    def measure(self, layer: LayerSpec, w_bits: int, a_bits: int, backend: str = "bitserial") -> dict:
+        """Build and time one layer now (replacing any cached entry); returns the stored entry."""
+        key = layer_key(layer, w_bits, a_bits, backend, self.batch)
+        timing = measure_layer(backend, layer, w_bits, a_bits, self.batch, self.target, self.timing, self.runner)
+        self.builds += 1
+        return self.store(key, timing, timing["compile_s"])
+
+    def store(self, key: str, timing: dict, compile_s: float) -> dict:
+        """Record a timing (``summarize`` dict, ms) measured elsewhere under ``key``; returns the entry."""
+        entry = {
+            "us": timing["median_ms"] * 1e3,
+            "iqr_us": timing["iqr_ms"] * 1e3,
+            "min_us": timing["min_ms"] * 1e3,
+            "max_us": timing["max_ms"] * 1e3,
+            "repeats": timing["repeats"],
+            "compile_s": round(compile_s, 3),
+            "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with self._lock:
+            self._entries[key] = entry
+            self._save()
+        return entry
+
+    def latency_us(self, layer: LayerSpec, w_bits: int, a_bits: int = DEFAULT_ACT_BITS, backend: str = "bitserial") -> float:
+        """Median latency of one layer in microseconds (measured on first request, then cached)."""
+        entry = self._entries.get(layer_key(layer, w_bits, a_bits, backend, self.batch))
+        if entry is None:
+            entry = self.measure(layer, w_bits, a_bits, backend)
+        return float(entry["us"])
+
+    def network_layers_us(self, network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,
+                          backend: str = "bitserial") -> list[float]:
+        """Per-layer latencies (us) of ``network`` at the given bits, in layer-table order."""
+        rows = layer_table(network)
+        w = parse_bits(list(w_bits), len(rows), network)
+        a = parse_bits(list(a_bits) if a_bits is not None else [DEFAULT_ACT_BITS] * len(rows), len(rows), network,
+                       what="--act-bits")
+        return [self.latency_us(row, wb, ab, backend) for row, wb, ab in zip(rows, w, a)]
+
+    # -- the rest of the network ---------------------------------------------------------------
+    def fixed_us(self, network: str) -> float:
+        """Latency (us) of everything in ``network`` that is not a weight layer, measured once.
+
+        The whole 8-bit bit-serial network minus the sum of its 8-bit layers (floored at 0).
+        """
+        key = f"network|{network} n{self.batch}|fixed"
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self.measure_network_fixed(network)
+        return float(entry["us"])
+
+    def measure_network_fixed(self, network: str) -> dict:
+        """Build the 8-bit network and its layers, time them in interleaved rounds, store the difference.
+
+        The 8-bit layer entries are refreshed too, so the stored layers and the stored fixed
+        time come from the same rounds.
+        """
+        import numpy as np
+
+        from releq_tvm.compile.artifact import compile_network
+        from releq_tvm.compile.measure import (
+            build_layer, interleaved_timing, kernel_sampler, layer_arguments, random_integer_network, vm_sampler,
+        )
+
+        runner = self.runner or Runner()
+        rows = layer_table(network)
+        samplers, compile_s = {}, {}
+        for row in rows:
+            key = layer_key(row, BITS_MAX, BITS_MAX, "bitserial", self.batch)
+            if key not in samplers:
+                start = time.perf_counter()
+                ex = build_layer("bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
+                compile_s[key] = time.perf_counter() - start
+                args = layer_arguments(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch)
+                samplers[key] = kernel_sampler(runner, runner.load(ex), args, self.timing)
+        net = random_integer_network(network, [BITS_MAX] * len(rows))
+        compiled = compile_network(net, "bitserial", self.batch, self.target)
+        x = np.random.default_rng(0).integers(0, 2**net.input_bits, size=(self.batch, *net.input_shape), dtype=np.uint8)
+        args = [runner.tensor(x)] + [runner.tensor(a) for a in compiled.params.values()]
+        samplers["network"] = vm_sampler(runner, runner.vm(compiled.executable), args, self.timing)
+        self.builds += len(samplers)
+        timings = interleaved_timing(samplers, self.timing)
+        for key, seconds in compile_s.items():
+            self.store(key, timings[key], seconds)
+        layers_us = sum(self._entries[layer_key(row, BITS_MAX, BITS_MAX, "bitserial", self.batch)]["us"] for row in rows)
+        whole_us = timings["network"]["median_ms"] * 1e3
+        entry = {
+            "us": max(0.0, whole_us - layers_us),
+            "whole_8bit_us": whole_us,
+            "layers_8bit_us": layers_us,
+            "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        with self._lock:
+            self._entries[f"network|{network} n{self.batch}|fixed"] = entry
+            self._save()
+        return entry
+
+    def cost_ratio(self, network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,
+                   include_fixed: bool = True) -> float:
+        """(sum of layer latencies at the bits + fixed) / (the same at all 8 bits)."""
+        n = len(layer_table(network))
+        fixed = self.fixed_us(network) if include_fixed else 0.0
+        cost = sum(self.network_layers_us(network, w_bits, a_bits)) + fixed
+        ref = sum(self.network_layers_us(network, [BITS_MAX] * n, [BITS_MAX] * n)) + fixed
+        return cost / ref
+
+
+_DEFAULT_TABLES: dict[str, LatencyTable] = {}
+
+
+def default_table(target=None) -> LatencyTable:
+    """One shared :class:`LatencyTable` per target (host CPU by default) in this process."""
+    resolved = resolve_target(target)
+    key = machine_key(resolved)
+    if key not in _DEFAULT_TABLES:
+        _DEFAULT_TABLES[key] = LatencyTable(resolved)
+    return _DEFAULT_TABLES[key]
+
+
+def cpu_cost_ratio(network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,
+                   table: LatencyTable | None = None, include_fixed: bool = True) -> float:
+    """Predicted CPU latency of ``network`` at ``w_bits`` / ``a_bits`` over the same at all 8 bits.
+
+    Sum of measured per-layer bit-serial latencies (plus, with ``include_fixed``, the network's
+    measured non-conv time on both sides). Missing (shape, bits) entries are measured on
+    demand and cached; ``a_bits`` defaults to 8 for every layer. Pure apart from that cache:
+    the same arguments on the same machine give the same number.
+    """
+    get_network_spec(network)  # one-line error for an unknown name
+    return (table if table is not None else default_table()).cost_ratio(network, w_bits, a_bits, include_fixed=include_fixed)

@@ -1,0 +1,416 @@
+"""Compile + Measure: the TVM bit-serial build equals the numpy integer model bit for bit.
+
+Fast tests (default run) build LeNet-5 at 8,2,2,3,2 and a tiny residual / depthwise network,
+check the fixed-point arithmetic against hand-computed values, the latency table's cache and
+the command line's one-line errors. Slow tests (``-m slow``) compile every registered network,
+compare MNIST accuracy with the fake-quantized torch model on the full test set, run the whole
+measurement and an RPC round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from releq_tvm.cli import main
+from releq_tvm.compile import (
+    LatencyTable,
+    TimingConfig,
+    compile_network,
+    cpu_cost_ratio,
+    fake_quant_model,
+    integer_forward,
+    load_compiled,
+    quantize_network,
+    resolve_target,
+)
+from releq_tvm.compile.integer import _output_shift, _rshift_round_clip
+from releq_tvm.compile.latency_table import layer_key
+from releq_tvm.data import load_dataset
+from releq_tvm.errors import ReleqError
+from releq_tvm.networks import get_network_spec, layer_table, list_networks
+
+LENET_BITS = (8, 2, 2, 3, 2)
+FAST_TIMING = TimingConfig(repeats=3, min_repeat_ms=2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def lenet_net():
+    return quantize_network("lenet", LENET_BITS)
+
+
+@pytest.fixture(scope="module")
+def lenet_compiled(lenet_net):
+    return compile_network(lenet_net, "bitserial", batch=4)
+
+
+@pytest.fixture(scope="module")
+def mnist_images():
+    return load_dataset("mnist", "test", limit=10).images
+
+
+# ------------------------------------------------------------------------------------------
+# fixed-point arithmetic against hand-computed values
+
+
+def test_requant_rounds_half_up_by_hand():
+    # m = 0.5 at F = 0: acc * 0.5 rounded half up -> -1.5 -> -1, -0.5 -> 0, 0.5 -> 1, 2.5 -> 3
+    mult, offset, shift = _output_shift(np.array([0.5]), np.array([0.0]), frac_bits=0, acc_bound=100)
+    acc = np.array([-3, -1, 0, 1, 5], dtype=np.int64)
+    v = _rshift_round_clip(acc, mult[0], offset[0], shift[0], -(2**31), 2**31 - 1)
+    assert v.tolist() == [-1, 0, 0, 1, 3]
+    # offset b = 0.25 with m = 1 at F = 2: real value (acc + 0.25) in units of 1/4 -> 4*acc + 1 exactly
+    mult, offset, shift = _output_shift(np.array([1.0]), np.array([0.25]), frac_bits=2, acc_bound=100)
+    assert (_rshift_round_clip(acc, mult[0], offset[0], shift[0], -(2**31), 2**31 - 1) == 4 * acc + 1).all()
+
+
+def test_requant_multiplier_is_precise_and_cannot_overflow():
+    m = np.array([3.7e-5, -1.2e-3, 0.0, 2.5e-7])
+    b = np.array([0.3, -2.0, 1.5, 0.0])
+    bound = 150 * 127 * 255
+    mult, offset, shift = _output_shift(m, b, frac_bits=24, acc_bound=bound)
+    real = mult * np.exp2(-(24.0 + shift))
+    assert np.allclose(real, m, rtol=2**-29, atol=0)
+    assert (np.abs(mult) < 2**31).all()
+    assert (bound * np.abs(mult) + np.abs(offset) < 2**62).all()
+
+
+# ------------------------------------------------------------------------------------------
+# LeNet-5 at the example bits
+
+
+def test_lenet_tvm_equals_numpy_integer_model(lenet_net, lenet_compiled, mnist_images):
+    levels = lenet_compiled.quantize_input(mnist_images)
+    out = lenet_compiled.run_levels(levels)  # 10 images through a batch-4 library: 3 calls, last padded
+    ref = integer_forward(lenet_net, levels)
+    assert out.dtype == np.int32 and out.shape == (10, 10)
+    np.testing.assert_array_equal(out, ref)
+    assert lenet_net.w_bits == LENET_BITS and lenet_net.a_bits == (8,) * 5
+
+
+def test_int8_baseline_build_equals_numpy_integer_model(mnist_images):
+    net = quantize_network("lenet", 8)
+    compiled = compile_network(net, "int8", batch=5)
+    levels = compiled.quantize_input(mnist_images)
+    np.testing.assert_array_equal(compiled.run_levels(levels), integer_forward(net, levels))
+
+
+def test_lenet_integer_model_tracks_fake_quant_torch(lenet_net, mnist_images):
+    _, values = integer_forward(lenet_net, lenet_net.quantize_input(mnist_images), keep=True)
+    # every layer's quantized input equals torch's fake-quantized input on almost every element
+    captured = {}
+    fq = fake_quant_model(lenet_net)
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: captured.__setitem__(name, args[0].detach()))
+        for name, m in fq.named_modules() if name in {lq.spec.name for lq in lenet_net.layers}
+    ]
+    with torch.no_grad():
+        torch_logits = fq(mnist_images).numpy()
+    for h in hooks:
+        h.remove()
+    ops = {op.attrs["index"]: op.name for op in lenet_net.graph.ops if op.kind == "layer"}
+    for lq in lenet_net.layers:
+        x_int = values[ops[lq.spec.index] + ":x"].astype(np.float64)
+        x_torch = captured[lq.spec.name].numpy().reshape(x_int.shape) / lq.act_step  # pre-hooks run in order
+        agree = np.mean(np.abs(x_int - np.round(x_torch)) <= 0)
+        assert agree >= 0.999, (lq.spec.name, agree)
+    int_logits = lenet_net.logits(values[lenet_net.graph.output])
+    assert np.abs(int_logits - torch_logits).max() < 0.05 * np.abs(torch_logits).max()
+
+
+def test_export_and_load_roundtrip(lenet_compiled, mnist_images, tmp_path):
+    out = lenet_compiled.export(tmp_path / "lenet")
+    assert sorted(os.listdir(out)) == ["manifest.json", "net.so", "params.npz"]
+    lenet_compiled.export(tmp_path / "lenet")  # replacing an existing folder works
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporaries left behind
+    loaded = load_compiled(out)
+    manifest = loaded.manifest
+    assert manifest["w_bits"] == list(LENET_BITS) and manifest["batch"] == 4
+    assert manifest["input_shape"] == [1, 28, 28] and manifest["params"][0] == "l0_weight"
+    assert [layer["w_bits"] for layer in manifest["layers"]] == list(LENET_BITS)
+    np.testing.assert_array_equal(loaded.run_levels(loaded.quantize_input(mnist_images)),
+                                  lenet_compiled.run_levels(lenet_compiled.quantize_input(mnist_images)))
+    np.testing.assert_array_equal(loaded.predict(mnist_images), lenet_compiled.predict(mnist_images))
+
+
+def test_load_compiled_missing_folder_is_one_line(tmp_path):
+    with pytest.raises(ReleqError) as err:
+        load_compiled(tmp_path)
+    assert "\n" not in str(err.value) and "missing" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------
+# residual add, depthwise conv, batch norm folding, average pooling
+
+
+class TinyResidual(nn.Module):
+    """conv-BN-ReLU, a depthwise + pointwise pair around an identity shortcut, a 1x1 projection
+    shortcut with stride 2, max and adaptive-average pooling, then a dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU()
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16))
+        self.proj = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.pool = nn.MaxPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.relu(self.pw(self.dw(x)) + x)
+        x = self.relu(self.down(x) + self.proj(x))
+        return self.fc(self.gap(self.pool(x)).flatten(1))
+
+
+def _tiny_model() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TinyResidual()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial statistics, one negative gamma per layer
+            c = m.num_features
+            m.weight.data = torch.rand(c, generator=gen) + 0.5
+            m.weight.data[0] = -m.weight.data[0]
+            m.bias.data = torch.randn(c, generator=gen) * 0.1
+            m.running_mean = torch.randn(c, generator=gen) * 0.1
+            m.running_var = torch.rand(c, generator=gen) + 0.5
+    return model.eval()
+
+
+def test_tiny_residual_depthwise_network_is_bit_exact():
+    gen = torch.Generator().manual_seed(2)
+    calib = torch.rand((8, 3, 16, 16), generator=gen)
+    model = _tiny_model()
+    net = quantize_network("tiny", (8, 3, 2, 4, 5, 6), (8, 4, 6, 5, 5, 7), model=model, calibration=calib,
+                           input_shape=(3, 16, 16))
+    kinds = [op.kind for op in net.graph.ops]
+    assert kinds.count("add") == 2 and kinds.count("avgpool") == 1 and kinds.count("maxpool") == 1
+    assert [lq.spec.kind for lq in net.layers] == ["conv", "dwconv", "conv", "conv", "conv", "dense"]
+    assert all(bn is not None for bn in net.graph.batch_norms[:5])
+    compiled = compile_network(net, "bitserial", batch=2)
+    images = torch.rand((3, 3, 16, 16), generator=gen)
+    levels = compiled.quantize_input(images)
+    np.testing.assert_array_equal(compiled.run_levels(levels), integer_forward(net, levels))
+    with torch.no_grad():
+        torch_logits = fake_quant_model(net, model)(images).numpy()
+    int_logits = net.logits(integer_forward(net, levels))
+    assert np.abs(int_logits - torch_logits).max() < 0.05 * np.abs(torch_logits).max() + 1e-6
+
+
+def test_overlapping_average_pool_is_bit_exact():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, stride=2), nn.Flatten(),
+                              nn.Linear(4 * 3 * 3, 3)).eval()
+    gen = torch.Generator().manual_seed(4)
+    net = quantize_network("avg", (4, 3), (8, 5), model=model, calibration=torch.rand((4, 2, 8, 8), generator=gen),
+                           input_shape=(2, 8, 8))
+    assert [op.kind for op in net.graph.ops].count("avgpool") == 1
+    compiled = compile_network(net, "bitserial", batch=3)
+    levels = compiled.quantize_input(torch.rand((3, 2, 8, 8), generator=gen))
+    np.testing.assert_array_equal(compiled.run_levels(levels), integer_forward(net, levels))
+
+
+def test_unsupported_operation_is_a_one_line_error():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3)).eval()
+    with pytest.raises(ReleqError) as err:
+        quantize_network("sig", 8, model=model, calibration=torch.rand(2, 1, 8, 8), input_shape=(1, 8, 8))
+    assert "Sigmoid" in str(err.value) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------
+# latency table
+
+
+def test_latency_table_measures_once_and_caches_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path))
+    rows = layer_table("lenet")
+    table = LatencyTable(timing=FAST_TIMING)
+    # keyed by CPU model and TVM version: both are in the file name and in the stored machine
+    import tvm
+
+    assert table.path.parent == tmp_path / "latency"
+    assert tvm.__version__ in table.path.name and table.machine["cpu_model"].split()[0] in table.path.name
+    first = table.latency_us(rows[4], 2, 8)
+    assert first > 0 and table.builds == 1
+    assert table.latency_us(rows[4], 2, 8) == first and table.builds == 1  # no rebuild
+    fresh = LatencyTable(timing=FAST_TIMING)  # a new process would read the same file
+    assert fresh.latency_us(rows[4], 2, 8) == first and fresh.builds == 0
+    stored = json.loads(table.path.read_text())
+    assert layer_key(rows[4], 2, 8) in stored["entries"] and stored["machine"]["tvm"] == tvm.__version__
+    # a table measured with another TVM (or CPU) is never reused
+    stored["machine"]["tvm"] = "0.0.0"
+    table.path.write_text(json.dumps(stored))
+    assert len(LatencyTable(timing=FAST_TIMING)) == 0
+
+
+def test_cpu_cost_ratio_is_one_at_8_bits_and_lower_at_fewer(tmp_path):
+    table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING)
+    assert cpu_cost_ratio("lenet", [8] * 5, table=table, include_fixed=False) == 1.0
+    builds = table.builds
+    assert builds == 5  # one kernel per layer
+    ratio = cpu_cost_ratio("lenet", LENET_BITS, table=table, include_fixed=False)
+    assert table.builds == builds + 4  # the 8-bit first layer was already in the table
+    assert 0.0 < ratio < 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# targets and the command line
+
+
+@pytest.mark.parametrize("spec", ["cuda", "aarch64", '{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}', "cuda/sm_80"])
+def test_unsupported_target_is_one_line(spec):
+    with pytest.raises(ReleqError) as err:
+        resolve_target(spec)
+    assert "\n" not in str(err.value) and "x86" in str(err.value)
+
+
+def test_target_forms_resolve_to_x86_dicts():
+    host = resolve_target()
+    assert host.kind.name == "llvm" and str(host.attrs["mtriple"]).startswith("x86_64")
+    assert str(resolve_target("llvm/skylake").attrs["mcpu"]) == "skylake"
+    assert str(resolve_target('{"kind": "llvm", "mcpu": "znver3"}').attrs["mcpu"]) == "znver3"
+
+
+def test_cli_bad_bits_is_one_line():
+    result = CliRunner().invoke(main, ["compile", "lenet", "--bits", "8,2"])
+    assert result.exit_code == 2
+    assert "5 weight layers" in result.output and result.output.strip().count("\n") == 0
+
+
+def test_cli_bad_target_is_one_line():
+    result = CliRunner().invoke(main, ["compile", "lenet", "--target", "cuda"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0 and "x86" in result.output
+
+
+def test_cli_compile_writes_the_folder(tmp_path):
+    out = tmp_path / "lenet-c"
+    result = CliRunner().invoke(main, ["compile", "lenet", "--bits", "8,2,2,3,2", "-o", str(out), "--no-measure", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["w_bits"] == "8,2,2,3,2" and report["out_dir"] == str(out)
+    loaded = load_compiled(out)
+    images = load_dataset("mnist", "test", limit=3).images
+    assert loaded.predict(images).shape == (3,)
+
+
+# ------------------------------------------------------------------------------------------
+# slow: every network, MNIST accuracy, the full measurement, RPC
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_networks())
+def test_every_network_compiles_bit_exact(name):
+    spec = get_network_spec(name)
+    net = quantize_network(name, spec.published_bits, calibration=torch.rand((2, *spec.input_shape),
+                                                                            generator=torch.Generator().manual_seed(0)))
+    compiled = compile_network(net, "bitserial", batch=1)
+    levels = compiled.quantize_input(torch.rand((1, *spec.input_shape), generator=torch.Generator().manual_seed(1)))
+    np.testing.assert_array_equal(compiled.run_levels(levels), integer_forward(net, levels))
+
+
+def _accuracy(pred, labels) -> float:
+    return 100.0 * float(np.mean(pred == labels))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [(8, 8, 8, 8, 8), LENET_BITS])
+def test_lenet_mnist_accuracy_matches_fake_quant(bits):
+    """Full MNIST test set: compiled integer network vs the fake-quantized torch model, within 0.1 pp.
+
+    Below 8 bits the checkpoint is first fine-tuned at the bits (300 steps), as the search would.
+    """
+    from releq_tvm.train import finetune_bits, load_model
+
+    model = load_model("lenet")
+    if bits != (8,) * 5:
+        finetune_bits(model, bits, (1, 28, 28), load_dataset("mnist", "train"), steps=300, seed=0)
+        from releq_tvm.quant import remove_bits
+
+        remove_bits(model)
+    net = quantize_network("lenet", bits, model=model)
+    compiled = compile_network(net, "bitserial", batch=100)
+    test = load_dataset("mnist", "test")
+    labels = test.labels.numpy()
+    acc_tvm = _accuracy(compiled.predict(test.images), labels)
+    with torch.no_grad():
+        acc_torch = _accuracy(fake_quant_model(net)(test.images).argmax(1).numpy(), labels)
+    print(f"lenet {bits}: compiled {acc_tvm:.2f} %, fake-quant torch {acc_torch:.2f} %")
+    assert abs(acc_tvm - acc_torch) <= 0.1
+    assert acc_tvm > 90.0  # a working network, not chance (10 %)
+
+
+@pytest.mark.slow
+def test_measure_network_lenet_reports_every_build(tmp_path):
+    from releq_tvm.compile import measure_network, write_fidelity_csv
+
+    table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING)
+    result = measure_network("lenet", LENET_BITS, repeats=3, table=table)
+    assert len(result["layers"]) == 5
+    for row in result["layers"]:
+        for label in ("bits", "bitserial8", "int8", "fp32"):
+            assert row[f"{label}_ms"] > 0
+    for label in ("bits", "bitserial8", "int8", "fp32"):
+        assert result["network_ms"][label]["median_ms"] > 0
+    assert result["fidelity"]["cost_ratio_measured"] > 0
+    write_fidelity_csv([result], tmp_path / "fidelity.csv")
+    import csv
+
+    with open(tmp_path / "fidelity.csv", newline="") as f:
+        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    assert len(rows) == 1 and rows[0]["network"] == "lenet" and rows[0]["w_bits"] == "8,2,2,3,2"
+    assert float(rows[0]["network_bits_ms"]) == pytest.approx(result["network_ms"]["bits"]["median_ms"], rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_rpc_measurement_against_a_local_server(tmp_path):
+    """A TVM RPC server on 127.0.0.1 (its own process group, so it and its workers are ended together)."""
+    from releq_tvm.compile.measure import Runner
+
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+             "--port-end", str(port + 1), "--no-fork"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 180  # the server imports TVM before it binds: slow on a busy machine
+        while "bind to" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        runner = Runner(f"127.0.0.1:{port}")
+        table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING, runner=runner)
+        assert table.latency_us(layer_table("lenet")[4], 2, 8) > 0
+        assert table.machine["rpc"] == f"127.0.0.1:{port}"
+        net = quantize_network("lenet", LENET_BITS)
+        compiled = compile_network(net, "bitserial", batch=1)
+        from releq_tvm.compile.measure import time_integer_network
+
+        timing = time_integer_network(runner, compiled.executable, compiled.params, net.input_shape, net.input_bits, 1,
+                                      FAST_TIMING)
+        assert timing["median_ms"] > 0
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait()
