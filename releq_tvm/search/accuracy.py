@@ -1,0 +1,315 @@
+"""Accuracy for the reward: short fine-tune of the quantized model, accuracy on a held-out split, cached.
+
+The State of Relative Accuracy of a configuration is ``accuracy(bits) / full_precision`` where
+``accuracy(bits)`` is the top-1 accuracy (percent) on a fixed subset of the *val* split after a
+SHORT fine-tune (``short_steps`` Adam steps on the train split) of the float model quantized to
+``bits``. The test split is never used by the search; only :func:`long_finetune`, after the
+search, reports test accuracy.
+
+Every result is stored in an sqlite file keyed by the configuration and by everything that
+changes the number (network, checkpoint hash, fine-tune settings, val subset), so a
+configuration is fine-tuned once per settings, across episodes, runs and search methods. Each
+insert is its own committed transaction (WAL, synchronous=FULL), so a killed run loses at most
+the evaluation in flight.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from releq_tvm.config import BITS_MAX
+
+Bits = tuple[int, ...]
+
+
+def _bits_text(bits: Sequence[int] | None) -> str:
+    return "" if bits is None else ",".join(str(int(b)) for b in bits)
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a model's state_dict: names, shapes and values."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class AccuracyCache:
+    """On-disk accuracy per (settings, weight bits, activation bits); sqlite, one commit per insert."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # timeout: several searches (e.g. the efficiency comparison) may share one cache file.
+        self._db = sqlite3.connect(str(self.path), timeout=60.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._db:
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, json TEXT NOT NULL)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS accuracy ("
+                " key TEXT NOT NULL, w_bits TEXT NOT NULL, a_bits TEXT NOT NULL,"
+                " accuracy REAL NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL,"
+                " PRIMARY KEY (key, w_bits, a_bits))"
+            )
+
+    @staticmethod
+    def settings_key(settings: dict) -> str:
+        """Stable 16-hex-digit key of a settings dict (sorted JSON)."""
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def register(self, settings: dict) -> str:
+        """Store ``settings`` (for humans reading the file) and return its key."""
+        key = self.settings_key(settings)
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO settings (key, json) VALUES (?, ?)", (key, json.dumps(settings, sort_keys=True))
+            )
+        return key
+
+    def get(self, key: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float | None:
+        row = self._db.execute(
+            "SELECT accuracy FROM accuracy WHERE key = ? AND w_bits = ? AND a_bits = ?",
+            (key, _bits_text(w_bits), _bits_text(a_bits)),
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    def put(self, key: str, w_bits: Sequence[int], a_bits: Sequence[int] | None, accuracy: float, seconds: float) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO accuracy (key, w_bits, a_bits, accuracy, seconds, created) VALUES (?, ?, ?, ?, ?, ?)",
+                (key, _bits_text(w_bits), _bits_text(a_bits), float(accuracy), float(seconds), time.time()),
+            )
+
+    def count(self, key: str | None = None) -> int:
+        if key is None:
+            return int(self._db.execute("SELECT COUNT(*) FROM accuracy").fetchone()[0])
+        return int(self._db.execute("SELECT COUNT(*) FROM accuracy WHERE key = ?", (key,)).fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class ActivationQuantizerHooks:
+    """Unsigned fake quantization of each weight layer's *input* (``a_bits[l]`` bits, calibrated range).
+
+    ``a_bits[l]`` is the precision of the activations entering layer l, i.e. the output
+    precision of whatever feeds it, so "the next layer's input bitwidth equals the previous
+    layer's output bitwidth" holds by construction. A layer above ``BITS_MAX`` is left in float,
+    as :func:`releq_tvm.quant.apply_bits` does for weights.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], ranges: Sequence[float], a_bits: Sequence[int]):
+        from releq_tvm.quant import quantize_activation
+
+        self._handles = []
+        for module, act_range, bits in zip(modules, ranges, a_bits):
+            if int(bits) > BITS_MAX:
+                continue
+
+            def pre_hook(mod, inputs, _bits=int(bits), _range=float(act_range)):
+                return (quantize_activation(inputs[0], _bits, _range),) + tuple(inputs[1:])
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def calibrate_input_ranges(model: nn.Module, input_shape: tuple[int, int, int], images: torch.Tensor) -> list[float]:
+    """Range of each weight layer's input on ``images`` (a high percentile, see ``calibrate_range``)."""
+    from releq_tvm.networks import weight_modules
+    from releq_tvm.quant import calibrate_range
+
+    modules = [m for _, m in weight_modules(model, input_shape)]
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(index: int):
+        def pre_hook(mod, inputs):
+            seen.setdefault(index, inputs[0].detach())
+
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(modules)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return [calibrate_range(seen[i]) for i in range(len(modules))]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Everything that changes a cached accuracy besides the bits (keys the cache)."""
+
+    network: str
+    model_hash: str
+    short_steps: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    val_images: int
+    train_images: int | None
+    calibration_images: int
+
+
+class FinetunedAccuracy:
+    """``--accuracy finetune``: short fine-tune + val accuracy per configuration, cached on disk.
+
+    ``accuracy(w_bits, a_bits)`` returns percent; ``full_precision`` is the float model on the
+    same val subset. ``lookups``, ``hits`` and ``last_hit`` count cache use; ``seconds`` is the
+    time spent fine-tuning and evaluating misses.
+    """
+
+    scores_accuracy = True
+
+    def __init__(self, model: nn.Module, input_shape, train, val, settings: FinetuneSettings, cache: AccuracyCache):
+        self.model = copy.deepcopy(model).eval()
+        self.input_shape = tuple(input_shape)
+        self.train, self.val = train, val
+        self.settings = settings
+        self.cache = cache
+        self.key = cache.register(asdict(settings))
+        self.lookups = self.hits = 0
+        self.last_hit = False
+        self.seconds = 0.0
+        self._ranges: list[float] | None = None
+        fp = cache.get(self.key, (), None)  # the float reference is cached under the empty bit vector
+        if fp is None:
+            from releq_tvm.train import evaluate
+
+            start = time.perf_counter()
+            fp = evaluate(self.model, val)
+            cache.put(self.key, (), None, fp, time.perf_counter() - start)
+        self.full_precision = float(fp)
+
+    def _input_ranges(self) -> list[float]:
+        if self._ranges is None:
+            n = self.settings.calibration_images
+            self._ranges = calibrate_input_ranges(self.model, self.input_shape, self.train.images[:n])
+        return self._ranges
+
+    def accuracy(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float:
+        """Val accuracy (percent) of the model at ``w_bits`` (and ``a_bits``) after the short fine-tune."""
+        self.lookups += 1
+        cached = self.cache.get(self.key, w_bits, a_bits)
+        self.last_hit = cached is not None
+        if cached is not None:
+            self.hits += 1
+            return cached
+        start = time.perf_counter()
+        acc = self._finetune_and_evaluate(w_bits, a_bits)
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.cache.put(self.key, w_bits, a_bits, acc, seconds)
+        return acc
+
+    def quantized_model(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> tuple[nn.Module, ActivationQuantizerHooks | None]:
+        """A fresh copy of the float model with ``w_bits`` (and input quantizers for ``a_bits``) applied."""
+        from releq_tvm.networks import weight_modules
+        from releq_tvm.quant import apply_bits
+
+        model = copy.deepcopy(self.model)
+        apply_bits(model, list(w_bits), self.input_shape)
+        hooks = None
+        if a_bits is not None:
+            modules = [m for _, m in weight_modules(model, self.input_shape)]
+            hooks = ActivationQuantizerHooks(modules, self._input_ranges(), a_bits)
+        return model, hooks
+
+    def _finetune_and_evaluate(self, w_bits, a_bits) -> float:
+        from releq_tvm.train import evaluate, train_steps
+
+        s = self.settings
+        model, hooks = self.quantized_model(w_bits, a_bits)
+        train_steps(model, self.train, s.short_steps, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed)
+        acc = evaluate(model, self.val)
+        if hooks is not None:
+            hooks.remove()
+        return float(acc)
+
+
+class NoAccuracy:
+    """``--accuracy none``: every configuration scores the full-precision accuracy (SA = 1).
+
+    The search then optimises cost alone; the run says so in its log and config.json. Used for
+    networks whose dataset is not on this machine, and for fast tests.
+    """
+
+    scores_accuracy = False
+    full_precision = 100.0
+
+    def __init__(self) -> None:
+        self.lookups = self.hits = 0
+        self.last_hit = True
+        self.seconds = 0.0
+
+    def accuracy(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float:
+        self.lookups += 1
+        self.hits += 1
+        return self.full_precision
+
+
+def long_finetune(
+    oracle: FinetunedAccuracy,
+    w_bits: Sequence[int],
+    a_bits: Sequence[int] | None,
+    test,
+    steps: int,
+    learning_rates: Sequence[float],
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """The LONG fine-tune of the chosen configuration; test accuracies in percent.
+
+    One fine-tune per learning rate in ``learning_rates``; the one with the best accuracy on
+    the search's val subset is reported (the test split only measures, it never selects).
+    Why several: the best rate depends on the bits (measured on LeNet-5, 3000 steps: all
+    1-bit 98.16 % at 1e-3 but 98.58 % at 3e-4; 8,2,2,3,2 did best at 3e-3).
+    """
+    from releq_tvm.train import evaluate, train_steps
+
+    start = time.perf_counter()
+    fp = evaluate(oracle.model, test)
+    tried = []
+    before = None
+    for lr in learning_rates:
+        model, hooks = oracle.quantized_model(w_bits, a_bits)
+        if before is None:
+            before = evaluate(model, test)
+        train_steps(model, oracle.train, steps, lr=float(lr), batch_size=batch_size, seed=seed)
+        tried.append({"learning_rate": float(lr), "val_accuracy": round(evaluate(model, oracle.val), 4),
+                      "test_accuracy": round(evaluate(model, test), 4)})
+        if hooks is not None:
+            hooks.remove()
+    chosen = max(tried, key=lambda t: t["val_accuracy"])
+    return {
+        "steps": int(steps),
+        "learning_rate": chosen["learning_rate"],
+        "learning_rates_tried": tried,
+        "test_accuracy_full_precision": round(fp, 4),
+        "test_accuracy_quantized_no_finetune": round(before, 4),
+        "test_accuracy_quantized": chosen["test_accuracy"],
+        "loss_pp": round(fp - chosen["test_accuracy"], 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }

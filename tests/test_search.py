@@ -1,0 +1,407 @@
+"""The ReLeQ search: cost backends, latency-target correction, env (check_env), accuracy cache, runs, resume.
+
+Accuracy is faked (a deterministic function of the bits) except in the cache test, which
+fine-tunes LeNet-5 for two steps; no test builds TVM code.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from releq_tvm.errors import ReleqError
+from releq_tvm.networks import layer_table
+from releq_tvm.search.config import SearchConfig
+from releq_tvm.search.cost import CpuLatencyCost, SQCost, StripesCost, correct_to_target
+from releq_tvm.search.env import OBSERVATION_FEATURES, ReleqEnv
+from releq_tvm.search.reward import make_reward, state_of_quantization
+from releq_tvm.search.run import build_parts, run_search
+
+
+class FakeAccuracy:
+    """Deterministic stand-in for the fine-tune oracle: loses 0.02 pp per squared bit removed.
+
+    ``kill_after`` raises KeyboardInterrupt at that lookup, like a kill in the middle of an episode.
+    """
+
+    scores_accuracy = True
+    full_precision = 99.0
+
+    def __init__(self, kill_after=None):
+        self.lookups = self.hits = 0
+        self.last_hit = False
+        self.seconds = 0.0
+        self.kill_after = kill_after
+        self._seen = set()
+
+    def accuracy(self, w_bits, a_bits=None):
+        self.lookups += 1
+        if self.kill_after is not None and self.lookups > self.kill_after:
+            raise KeyboardInterrupt("simulated kill")
+        key = (tuple(w_bits), None if a_bits is None else tuple(a_bits))
+        self.last_hit = key in self._seen
+        self.hits += int(self.last_hit)
+        self._seen.add(key)
+        loss = 0.02 * sum((8 - b) ** 2 for b in w_bits) + (0.05 * sum(8 - b for b in a_bits) if a_bits else 0.0)
+        return 99.0 - loss
+
+
+def fake_latency(network, w_bits, a_bits=None):
+    """Bit-serial-like cost: sum of w*a planes over the 8x8 reference (activations 8 when not searched)."""
+    a_bits = a_bits or [8] * len(w_bits)
+    return sum(w * a for w, a in zip(w_bits, a_bits)) / (64.0 * len(w_bits))
+
+
+def make_env(finetune="per-episode", act_action_set=None, latency_target=None, cost=None, network="lenet"):
+    table = layer_table(network)
+    cost = cost or SQCost(table)
+    return ReleqEnv(
+        table,
+        weight_std=[0.1 * (i + 1) for i in range(len(table))],
+        oracle=FakeAccuracy(),
+        cost=cost,
+        reward_fn=make_reward("asymmetric"),
+        act_action_set=act_action_set,
+        finetune=finetune,
+        latency_target=latency_target,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# cost backends and the latency-target correction
+# ---------------------------------------------------------------------------------------------
+def test_sq_backend_is_the_formula():
+    table = layer_table("lenet")
+    cost = SQCost(table)
+    bits = (8, 2, 2, 3, 2)
+    assert cost.ratio(bits) == pytest.approx(state_of_quantization(table, bits))
+    assert SQCost(table, form="plain").ratio(bits) == pytest.approx(17 / 40)
+
+
+def test_cpu_backend_uses_injected_latency_and_memoises():
+    calls = []
+
+    def latency(network, w_bits, a_bits=None):
+        calls.append((network, tuple(w_bits), a_bits))
+        return fake_latency(network, w_bits, a_bits)
+
+    cost = CpuLatencyCost("lenet", latency_ratio=latency)
+    assert cost.ratio((8, 8, 8, 8, 8)) == pytest.approx(1.0)
+    assert cost.ratio((4, 4, 4, 4, 4)) == pytest.approx(0.5)
+    assert cost.ratio((4, 4, 4, 4, 4)) == pytest.approx(0.5)
+    assert calls == [("lenet", (8,) * 5, None), ("lenet", (4,) * 5, None)]
+
+
+def test_stripes_backend_ratio_is_one_at_8_bits_and_falls_with_weight_bits():
+    cost = StripesCost(layer_table("lenet"))
+    assert cost.ratio((8,) * 5) == pytest.approx(1.0)
+    assert cost.ratio((2,) * 5) < cost.ratio((4,) * 5) < 1.0
+
+
+def test_latency_correction_reverse_order_activations_then_weights():
+    def ratio(w, a):  # (w0*a0 + w1*a1) / (2 * 64)
+        return (w[0] * a[0] + w[1] * a[1]) / 128.0
+
+    # Start (w, a) = ((8, 8), (8, 8)): ratio 1. Walk layer 1 first:
+    #   a1 8 -> 4: (64 + 32) / 128 = 0.75 > 0.6
+    #   w1 8 -> 4: (64 + 16) / 128 = 0.625 > 0.6
+    #   then layer 0, a0 8 -> 4: (32 + 16) / 128 = 0.375 <= 0.6: stop.
+    w, a, r, steps = correct_to_target((8, 8), (8, 8), ratio, 0.6, w_set=(1, 2, 4, 8), a_set=(2, 4, 8))
+    assert (w, a, steps) == ((8, 4), (4, 4), 3)
+    assert r == pytest.approx(0.375)
+
+
+def test_latency_correction_weights_only_repeats_passes():
+    def ratio(w, a):  # (w0 + 3 w1) / 32
+        return (w[0] + 3 * w[1]) / 32.0
+
+    # Pass 1: w1 8->4 (0.625), w0 8->4 (0.5). Pass 2: w1 4->2 (0.3125), w0 4->2 (0.25 <= 0.3).
+    w, a, r, steps = correct_to_target((8, 8), None, ratio, 0.3, w_set=(1, 2, 4, 8))
+    assert (w, a, steps) == ((2, 2), None, 4)
+    assert r == pytest.approx(0.25)
+    # A configuration that already fits is left alone.
+    assert correct_to_target((2, 2), None, ratio, 0.3, w_set=(1, 2, 4, 8))[:3] == ((2, 2), None, 0.25)
+    # An unreachable target ends at the lowest bits, still over target.
+    w, _, r, _ = correct_to_target((8, 8), None, ratio, 0.01, w_set=(1, 2, 4, 8))
+    assert w == (1, 1) and r == pytest.approx(4 / 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"finetune": "per-step"},
+        {"act_action_set": (2, 4, 8), "cost": CpuLatencyCost("lenet", latency_ratio=fake_latency)},
+        {"latency_target": 0.4},
+    ],
+    ids=["per-episode", "per-step", "activations", "latency-target"],
+)
+def test_env_passes_gymnasium_and_sb3_check_env(kwargs):
+    from gymnasium.utils.env_checker import check_env as gym_check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    gym_check_env(make_env(**kwargs), skip_render_check=True)
+    sb3_check_env(make_env(**kwargs), warn=False)
+
+
+def test_observation_by_hand_at_reset_and_after_one_step():
+    env = make_env()
+    table = layer_table("lenet")
+    obs, _ = env.reset(seed=0)
+    names = list(OBSERVATION_FEATURES)
+    assert obs.shape == (13,)
+    assert obs[names.index("layer_index")] == 0.0
+    assert obs[names.index("current_bits")] == 1.0  # every layer starts at 8 bits
+    assert obs[names.index("previous_bits")] == 0.0
+    assert obs[names.index("sq_or_cost")] == pytest.approx(1.0)
+    assert obs[names.index("sa")] == 1.0
+    obs, reward, terminated, truncated, _ = env.step(0)  # action 0 = 1 bit for conv1
+    assert obs[names.index("layer_index")] == pytest.approx(0.25)
+    assert obs[names.index("previous_bits")] == pytest.approx(1 / 8)
+    assert obs[names.index("sq_or_cost")] == pytest.approx(state_of_quantization(table, (1, 8, 8, 8, 8)))
+    # per-episode fine-tune: no reward before the last layer.
+    assert reward == 0.0 and not terminated and not truncated
+
+
+@pytest.mark.parametrize("network,layers", [("lenet", 5), ("lenet4", 4), ("resnet20", 22)])
+def test_episode_length_is_the_layer_count_and_obs_stay_in_bounds(network, layers):
+    env = make_env(network=network, finetune="per-step")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        obs, _ = env.reset()
+        assert env.observation_space.contains(obs)
+        steps, terminated = 0, False
+        while not terminated:
+            obs, reward, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+            steps += 1
+            assert env.observation_space.contains(obs)
+            assert np.isfinite(reward)
+        assert steps == layers == env.episode_length
+
+
+def test_bits_carry_over_between_episodes():
+    env = make_env()
+    env.reset()
+    for action in (0, 1, 2, 3, 4):  # bits 1, 2, 3, 4, 5
+        *_, terminated, _, _ = env.step(action)
+    assert terminated and env.last_episode.w_bits == (1, 2, 3, 4, 5)
+    # The reward of the final configuration, SA from the fake: 99 - 0.02 * (49+36+25+16+9) = 96.3.
+    assert env.last_episode.sa == pytest.approx(96.3 / 99.0)
+    obs, _ = env.reset()
+    assert obs[OBSERVATION_FEATURES.index("current_bits")] == pytest.approx(1 / 8)  # conv1 still at 1 bit
+    assert obs[OBSERVATION_FEATURES.index("sa")] == pytest.approx(96.3 / 99.0)
+    obs, _ = env.reset(options={"w_bits": (8, 8, 8, 8, 8), "sa": 1.0})
+    assert obs[OBSERVATION_FEATURES.index("current_bits")] == 1.0
+
+
+def test_activation_mode_has_two_steps_per_layer_and_maps_actions():
+    env = make_env(act_action_set=(2, 4, 8), cost=CpuLatencyCost("lenet", latency_ratio=fake_latency))
+    assert env.episode_length == 10 and env.schedule[:3] == [(0, "w"), (0, "a"), (1, "w")]
+    # Discrete(8): indices 0-2 -> 2 bits, 3-5 -> 4 bits, 6-7 -> 8 bits for activations.
+    assert [env.action_to_bits(i, "a") for i in range(8)] == [2, 2, 2, 4, 4, 4, 8, 8]
+    assert [env.action_to_bits(i, "w") for i in range(8)] == list(range(1, 9))
+
+
+def test_latency_target_corrects_the_episode_in_reverse_order():
+    cost = CpuLatencyCost("lenet", latency_ratio=fake_latency)  # weights only: mean(w) / 8
+    env = make_env(latency_target=0.5, cost=cost)
+    env.reset()
+    for _ in range(5):
+        *_, terminated, _, info = env.step(7)  # the agent asks for 8 bits everywhere
+    out = env.last_episode
+    assert out.proposed_w_bits == (8,) * 5
+    # One level per layer per pass, last layer first: 4 passes of 5 take the sum from 40 to 20.
+    assert out.w_bits == (4,) * 5 and out.corrections == 20 and info["corrections"] == 20
+    assert out.cost == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy cache
+# ---------------------------------------------------------------------------------------------
+def test_accuracy_cache_survives_reopening(tmp_path):
+    from releq_tvm.search.accuracy import AccuracyCache
+
+    path = tmp_path / "acc.sqlite"
+    cache = AccuracyCache(path)
+    key = cache.register({"network": "lenet", "steps": 2})
+    assert cache.get(key, (8, 2, 2, 3, 2)) is None
+    cache.put(key, (8, 2, 2, 3, 2), None, 97.5, 1.0)
+    cache.put(key, (8, 2, 2, 3, 2), (8, 4, 4, 4, 4), 96.0, 1.0)
+    # A second connection sees the committed rows before the first one closes (a kill loses nothing).
+    other = AccuracyCache(path)
+    assert other.get(key, (8, 2, 2, 3, 2)) == 97.5
+    assert other.get(key, (8, 2, 2, 3, 2), (8, 4, 4, 4, 4)) == 96.0
+    assert other.get(AccuracyCache.settings_key({"network": "lenet", "steps": 3}), (8, 2, 2, 3, 2)) is None
+    cache.close()
+    other.close()
+    assert AccuracyCache(path).count(key) == 2
+
+
+def test_finetuned_accuracy_hits_the_cache_on_second_lookup(tmp_path):
+    from releq_tvm.data import load_dataset
+    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings, model_hash
+    from releq_tvm.train import load_model
+
+    model = load_model("lenet")
+    train = load_dataset("mnist", "train", limit=1024)
+    val = load_dataset("mnist", "val", limit=200)
+    settings = FinetuneSettings("lenet", model_hash(model), 2, 1e-3, 64, 0, len(val), 1024, 64)
+    oracle = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    assert oracle.full_precision > 95.0
+    first = oracle.accuracy((8, 4, 4, 4, 8))
+    assert not oracle.last_hit and 0.0 <= first <= 100.0
+    assert oracle.accuracy((8, 4, 4, 4, 8)) == first and oracle.last_hit
+    with_acts = oracle.accuracy((8, 4, 4, 4, 8), (8, 4, 4, 4, 4))
+    assert not oracle.last_hit and 0.0 <= with_acts <= 100.0
+    # A fresh oracle on the same file (a new run, or a resumed one) trains nothing again.
+    again = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    assert again.accuracy((8, 4, 4, 4, 8)) == first and again.last_hit
+    assert (again.hits, again.lookups) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+# ---------------------------------------------------------------------------------------------
+def _episodes(run_dir: Path) -> list[dict]:
+    with open(run_dir / "episodes.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _config(tmp_path, name, **kw) -> SearchConfig:
+    base = dict(network="lenet", episodes=6, final_episodes=2, run_dir=str(tmp_path / name), stop_on_convergence=False)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_cli_tiny_run_with_accuracy_none_writes_every_file(tmp_path, monkeypatch):
+    from releq_tvm.cli import main
+
+    monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["search", "lenet", "--accuracy", "none", "--episodes", "3", "--final-episodes", "1", "--run-dir", str(run_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "cost only" in result.output
+    for name in ("config.json", "episodes.csv", "action_probs.csv", "best.json", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    rows = _episodes(run_dir)
+    assert [r["episode"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["phase"] for r in rows] == ["train"] * 3 + ["greedy"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["measure"] == "none" and config["config"]["ppo_clip_range"] == 0.1
+    assert config["versions"]["stable-baselines3"] and config["machine"]["cpu_count"]
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["accuracy_scored"] is False and "cost only" in best["note"]
+    assert len(best["solution"]["w_bits"]) == 5
+    with open(run_dir / "action_probs.csv", newline="") as f:
+        probs = list(csv.DictReader(f))
+    assert len(probs) == 4 * 5  # one row per step of every episode
+    assert sum(float(probs[0][f"p_{b}"]) for b in range(1, 9)) == pytest.approx(1.0, abs=1e-4)
+    # Re-running into the same directory without --resume is refused in one line.
+    again = CliRunner().invoke(main, ["search", "lenet", "--accuracy", "none", "--run-dir", str(run_dir)])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_cli_rejects_bad_input_in_one_line(tmp_path):
+    from releq_tvm.cli import main
+
+    bad = CliRunner().invoke(main, ["search", "lenet", "--action-set", "0-9", "--run-dir", str(tmp_path / "r")])
+    assert bad.exit_code == 2 and "1..8" in bad.output
+    bad = CliRunner().invoke(main, ["search", "lenet", "--search-activations", "--run-dir", str(tmp_path / "r2")])
+    assert bad.exit_code == 2 and "--measure cpu or stripes" in bad.output
+
+
+def test_resume_continues_numbering_and_reproduces_the_uninterrupted_run(tmp_path):
+    straight = run_search(_config(tmp_path, "straight"), echo=lambda s: None, oracle=FakeAccuracy())
+    # Killed during the 4th episode (the 4th accuracy lookup): episodes 1-3 are on disk.
+    with pytest.raises(KeyboardInterrupt):
+        run_search(_config(tmp_path, "killed"), echo=lambda s: None, oracle=FakeAccuracy(kill_after=3))
+    assert [r["episode"] for r in _episodes(tmp_path / "killed")] == ["1", "2", "3"]
+    resumed = run_search(
+        _config(tmp_path, "killed"), resume=True, echo=lambda s: None, oracle=FakeAccuracy()
+    )
+    a, b = _episodes(tmp_path / "straight"), _episodes(tmp_path / "killed")
+    assert [r["episode"] for r in b] == [str(i) for i in range(1, 9)]
+    assert [r["phase"] for r in b] == ["train"] * 6 + ["greedy"] * 2
+    # Agent, env and random state were restored: the same choices as without the kill.
+    assert [r["w_bits"] for r in a] == [r["w_bits"] for r in b]
+    assert resumed["solution"] == straight["solution"]
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    run_search(_config(tmp_path, "run", episodes=3, final_episodes=1), echo=lambda s: None, oracle=FakeAccuracy())
+    assert [r["phase"] for r in _episodes(tmp_path / "run")] == ["train"] * 3 + ["greedy"]
+    # Resumed with a larger budget, training goes on from episode 4 and the greedy episode is redone.
+    run_search(_config(tmp_path, "run"), resume=True, resume_episodes=5, echo=lambda s: None, oracle=FakeAccuracy())
+    rows = _episodes(tmp_path / "run")
+    assert [r["episode"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    assert [r["phase"] for r in rows] == ["train"] * 5 + ["greedy"]
+    # Resuming a finished run with nothing to add only reports it.
+    best = run_search(_config(tmp_path, "run"), resume=True, echo=lambda s: None, oracle=FakeAccuracy())
+    assert len(_episodes(tmp_path / "run")) == 6 and best["solution"]["episode"] == 6
+
+
+def test_overwrite_replaces_a_run(tmp_path):
+    run_search(_config(tmp_path, "run", episodes=2, final_episodes=1), echo=lambda s: None, oracle=FakeAccuracy())
+    with pytest.raises(ReleqError, match="--overwrite"):
+        run_search(_config(tmp_path, "run", episodes=1, final_episodes=1), echo=lambda s: None, oracle=FakeAccuracy())
+    run_search(
+        _config(tmp_path, "run", episodes=1, final_episodes=1), overwrite=True, echo=lambda s: None, oracle=FakeAccuracy()
+    )
+    assert [r["phase"] for r in _episodes(tmp_path / "run")] == ["train", "greedy"]
+
+
+def test_search_activations_needs_a_hardware_cost(tmp_path):
+    with pytest.raises(ReleqError, match="--measure cpu or stripes"):
+        build_parts(_config(tmp_path, "x", search_activations=True, accuracy="none"))
+
+
+def test_accuracy_none_works_on_a_network_without_data_or_checkpoint(tmp_path):
+    parts = build_parts(_config(tmp_path, "x", network="resnet20", accuracy="none", measure="stripes"))
+    assert parts.env.episode_length == 22
+    assert any("cost only" in n for n in parts.notes)
+    assert parts.cost.ratio((8,) * 22) == pytest.approx(1.0)
+
+
+def test_search_efficiency_same_budget_for_every_method(tmp_path):
+    from releq_tvm.search.efficiency import compare_search_methods, write_efficiency_csv
+
+    config = SearchConfig(network="lenet", accuracy="none")
+    rows = compare_search_methods("lenet", exhaustive_set=(4, 8), config=config, echo=lambda s: None)
+    assert [r["method"] for r in rows] == ["ppo", "random", "exhaustive"]
+    # {4, 8}^5 = 32 configurations, the budget of every method.
+    assert all(r["configurations"] == 32 for r in rows)
+    exhaustive = rows[2]
+    # Cost only (SA = 1): the best of {4, 8}^5 is all 4 bits, SQ = 0.5.
+    assert exhaustive["best_bits"] == "4,4,4,4,4" and exhaustive["cost_ratio"] == pytest.approx(0.5)
+    assert sum(r["winner"] for r in rows) >= 1
+    out = tmp_path / "search_efficiency.csv"
+    write_efficiency_csv(rows, out, "releq-tvm search-efficiency lenet --accuracy none", config)
+    text = out.read_text()
+    assert text.startswith("# made by: releq-tvm search-efficiency")
+    assert "network,method,bit_set" in text
+
+
+@pytest.mark.slow
+def test_short_real_lenet_search_end_to_end(tmp_path, monkeypatch):
+    """A short real search (fine-tune accuracy, SQ cost) with the long fine-tune; minutes, not seconds."""
+    from releq_tvm.cli import main
+
+    monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        main,
+        ["search", "lenet", "--episodes", "10", "--final-episodes", "1", "--short-steps", "20", "--long-steps", "200",
+         "--run-dir", str(run_dir)],
+    )
+    assert result.exit_code == 0, result.output
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["accuracy_scored"] and best["long_finetune"]["test_accuracy_full_precision"] > 98.5
+    assert 0.0 < best["long_finetune"]["test_accuracy_quantized"] <= 100.0
