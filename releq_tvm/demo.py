@@ -22,7 +22,25 @@ def demo_steps(out: str) -> list[tuple[str, list[str]]]:
             f"quantize to {DEMO_BITS}, short fine-tune, accuracy",
             ["finetune", "lenet", "--bits", DEMO_BITS, "--steps", "300"],
         ),
+        (
+            "TVM: bit-serial build at these bits, measured against 8-bit, int8 and fp32 builds",
+            ["compile", "--bits", DEMO_BITS, "lenet", "-o", f"{out}/lenet-compiled"],
+        ),
         ("Stripes: cycles and energy against 8 bits", ["simulate", "lenet", "--bits", DEMO_BITS]),
+        (
+            "a short ReLeQ search (RecurrentPPO, Stripes cost, MNIST val accuracy)",
+            [
+                "search", "lenet", "--measure", "stripes", "--episodes", "24", "--final-episodes", "2",
+                "--long-steps", "300", "--run-dir", f"{out}/search", "--overwrite",
+            ],
+        ),
+        (
+            "the LeNet report: Stripes and CPU speedups, bitwidths, convergence",
+            [
+                "report", "--networks", "lenet", "--bits-from", f"{out}/search",
+                "--pareto-networks", "none", "--out", f"{out}/report",
+            ],
+        ),
     ]
 
 

@@ -93,10 +93,6 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
         _print_report(result)
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _short(row: dict) -> str:
     """``conv 6->16 5x5/1 14x14`` from a measured layer row (its shape label)."""
     tokens = row["shape"].split()[1:]
@@ -138,8 +134,10 @@ def _print_report(result: dict) -> None:
         if t:
             echo(f"  {name:<28} {t['median_ms']:>9.4f} ms  (iqr {t['iqr_ms']:.4f}, {t['repeats']} repeats)")
     tot, fid = m["totals"], m["fidelity"]
-    echo(f"speedup over 8-bit bit-serial {tot['speedup_vs_8bit']:.2f}x; over int8 {_fmt(tot['speedup_vs_int8'], 2)}x; "
-         f"over fp32 {_fmt(tot['speedup_vs_fp32'], 2)}x")
+    line = f"speedup over 8-bit bit-serial {tot['speedup_vs_8bit']:.2f}x"
+    if tot["speedup_vs_int8"] is not None:
+        line += f"; over int8 {tot['speedup_vs_int8']:.2f}x; over fp32 {tot['speedup_vs_fp32']:.2f}x"
+    echo(line)
     echo(f"cost ratio: predicted from layers {fid['cost_ratio_predicted']:.3f}, measured {fid['cost_ratio_measured']:.3f} "
          f"({fid['cost_ratio_error_pct']:+.1f} %); sum of layers / network: bits {fid['bits']['sum_over_network']:.2f}, "
          f"8-bit {fid['bitserial8']['sum_over_network']:.2f}")
