@@ -1,0 +1,271 @@
+"""Accuracies the report prints, measured (never typed) and cached so a rerun costs nothing.
+
+Two protocols, both documented in the CSVs that use them:
+
+* **final accuracy** (``bitwidths.csv``): the float model's top-1 on the *test* split, and the
+  model quantized to the chosen bits and fine-tuned for ``finetune_steps`` steps
+  (``DEFAULTS.finetune``: the long fine-tune, learning rate, batch, seed), then on *test*;
+* **Pareto points** (``pareto_<net>.csv``): the quantized model on a fixed subset of the *val*
+  split (its first ``val_images`` images), by default *without* fine-tuning: hundreds to
+  thousands of points at a few tens of milliseconds each, where the long fine-tune costs
+  minutes per point. ``pareto_finetune_steps`` > 0 gives every point that many fine-tune steps
+  first (a much better picture of what a bit vector can reach at ~0.1 s per step on a busy CPU).
+
+Models: the shipped checkpoint, or ``--checkpoint NET=FILE``. An MNIST network with neither
+(``lenet4``) is trained here, seeded, with the recipe of the shipped LeNet-5 checkpoint, and
+cached under ``cache_dir()/report/``. Other datasets need ``--data-dir`` and a checkpoint;
+without them the accuracy cells stay empty and the reason is written next to them.
+
+Results are cached in ``cache_dir()/report/accuracy.json``, keyed by a digest of the float
+weights and every protocol number, so a changed checkpoint or protocol is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from releq_tvm.config import DEFAULTS, cache_dir
+from releq_tvm.errors import ReleqError
+from releq_tvm.io import atomic_write_bytes, atomic_write_text
+
+#: Recipe of the shipped LeNet-5 checkpoint (networks/checkpoints/lenet.json), reused for
+#: MNIST networks that ship none.
+TRAIN_STEPS = 4000
+TRAIN_LR = 2e-3
+TRAIN_BATCH = 128
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    """Where data and models come from and the protocols' numbers (steps are optimiser steps)."""
+
+    data_dir: str | None = None
+    checkpoints: Mapping[str, str] = field(default_factory=dict)
+    train_missing: bool = True
+    finetune_steps: int = DEFAULTS.finetune.long_steps
+    finetune_lr: float = DEFAULTS.finetune.learning_rate
+    finetune_batch: int = DEFAULTS.finetune.batch_size
+    seed: int = DEFAULTS.finetune.seed
+    val_images: int = 2000
+    pareto_finetune_steps: int = 0
+
+
+class AccuracyOracle:
+    """Measured accuracies (percent) of the registered networks, cached on disk."""
+
+    def __init__(
+        self,
+        config: AccuracyConfig = AccuracyConfig(),
+        cache_path: str | Path | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.config = config
+        self.root = Path(cache_path) if cache_path is not None else cache_dir() / "report"
+        self.cache_file = self.root / "accuracy.json"
+        self.progress = progress or (lambda msg: None)
+        self._cache: dict[str, float] = self._load()
+        self._models: dict[str, tuple[object, str, str]] = {}
+        self._data: dict[tuple[str, str], object] = {}
+
+    # -- cache --------------------------------------------------------------------------------
+    def _load(self) -> dict[str, float]:
+        try:
+            return {k: float(v) for k, v in json.loads(self.cache_file.read_text(encoding="utf-8")).items()}
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError, ValueError):
+            return {}
+
+    def _store(self, key: str, value: float) -> None:
+        self._cache[key] = value
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the cache file (merged with entries another process may have added meanwhile)."""
+        merged = self._load()
+        merged.update(self._cache)
+        atomic_write_text(self.cache_file, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+
+    # -- what is available --------------------------------------------------------------------
+    def missing_reason(self, network: str) -> str | None:
+        """Why ``network`` gets no accuracy here (None: it does)."""
+        from releq_tvm.networks import checkpoint_path, get_network_spec
+
+        spec = get_network_spec(network)
+        if spec.dataset != "mnist" and self.config.data_dir is None:
+            return f"no {spec.dataset} data here: pass --data-dir DIR (and --checkpoint {network}=FILE)"
+        has_model = network in self.config.checkpoints or checkpoint_path(network) is not None
+        if not has_model and not (spec.dataset == "mnist" and self.config.train_missing):
+            return f"no trained checkpoint of {network}: pass --checkpoint {network}=FILE (see `releq-tvm train`)"
+        return None
+
+    def data(self, network: str, split: str):
+        from releq_tvm.data import load_dataset
+        from releq_tvm.networks import get_network_spec
+
+        dataset = get_network_spec(network).dataset
+        key = (dataset, split)
+        if key not in self._data:
+            self._data[key] = load_dataset(dataset, split, self.config.data_dir)
+        return self._data[key]
+
+    def float_model(self, network: str):
+        """(a fresh float copy of the trained model, its digest, where it came from)."""
+        import copy
+
+        model, digest, origin = self._entry(network)
+        return copy.deepcopy(model), digest, origin
+
+    def _entry(self, network: str):
+        if network not in self._models:
+            self._models[network] = self._load_float_model(network)
+        return self._models[network]
+
+    def model_origin(self, network: str) -> str:
+        return self._entry(network)[2]
+
+    def _load_float_model(self, network: str):
+        import torch
+
+        from releq_tvm.networks import checkpoint_path, create_network, get_network_spec
+        from releq_tvm.train import load_model, train_steps
+
+        reason = self.missing_reason(network)
+        if reason is not None:
+            raise ReleqError(f"{network}: {reason}")
+        if network in self.config.checkpoints:
+            model, origin = load_model(network, self.config.checkpoints[network]), f"checkpoint {self.config.checkpoints[network]}"
+        elif checkpoint_path(network) is not None:
+            model, origin = load_model(network), f"shipped checkpoint networks/checkpoints/{get_network_spec(network).checkpoint}"
+        else:
+            seed = self.config.seed
+            path = self.root / "checkpoints" / f"{network}-steps{TRAIN_STEPS}-lr{TRAIN_LR:g}-seed{seed}.pt"
+            model = create_network(network, seed=seed)
+            if path.is_file():
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            else:
+                self.progress(f"accuracy: training {network} in-process ({TRAIN_STEPS} steps, no checkpoint ships)")
+                torch.manual_seed(seed)
+                train_steps(model, self.data(network, "train"), TRAIN_STEPS, lr=TRAIN_LR, batch_size=TRAIN_BATCH, seed=seed)
+                buf = io.BytesIO()
+                torch.save(model.state_dict(), buf)
+                atomic_write_bytes(path, buf.getvalue())
+            origin = (
+                f"trained by the report: {TRAIN_STEPS} Adam steps, lr {TRAIN_LR:g}, batch {TRAIN_BATCH}, seed {seed} "
+                f"(as `releq-tvm train {network} --steps {TRAIN_STEPS} --lr {TRAIN_LR:g} --seed {seed}`)"
+            )
+        model.eval()
+        return model, _state_digest(model), origin
+
+    # -- the two protocols --------------------------------------------------------------------
+    def full_precision(self, network: str) -> float:
+        """Top-1 (%) of the float model on the test split."""
+        from releq_tvm.train import evaluate
+
+        model, digest, _ = self._entry(network)
+        key = f"{network}|{digest}|fp32|test"
+        if key not in self._cache:
+            self._store(key, evaluate(model, self.data(network, "test")))
+        return self._cache[key]
+
+    def _finetuned_key(self, network: str, bits: Sequence[int]) -> str:
+        c = self.config
+        digest = self._entry(network)[1]
+        return (f"{network}|{digest}|bits {','.join(map(str, bits))}|finetune {c.finetune_steps} lr {c.finetune_lr:g} "
+                f"batch {c.finetune_batch} seed {c.seed}|test")
+
+    def finetuned(self, network: str, bits: Sequence[int]) -> float:
+        """Top-1 (%) on test after quantizing to ``bits`` and ``finetune_steps`` fine-tune steps."""
+        from releq_tvm.networks import get_network_spec
+        from releq_tvm.train import evaluate, finetune_bits
+
+        c = self.config
+        bits_text = ",".join(map(str, bits))
+        key = self._finetuned_key(network, bits)
+        if key not in self._cache:
+            model, _, _ = self.float_model(network)
+            self.progress(f"accuracy: fine-tuning {network} at {bits_text} for {c.finetune_steps} steps")
+            finetune_bits(model, bits, get_network_spec(network).input_shape, self.data(network, "train"),
+                          c.finetune_steps, lr=c.finetune_lr, batch_size=c.finetune_batch, seed=c.seed)
+            self._store(key, evaluate(model, self.data(network, "test")))
+        return self._cache[key]
+
+    def cached_finetuned(self, network: str, bits: Sequence[int]) -> float | None:
+        """:meth:`finetuned` if it is already in the cache, else None (never fine-tunes)."""
+        return self._cache.get(self._finetuned_key(network, bits))
+
+    def pareto_scorer(self, network: str) -> ParetoScorer:
+        """``score(bits)``: top-1 (%) on the first ``val_images`` val images after
+        ``pareto_finetune_steps`` fine-tune steps (0: none)."""
+        from releq_tvm.data import TensorDataset
+        from releq_tvm.networks import get_network_spec
+
+        model, digest, _ = self.float_model(network)
+        val = self.data(network, "val")
+        n = min(self.config.val_images, len(val))
+        subset = TensorDataset(val.images[:n], val.labels[:n])
+        return ParetoScorer(self, network, model, digest, subset, get_network_spec(network).input_shape)
+
+
+class ParetoScorer:
+    """Accuracy (%) of one network at given bits on a fixed val subset, cached per bit vector.
+
+    Without fine-tuning, quantization is re-applied in place on one model copy (no copy per
+    point); with ``pareto_finetune_steps`` every point starts from a fresh copy of the float
+    model. New results are written to the cache file every 100 points and on :meth:`flush`.
+    """
+
+    def __init__(self, oracle: AccuracyOracle, network: str, model, digest: str, subset, input_shape):
+        self.oracle, self.network, self.model, self.digest = oracle, network, model, digest
+        self.subset, self.input_shape = subset, input_shape
+        self.images = len(subset)
+        self.finetune_steps = oracle.config.pareto_finetune_steps
+        self._new = 0
+
+    @property
+    def protocol(self) -> str:
+        c = self.oracle.config
+        if self.finetune_steps == 0:
+            return f"no fine-tune, first {self.images} val images"
+        return (f"{self.finetune_steps} fine-tune steps (lr {c.finetune_lr:g}, batch {c.finetune_batch}, seed {c.seed}), "
+                f"first {self.images} val images")
+
+    def __call__(self, bits: Sequence[int]) -> float:
+        import copy
+
+        from releq_tvm.quant import apply_bits
+        from releq_tvm.train import evaluate, finetune_bits
+
+        c = self.oracle.config
+        key = f"{self.network}|{self.digest}|bits {','.join(map(str, bits))}|{self.protocol}"
+        value = self.oracle._cache.get(key)
+        if value is None:
+            if self.finetune_steps == 0:
+                model = apply_bits(self.model, bits, self.input_shape)
+            else:
+                model = finetune_bits(copy.deepcopy(self.model), bits, self.input_shape,
+                                      self.oracle.data(self.network, "train"), self.finetune_steps,
+                                      lr=c.finetune_lr, batch_size=c.finetune_batch, seed=c.seed)
+            value = evaluate(model, self.subset)
+            self.oracle._cache[key] = value
+            self._new += 1
+            if self._new % 100 == 0:  # a long enumeration survives an interruption
+                self.oracle.flush()
+        return value
+
+    def flush(self) -> None:
+        if self._new:
+            self.oracle.flush()
+            self._new = 0
+
+
+def _state_digest(model) -> str:
+    """Short digest of the float weights: the cache key of every accuracy of this model."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

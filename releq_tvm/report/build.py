@@ -1,0 +1,372 @@
+"""One report run: choose the bits, compute every table and figure, stage them, move them in at the end.
+
+:func:`build_report` is what ``releq-tvm report`` calls (and what a demo or a test calls with a
+fake CPU measurement). Everything it writes lands in :class:`StagedOutput` first, so an error
+anywhere leaves the previous ``results/`` whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from releq_tvm.bits import format_bits
+from releq_tvm.report.accuracy import AccuracyConfig, AccuracyOracle
+from releq_tvm.report.choices import BitChoice, admm_choice, choose_bits, published_choice
+from releq_tvm.report.cpu_report import MeasureFn
+from releq_tvm.report.output import StagedOutput
+from releq_tvm.report.pareto import DEFAULT_PARETO_BITS, PARETO_NETWORKS, SeparableCost
+from releq_tvm.report.provenance import Provenance
+from releq_tvm.report.stripes_report import stripes_row
+from releq_tvm.report.tables import csv_text
+
+
+@dataclass
+class ReportOptions:
+    """What to report and how (the CLI's options, one field each)."""
+
+    networks: Sequence[str] | None = None  # None: every registered network (or those of the runs)
+    bits_from: Sequence[str] = ("published",)  # "published" and/or run directories
+    out_dir: str | Path = "results"
+    skip_cpu: bool = False
+    cpu_repeats: int = 7
+    fresh_cpu: bool = False  # re-measure instead of reusing cached CPU latencies
+    accuracy: bool = True
+    accuracy_config: AccuracyConfig = field(default_factory=AccuracyConfig)
+    accuracy_cache: str | Path | None = None  # accuracy and CPU caches (None: cache_dir()/report)
+    pareto_bits: tuple[int, ...] = DEFAULT_PARETO_BITS
+    pareto_networks: Sequence[str] = PARETO_NETWORKS
+    threads: int | None = None  # torch intra-op threads for training and evaluation (None: torch default)
+    #: The command line recorded in every file (None: the ``releq-tvm report`` line of these options).
+    command: str | None = None
+    #: Injected CPU backends (tests): the network measurement and the per-layer Pareto cost.
+    cpu_measure: MeasureFn | None = None
+    cpu_pareto_cost: Callable[[str, Sequence[int]], SeparableCost] | None = None
+
+
+def resolve_inputs(opts: ReportOptions) -> tuple[list[str], list, dict[str, BitChoice]]:
+    """(networks, search runs, bits per network) from the options; bad input is a one-line error."""
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.networks import get_network_spec, list_networks
+    from releq_tvm.report.runs import discover_runs
+
+    sources = list(opts.bits_from) or ["published"]
+    use_published = "published" in sources
+    runs = discover_runs([s for s in sources if s != "published"])
+    if opts.networks:
+        networks = list(dict.fromkeys(opts.networks))
+        for net in networks:
+            get_network_spec(net)  # UnknownNetworkError lists the registered names
+    elif use_published:
+        networks = list_networks()
+    else:
+        networks = list(dict.fromkeys(r.network for r in runs))
+    if not networks:
+        raise ReleqError("nothing to report: pass --networks or --bits-from published or a run directory")
+    return networks, runs, choose_bits(networks, runs, use_published)
+
+
+def build_report(opts: ReportOptions, progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Write every report file for ``opts`` into ``opts.out_dir``; returns the paths written."""
+    say = progress or (lambda msg: None)
+    networks, runs, choices = resolve_inputs(opts)
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
+    prov = Provenance(command=opts.command or canonical_command(opts), seed=str(opts.accuracy_config.seed))
+    with StagedOutput(opts.out_dir) as out:
+        say("stripes: simulating " + ", ".join(networks))
+        _fig9(out, prov, choices)
+        measure = None
+        if not opts.skip_cpu:
+            measure = _cpu_measure(opts, say)
+            _fig8(out, prov, choices, measure, say)
+        oracle = None
+        if opts.accuracy:
+            oracle = AccuracyOracle(opts.accuracy_config, opts.accuracy_cache, say)
+        _bitwidths(out, prov, choices, oracle, say)
+        for net in networks:
+            if net in opts.pareto_networks:
+                _pareto(out, prov, net, choices[net], oracle, opts, say)
+        if any(admm_choice(net) is not None for net in networks):
+            _comparison(out, prov, choices, stripes_row, measure, oracle)
+        if runs:
+            _search_diagnostics(out, prov, runs, say)
+        written = out.commit()
+    return written
+
+
+# ------------------------------------------------------------------------------ the pieces
+
+
+def _fig9(out: StagedOutput, prov: Provenance, choices) -> None:
+    from releq_tvm.report.stripes_report import FIG9_COLUMNS, fig9_png, fig9_rows
+
+    rows, notes = fig9_rows(choices)
+    notes = [
+        "Stripes, weights serial, 8-bit activations, stepped cycles; fc layers weights-serial "
+        "(the *_fc_bitparallel columns: fc layers at the bit-parallel DaDN rate)",
+        "speedup = cycles at 8-bit weights / cycles; energy_reduction = energy at 8 bits / energy (uJ per image)",
+        "GEOMEAN row: geometric mean over the networks above",
+        *notes,
+    ]
+    out.write_text("fig9_stripes.csv", csv_text(FIG9_COLUMNS, rows, prov.header_lines(notes)))
+    out.write_bytes("fig9_stripes.png", fig9_png(rows))
+    lines = [
+        "Per network: the weight bits, Stripes speedup and energy reduction over the same accelerator",
+        "at 8-bit weights (weights serial, 8-bit activations; STRIPES.md). Last row: geometric mean.",
+        "Energy parts are in `compute_reduction`, `onchip_reduction`, `offchip_reduction` (empty:",
+        "that part is 0 at the chosen bits). Per-layer numbers at the published bits: `stripes/<network>.csv`.",
+    ]
+    out.document("fig9_stripes.csv", "Stripes speedup and energy reduction (figure 9)", prov, lines)
+    out.document("fig9_stripes.png", "bars of `fig9_stripes.csv`", prov, ["Left: speedup; right: energy reduction (log scale)."])
+
+
+def _cpu_measure(opts: ReportOptions, say) -> MeasureFn:
+    """The injected measure function as is, or TVM's behind the on-disk cache (and a per-run memo)."""
+    from releq_tvm.config import cache_dir
+    from releq_tvm.report.cpu_report import disk_cached, host_machine_key, memoized, tvm_measure
+
+    if opts.cpu_measure is not None:
+        return memoized(opts.cpu_measure)
+    real = tvm_measure(repeats=opts.cpu_repeats, progress=lambda m: say(f"cpu:   {m}"))
+    root = Path(opts.accuracy_cache) if opts.accuracy_cache is not None else cache_dir() / "report"
+    return memoized(disk_cached(real, root / "cpu_latency.json", host_machine_key(), opts.cpu_repeats, opts.fresh_cpu))
+
+
+def _fig8(out: StagedOutput, prov: Provenance, choices, measure: MeasureFn, say) -> None:
+    from releq_tvm.report.cpu_report import FIG8_COLUMNS, fig8_png, fig8_rows
+
+    rows = fig8_rows(choices, measure, say)
+    notes = [
+        "latency per image (batch 1) in ms, median of timed repeats on this CPU; "
+        "bit-serial builds: every conv/dense a TVM bit-serial kernel (w weight bits x a activation bits)",
+        "speedup = latency of the all-8-bit bit-serial build / latency at the chosen bits; "
+        "speedup_vs_int8/fp32 = int8/fp32 latency / latency at the chosen bits",
+        "measured_utc: when the row was measured (rows are cached per machine, bits and repeats; --fresh-cpu re-measures)",
+        "GEOMEAN row: geometric mean over the networks above",
+        *{n for c in choices.values() for n in c.notes},
+    ]
+    out.write_text("fig8_tvm_cpu.csv", csv_text(FIG8_COLUMNS, rows, prov.header_lines(notes)))
+    out.write_bytes("fig8_tvm_cpu.png", fig8_png(rows, f"{prov.cpu}, {prov.cores} cores"))
+    lines = [
+        "Per network: the bits, latency of the all-8-bit TVM bit-serial build and of the mixed-bit build,",
+        "their ratio (speedup), and int8 / fp32 latency of the same network. Last row: geometric mean.",
+    ]
+    out.document("fig8_tvm_cpu.csv", "TVM bit-serial CPU latency (figure 8)", prov, lines)
+    out.document("fig8_tvm_cpu.png", "bars of `fig8_tvm_cpu.csv`", prov, ["Left: speedup; right: the four latencies (log scale)."])
+
+
+def _bitwidths(out: StagedOutput, prov: Provenance, choices, oracle, say) -> None:
+    from releq_tvm.report.bitwidths import BITWIDTH_COLUMNS, bitwidth_rows, bitwidths_png
+
+    rows = bitwidth_rows(choices, oracle, say)
+    notes = [
+        "avg_bits: plain mean over layers; avg_bits_by_weights: mean weighted by each layer's weight count",
+        "acc_*: top-1 % on the test split; quantized accuracy after finetune_steps fine-tune steps; "
+        "empty where no data or trained model exists here (accuracy_note says why)",
+        "acc_source_test_pct: the test accuracy the bits' source reports itself (a search run's long fine-tune in "
+        "best.json, with its own learning-rate choice); empty for published bits",
+        *{n for c in choices.values() for n in c.notes},
+    ]
+    out.write_text("bitwidths.csv", csv_text(BITWIDTH_COLUMNS, rows, prov.header_lines(notes)))
+    out.write_bytes("bitwidths.png", bitwidths_png(rows, sorted({n for c in choices.values() for n in c.notes})))
+    lines = [
+        "Per network: dataset, weight layers, the bits and their mean, float and quantized test accuracy",
+        "after the long fine-tune (`DEFAULTS.finetune`) where data and a trained model exist. MNIST",
+        "networks always (LeNet-5 from its shipped checkpoint; lenet4 trained by the report, seeded,",
+        "with the LeNet-5 recipe, and cached); others with `--data-dir` and `--checkpoint NET=FILE`.",
+    ]
+    out.document("bitwidths.csv", "bits per layer and accuracy", prov, lines)
+    out.document("bitwidths.png", "heat map of `bitwidths.csv`", prov)
+
+
+def _pareto(out: StagedOutput, prov: Provenance, net: str, choice: BitChoice, oracle, opts, say) -> None:
+    from releq_tvm.report.pareto import PARETO_COLUMNS, pareto_png, pareto_result, pareto_rows
+
+    placed = {f"choice ({'published' if choice.source == 'published' else 'search'})": choice}
+    if choice.source != "published":
+        try:
+            placed["published"] = published_choice(net)
+        except Exception:  # a network without published bits simply has no such marker
+            pass
+    admm = admm_choice(net)
+    if admm is not None:
+        placed["ADMM"] = admm
+    scorer = long_accuracy = None
+    if oracle is not None and oracle.missing_reason(net) is None:
+        scorer = oracle.pareto_scorer(net)
+        long_accuracy = lambda bits: oracle.finetuned(net, bits)  # noqa: E731
+    cpu_cost = None
+    if not opts.skip_cpu:
+        factory = opts.cpu_pareto_cost or _tvm_pareto_cost
+        # the placed points' bits too (e.g. the 3 of 8,2,2,3,2), so they get a CPU cost as well
+        cpu_cost = factory(net, sorted(set(opts.pareto_bits).union(*(c.w_bits for c in placed.values()))))
+    result = pareto_result(net, opts.pareto_bits, placed, scorer, cpu_cost, say, long_accuracy)
+    bit_text = ",".join(map(str, result.bit_set))
+    notes = [
+        f"every weight bit vector over {{{bit_text}}} ({len(result.combos)} points), 8-bit activations; "
+        "first rows: the placed points (search choice / published / ADMM), then the grid by cost",
+        "stripes_cycles_ratio: Stripes cycles / cycles at 8-bit weights (stepped, weights serial, fc weights-serial)",
+    ]
+    if cpu_cost is not None:
+        notes.append("cpu_latency_ratio: measured per-layer TVM bit-serial latencies summed (+ the network's "
+                     "measured non-layer time) over the same at 8 bits (releq_tvm.compile.cpu_cost_ratio)")
+    if result.score_is_accuracy:
+        notes.append(
+            f"accuracy_val_pct: top-1 % after {result.protocol} (model: {oracle.model_origin(net)}); "
+            "cheap enough for every point, unlike the long fine-tune"
+        )
+        notes.append(
+            f"acc_long_finetune_test_pct (placed points only): test top-1 % after the long fine-tune "
+            f"({oracle.config.finetune_steps} steps), as in bitwidths.csv: another protocol, not used for the front"
+        )
+    else:
+        notes.append(f"cost-only: {oracle.missing_reason(net) if oracle else 'accuracy disabled (--no-accuracy)'}; "
+                     "the front is taken over mean weight bits instead of accuracy")
+    notes.append("on_front: 1 when no grid point is as cheap (Stripes) and as accurate with one strictly better; "
+                 "on_front_cpu: the same with the CPU cost; "
+                 "front_accuracy_at_cost: best front accuracy at no more Stripes cost than the placed point")
+    name = f"pareto_{net}"
+    out.write_text(f"{name}.csv", csv_text(PARETO_COLUMNS, pareto_rows(result), prov.header_lines(notes)))
+    out.write_bytes(f"{name}.png", pareto_png(result))
+    placed_text = "; ".join(
+        f"{p['point']} {p['w_bits']}: {'on' if p['on_front'] else 'off'} the front" for p in result.placed
+    )
+    lines = [
+        f"Every weight bit vector of {net} over {{{bit_text}}} scored for Stripes cost"
+        + (" and CPU latency-table cost" if cpu_cost is not None else "")
+        + (f" and val accuracy ({result.protocol})." if result.score_is_accuracy
+           else "; cost-only (no data here), scored by mean weight bits."),
+        f"Front marked (`on_front`); placed points: {placed_text}.",
+    ]
+    out.document(f"{name}.csv", f"Pareto frontier of {net}", prov, lines)
+    out.document(f"{name}.png", f"scatter of `{name}.csv`", prov)
+
+
+def _tvm_pareto_cost(net: str, bit_set: Sequence[int]) -> SeparableCost:
+    from releq_tvm.report.cpu_report import cpu_separable_cost
+
+    return cpu_separable_cost(net, bit_set)
+
+
+def _comparison(out: StagedOutput, prov: Provenance, choices, stripes_row, measure, oracle) -> None:
+    from releq_tvm.report.compare import COMPARE_COLUMNS, comparison_png, comparison_rows
+    from releq_tvm.report.cpu_report import cpu_row
+
+    cpu = (lambda c: cpu_row(c, measure)) if measure is not None else None
+
+    def accuracy(choice):
+        if oracle is None or oracle.missing_reason(choice.network) is not None:
+            return None
+        return oracle.finetuned(choice.network, choice.w_bits)
+
+    rows = comparison_rows(choices, stripes_row, cpu, accuracy)
+    notes = [
+        "ADMM bitwidths as given in METHOD.md section 6; ReLeQ: the bits of the other report files",
+        "every ratio is against the same network at 8 bits on the same backend (CPU: bit-serial 8/8 build; "
+        "Stripes: 8-bit weights); activations at 8 bits",
+    ]
+    if measure is None:
+        notes.append("cpu_speedup empty: CPU not measured (--skip-cpu)")
+    if oracle is not None:
+        notes.append(f"acc_quant_test_pct: test top-1 % after the long fine-tune ({oracle.config.finetune_steps} steps), "
+                     "as in bitwidths.csv; empty where no data or model exists here")
+    out.write_text("admm_comparison.csv", csv_text(COMPARE_COLUMNS, rows, prov.header_lines(notes)))
+    out.write_bytes("admm_comparison.png", comparison_png(rows))
+    lines = ["ReLeQ's and the ADMM method's bitwidths (LeNet with 4 layers, AlexNet): CPU speedup, Stripes",
+             "speedup and energy reduction, each over the same network at 8 bits."]
+    out.document("admm_comparison.csv", "ReLeQ vs ADMM bitwidths", prov, lines)
+    out.document("admm_comparison.png", "bars of `admm_comparison.csv`", prov)
+
+
+def _search_diagnostics(out: StagedOutput, prov: Provenance, runs, say) -> None:
+    from releq_tvm.report.convergence import (
+        ABLATION_COLUMNS,
+        MOVING_AVERAGE_EPISODES,
+        ablation_groups,
+        ablation_png,
+        ablation_row,
+        convergence_columns,
+        convergence_png,
+        convergence_rows,
+    )
+    from releq_tvm.report.runs import primary_runs
+
+    for net, run in primary_runs(runs).items():
+        say(f"search: convergence of {net} from {run.path}")
+        n_layers = len(run.choice().w_bits)
+        notes = [
+            f"run: {run.path} (made by: {run.meta.get('command', 'releq-tvm search')}); reward {run.reward_label}; "
+            f"clip {run.clip_range:g}; cost backend {run.measure}; seed {run.seed}",
+            f"*_ma: trailing moving average over {MOVING_AVERAGE_EPISODES} training episodes; phase greedy: the "
+            "deterministic read-off episodes; layer<l>_likely_bits / layer<l>_p: the policy's most likely weight "
+            "bitwidth of layer l and its probability",
+            *run.choice().notes,
+        ]
+        name = f"convergence_{net}"
+        out.write_text(f"{name}.csv", csv_text(convergence_columns(n_layers), convergence_rows(run), prov.header_lines(notes)))
+        out.write_bytes(f"{name}.png", convergence_png(run))
+        lines = [f"Search run `{run.path}`: SA, cost and reward per episode with a moving average, and per layer",
+                 "the probability of each bitwidth over episodes."]
+        out.document(f"{name}.csv", f"search convergence of {net}", prov, lines)
+        out.document(f"{name}.png", f"plots of `{name}.csv` and the action probabilities", prov)
+    for vary, name, title in (("reward", "reward_ablation", "the three reward forms"),
+                              ("clip", "clip_sensitivity", "PPO clip range")):
+        groups = ablation_groups(runs, vary)
+        if not groups:
+            say(f"search: {name}.csv not written (needs runs of one network covering two or more settings)")
+            continue
+        rows = [ablation_row(r) for group in groups.values() for r in group]
+        notes = [
+            "final_sa / final_cost: the run's solution (best.json, deterministic read-off); "
+            f"final_reward_ma: moving average of the last {MOVING_AVERAGE_EPISODES} training episodes",
+            "converged_episode: the search's own test (best.json; empty: not met); choice_fixed_episode: first "
+            "training episode from which the policy's most likely bits never change (empty: still changing)",
+            "test_acc_*: the run's long fine-tune (best.json), empty when the run scored no accuracy",
+        ]
+        out.write_text(f"{name}.csv", csv_text(ABLATION_COLUMNS, rows, prov.header_lines(notes)))
+        out.write_bytes(f"{name}.png", ablation_png(groups, vary))
+        out.document(f"{name}.csv", f"ablation over {title}", prov, [f"Runs: {', '.join(r['run'] for r in rows)}."])
+        out.document(f"{name}.png", f"moving averages of the runs in `{name}.csv`", prov)
+
+
+def canonical_command(opts: ReportOptions) -> str:
+    """The ``releq-tvm report`` command line that rebuilds what ``opts`` asks for."""
+    parts = ["releq-tvm", "report"]
+    for source in opts.bits_from:
+        parts += ["--bits-from", str(source)]
+    if opts.networks:
+        parts += ["--networks", ",".join(opts.networks)]
+    parts += ["--out", str(opts.out_dir)]
+    if opts.skip_cpu:
+        parts.append("--skip-cpu")
+    else:
+        if opts.cpu_repeats != ReportOptions.cpu_repeats:
+            parts += ["--cpu-repeats", str(opts.cpu_repeats)]
+        if opts.fresh_cpu:
+            parts.append("--fresh-cpu")
+    if not opts.accuracy:
+        parts.append("--no-accuracy")
+    cfg = opts.accuracy_config
+    if cfg.data_dir:
+        parts += ["--data-dir", str(cfg.data_dir)]
+    for net, path in cfg.checkpoints.items():
+        parts += ["--checkpoint", f"{net}={path}"]
+    if not cfg.train_missing:
+        parts.append("--no-train")
+    if cfg.finetune_steps != AccuracyConfig.finetune_steps:
+        parts += ["--finetune-steps", str(cfg.finetune_steps)]
+    if cfg.val_images != AccuracyConfig.val_images:
+        parts += ["--val-images", str(cfg.val_images)]
+    if cfg.pareto_finetune_steps != AccuracyConfig.pareto_finetune_steps:
+        parts += ["--pareto-finetune-steps", str(cfg.pareto_finetune_steps)]
+    if opts.threads:
+        parts += ["--threads", str(opts.threads)]
+    if tuple(opts.pareto_bits) != DEFAULT_PARETO_BITS:
+        parts += ["--pareto-bits", format_bits(opts.pareto_bits)]
+    if tuple(opts.pareto_networks) != PARETO_NETWORKS:
+        parts += ["--pareto-networks", ",".join(opts.pareto_networks) or "none"]
+    return " ".join(parts)

@@ -1,0 +1,237 @@
+"""Figure 8: measured CPU latency of the TVM bit-serial build at the chosen bits against 8 bits.
+
+Latency numbers come from a *measure function* ``measure(network, w_bits, a_bits) ->
+CpuLatency``. The default, :func:`tvm_measure`, builds and times the whole network with
+:mod:`releq_tvm.compile`; tests inject a fake, so no TVM build runs in the default test suite.
+
+Measuring every network takes tens of minutes on a small machine, so :func:`disk_cached`
+keeps each measurement (with its date) in ``cache_dir()/report/cpu_latency.json``, keyed by the
+machine (CPU model, LLVM CPU, TVM version, threads), the network, the bits and the repeats; the
+``measured_utc`` column of fig8 says when each number was taken. ``--fresh-cpu`` re-measures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from releq_tvm.bits import format_bits
+from releq_tvm.config import DEFAULT_ACT_BITS
+from releq_tvm.report.choices import BitChoice
+from releq_tvm.report.stripes_report import MEAN_LABEL, mean_row
+
+if TYPE_CHECKING:
+    from releq_tvm.report.pareto import SeparableCost
+
+
+@dataclass(frozen=True)
+class CpuLatency:
+    """Whole-network latencies of one network on this CPU, milliseconds per image (batch 1).
+
+    ``mixed_ms``: bit-serial build at the chosen bits; ``bitserial8_ms``: the same build with
+    every layer at 8/8 bits (the reference of the speedup); ``int8_ms``: plain int8 kernels;
+    ``fp32_ms``: the float model through TVM's default CPU pipeline. None: not measured.
+    """
+
+    mixed_ms: float
+    bitserial8_ms: float
+    int8_ms: float | None = None
+    fp32_ms: float | None = None
+    repeats: int | None = None
+    spread: str = ""  # how the medians spread (e.g. IQRs), for the notes
+    measured: str = ""  # when (UTC, ISO 8601)
+
+
+MeasureFn = Callable[[str, tuple[int, ...], tuple[int, ...] | None], CpuLatency]
+
+FIG8_COLUMNS = (
+    "network",
+    "bits_source",
+    "w_bits",
+    "a_bits",
+    "avg_bits",
+    "latency_8bit_bitserial_ms",
+    "latency_mixed_ms",
+    "speedup",
+    "latency_int8_ms",
+    "latency_fp32_ms",
+    "speedup_vs_int8",
+    "speedup_vs_fp32",
+    "repeats",
+    "measured_utc",
+)
+FIG8_RATIO_COLUMNS = ("speedup", "speedup_vs_int8", "speedup_vs_fp32")
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None or den <= 0 else num / den
+
+
+def cpu_row(choice: BitChoice, measure: MeasureFn) -> dict:
+    """One fig8 row: latencies (ms) and speedups (x) of ``choice`` measured by ``measure``."""
+    a_bits = choice.a_bits or (DEFAULT_ACT_BITS,) * len(choice.w_bits)
+    lat = measure(choice.network, tuple(choice.w_bits), tuple(a_bits))
+    return {
+        "network": choice.network,
+        "bits_source": choice.source,
+        "w_bits": format_bits(choice.w_bits),
+        "a_bits": format_bits(a_bits),
+        "avg_bits": choice.mean_bits,
+        "latency_8bit_bitserial_ms": lat.bitserial8_ms,
+        "latency_mixed_ms": lat.mixed_ms,
+        "speedup": _ratio(lat.bitserial8_ms, lat.mixed_ms),
+        "latency_int8_ms": lat.int8_ms,
+        "latency_fp32_ms": lat.fp32_ms,
+        "speedup_vs_int8": _ratio(lat.int8_ms, lat.mixed_ms),
+        "speedup_vs_fp32": _ratio(lat.fp32_ms, lat.mixed_ms),
+        "repeats": lat.repeats,
+        "measured_utc": lat.measured,
+    }
+
+
+def fig8_rows(choices: Mapping[str, BitChoice], measure: MeasureFn, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Rows per network plus the geometric-mean row of the speedup columns."""
+    rows = []
+    for choice in choices.values():
+        if progress is not None:
+            progress(f"cpu: measuring {choice.network} at {format_bits(choice.w_bits)}")
+        rows.append(cpu_row(choice, measure))
+    return rows + [mean_row(rows, FIG8_RATIO_COLUMNS)]
+
+
+def fig8_png(rows: Sequence[Mapping], machine: str) -> bytes:
+    """Left: speedup bars per network (geometric mean last). Right: the four latencies, log scale."""
+    from releq_tvm.report.plots import MEAN_COLOUR, PALETTE, bars, figure, grouped_bars, png_bytes
+
+    labels = [r["network"] for r in rows]
+    colours = [MEAN_COLOUR if r["network"] == MEAN_LABEL else PALETTE[0] for r in rows]
+    fig, (ax1, ax2) = figure(12.0, 4.8, 1, 2)
+    bars(ax1, labels, [r.get("speedup") for r in rows], colours)
+    ax1.set_ylabel("speedup over the 8-bit bit-serial build (x)")
+    ax1.set_title("Mixed bits vs all-8-bit, same TVM bit-serial kernels")
+    nets = [r for r in rows if r["network"] != MEAN_LABEL]
+    grouped_bars(
+        ax2,
+        [r["network"] for r in nets],
+        {
+            "fp32 (TVM default)": [r.get("latency_fp32_ms") for r in nets],
+            "int8": [r.get("latency_int8_ms") for r in nets],
+            "bit-serial 8/8": [r.get("latency_8bit_bitserial_ms") for r in nets],
+            "bit-serial mixed": [r.get("latency_mixed_ms") for r in nets],
+        },
+        fmt=None,
+        reference=None,
+        log=True,
+    )
+    ax2.set_ylabel("latency per image (ms, log scale)")
+    ax2.set_title("Measured latency, batch 1")
+    fig.suptitle(f"TVM on CPU ({machine}); dashed: 1x; grey: geometric mean")
+    return png_bytes(fig)
+
+
+def memoized(measure: MeasureFn) -> MeasureFn:
+    """``measure`` with a per-report memo: fig8 and the ADMM comparison share measurements."""
+    memo: dict = {}
+
+    def wrapped(network, w_bits, a_bits):
+        key = (network, tuple(w_bits), None if a_bits is None else tuple(a_bits))
+        if key not in memo:
+            memo[key] = measure(network, tuple(w_bits), a_bits)
+        return memo[key]
+
+    return wrapped
+
+
+def tvm_measure(repeats: int = 7, progress: Callable[[str], None] | None = None) -> MeasureFn:
+    """The real measure function: :func:`releq_tvm.compile.measure_network` on this CPU.
+
+    Each call compiles and times the whole network four ways (chosen bits, all 8-bit bit-serial,
+    int8, fp32) at batch 1; ``repeats`` timed samples each, medians reported.
+    """
+
+    def measure(network: str, w_bits: tuple[int, ...], a_bits: tuple[int, ...] | None) -> CpuLatency:
+        from releq_tvm.compile import measure_network
+
+        result = measure_network(network, list(w_bits), None if a_bits is None else list(a_bits), repeats=repeats,
+                                 progress=progress)
+        whole = result["network_ms"]
+        spread = "; ".join(f"{k} IQR {v['iqr_ms']:.3g} ms" for k, v in whole.items())
+        return CpuLatency(
+            measured=_now(),
+            mixed_ms=whole["bits"]["median_ms"],
+            bitserial8_ms=whole["bitserial8"]["median_ms"],
+            int8_ms=whole.get("int8", {}).get("median_ms"),
+            fp32_ms=whole.get("fp32", {}).get("median_ms"),
+            repeats=result["timing"]["repeats"],
+            spread=spread,
+        )
+
+    return measure
+
+
+def cpu_separable_cost(network: str, bit_set) -> SeparableCost:
+    """Per-layer TVM bit-serial latencies (us, 8-bit activations) for each bit value, from the
+    on-disk latency table (missing entries are built and timed now), plus the network's fixed
+    non-layer time: the same sum :func:`releq_tvm.compile.cpu_cost_ratio` takes."""
+    import numpy as np
+
+    from releq_tvm.compile.latency_table import default_table
+    from releq_tvm.config import BITS_MAX
+    from releq_tvm.networks import layer_table
+    from releq_tvm.report.pareto import SeparableCost
+
+    table = default_table()
+    n = len(layer_table(network))
+    values = tuple(sorted(set(bit_set) | {BITS_MAX}))
+    layer = np.zeros((n, len(values)))
+    for j, b in enumerate(values):
+        layer[:, j] = table.network_layers_us(network, [b] * n, [DEFAULT_ACT_BITS] * n)
+    reference = float(layer[:, values.index(BITS_MAX)].sum())
+    return SeparableCost("cpu_latency", values, layer, reference, fixed=table.fixed_us(network))
+
+
+def _now() -> str:
+    import datetime as _dt
+
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def disk_cached(measure: MeasureFn, path, machine: str, repeats: int, fresh: bool = False) -> MeasureFn:
+    """``measure`` with an on-disk cache at ``path`` (JSON), keyed by ``machine``, network, bits, repeats.
+
+    ``fresh``: measure everything again (and overwrite the cached entries).
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from releq_tvm.io import atomic_write_text
+
+    path = Path(path)
+
+    def load() -> dict:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def wrapped(network, w_bits, a_bits):
+        key = f"{machine}|{network}|w {format_bits(w_bits)}|a {format_bits(a_bits) if a_bits else '8'}|repeats {repeats}"
+        entry = None if fresh else load().get(key)
+        if entry is not None:
+            return CpuLatency(**entry)
+        lat = measure(network, w_bits, a_bits)
+        data = load()  # merge: another report may have written meanwhile
+        data[key] = dataclasses.asdict(lat)
+        atomic_write_text(path, json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+        return lat
+
+    return wrapped
+
+
+def host_machine_key() -> str:
+    """The compile stage's machine key of this host (CPU model, LLVM CPU, TVM version, threads)."""
+    from releq_tvm.compile.target import machine_key, resolve_target
+
+    return machine_key(resolve_target(None))
