@@ -37,8 +37,8 @@ def demo_steps(out: str) -> list[tuple[str, list[str]]]:
         (
             "the LeNet report: Stripes and CPU speedups, bitwidths, convergence",
             [
-                "report", "--networks", "lenet", "--bits-from", f"{out}/search",
-                "--pareto-networks", "none", "--out", f"{out}/report",
+                "report", "--networks", "lenet", "--bits-from", f"{out}/search", "--bits-from", "published",
+                "--pareto-networks", "lenet", "--finetune-steps", "300", "--threads", "1", "--out", f"{out}/report",
             ],
         ),
     ]

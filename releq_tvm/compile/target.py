@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 import json
-import platform
 import re
 
 import tvm
 
 from releq_tvm.errors import ReleqError
+from releq_tvm.machine import cpu_model
 
 
 def resolve_target(spec: str | dict | tvm.target.Target | None = None) -> tvm.target.Target:
@@ -78,25 +78,12 @@ def target_dict(target: tvm.target.Target) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_model_name() -> str:
-    """The CPU model string of this machine (``/proc/cpuinfo`` model name), e.g. ``AMD EPYC``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(target: tvm.target.Target) -> dict:
     """What a measured latency depends on: CPU model, LLVM CPU name, TVM version, core count."""
     import os
 
     return {
-        "cpu_model": cpu_model_name(),
+        "cpu_model": cpu_model(),
         "target": target_dict(target),
         "tvm": tvm.__version__,
         "cores": os.cpu_count(),

@@ -20,17 +20,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (falls back to what ``platform`` knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from releq_tvm.machine import cpu_model
 
 
 def package_version(name: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 
 from releq_tvm.bits import format_bits
+from releq_tvm.machine import cpu_model
 from releq_tvm.sim.stripes import EnergyParts, SimResult
 
 PJ_PER_UJ = 1e6
@@ -121,22 +122,11 @@ def provenance_lines(command: str, notes: Sequence[str] = ()) -> list[str]:
 
     return [
         f"# command: {command}",
-        f"# machine: {platform.platform()}; cpu: {_cpu_model()}; cores: {os.cpu_count()}",
+        f"# machine: {platform.platform()}; cpu: {cpu_model()}; cores: {os.cpu_count()}",
         f"# versions: releq-tvm {__version__}; python {sys.version.split()[0]}; numpy {numpy.__version__}",
         f"# made: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}; seed: none (deterministic)",
         *(f"# note: {n}" for n in notes),
     ]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def results_csv_text(results: Sequence[SimResult], header_lines: Sequence[str] = ()) -> str:
