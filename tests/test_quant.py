@@ -17,6 +17,7 @@ from releq_tvm.quant import (
     remove_bits,
     ste_quantize_weight,
     weight_levels,
+    weight_scale,
 )
 
 finite = st.floats(-10, 10, allow_nan=False, width=32)
@@ -40,9 +41,9 @@ def test_number_of_levels_and_range(w, bits):
     assert len(np.unique(q)) <= expected_max
     if bits == 1:
         assert set(np.unique(q)) <= {-1, 1}
-    # the largest-magnitude weight always lands on the outermost level
+    # the largest-magnitude weight always lands on the outermost level (clipped there if need be)
     assert np.abs(q).max() == m
-    assert step == pytest.approx(np.abs(w).max() / m, rel=1e-6)
+    assert step == pytest.approx(weight_scale(w, bits) / m, rel=1e-6)
 
 
 @settings(max_examples=60, deadline=None)
@@ -66,22 +67,60 @@ def test_idempotent(w, bits):
 @given(weights, st.integers(2, 8))
 def test_error_bound(w, bits):
     t = torch.from_numpy(w).double()
-    scale = t.abs().max()
-    # mid-tread rounding: error at most half a step, step = scale / (2^(k-1) - 1)
-    assert (quantize_weight(t, bits) - t).abs().max() <= scale / weight_levels(bits) / 2 + 1e-9
+    scale = weight_scale(t, bits)
+    inside = t.abs() <= scale
+    # mid-tread rounding: error at most half a step inside the range, step = scale / (2^(k-1) - 1);
+    # weights beyond the scale are clipped to +-scale
+    err = (quantize_weight(t, bits) - t).abs()
+    assert torch.cat([err[inside], torch.zeros(1, dtype=err.dtype)]).max() <= scale / weight_levels(bits) / 2 + 1e-9
+    torch.testing.assert_close(quantize_weight(t, bits)[~inside], torch.sign(t[~inside]) * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights, bits_st)
+def test_scale_error_no_worse_than_max_scale(w, bits):
+    # the chosen scale is the least-squares one of a grid that contains max|w| (and, at 1 bit, exact)
+    t = torch.from_numpy(w).double()
+    chosen = ((quantize_weight(t, bits) - t) ** 2).sum()
+    at_max = ((quantize_weight(t, bits, scale=t.abs().max()) - t) ** 2).sum()
+    assert chosen <= at_max + 1e-12
+
+
+def test_scale_by_hand():
+    # 1 bit: mean|w| = (0.5 + 0 + 0.25 + 2) / 4 = 0.6875
+    assert weight_scale(np.array([-0.5, 0.0, 0.25, 2.0]), 1) == pytest.approx(0.6875)
+    # 2 bits on ten 1s and one 4: levels {0, s}. s = 4 sends the 1s to 0 (error 10); s < 2 keeps
+    # them at s and clips 4 to s: error 10 (s - 1)^2 + (4 - s)^2, least at s = 28/22 = 1.27. The
+    # grid (4 * 2^(-4 + 4j/31)) has 1.144 (error 8.37 by hand), 1.2506 (8.19) and 1.368 (8.28).
+    w = np.array([1.0] * 10 + [4.0])
+    assert weight_scale(w, 2) == pytest.approx(4 * 2 ** (-4 + 4 * 18 / 31))
+    assert weight_scale(w) == 4.0
+
+
+def test_two_bits_keep_most_of_a_gaussian_layer():
+    # the reason for the least-squares scale: with max|w| a 2-bit (ternary) gaussian layer is ~95 % zeros
+    w = np.random.default_rng(0).standard_normal(20000)
+    q, _ = quantize_weight_int(w, 2)
+    assert 0.3 < np.mean(q == 0) < 0.6
+    q_max, _ = quantize_weight_int(w, 2, scale=np.abs(w).max())
+    assert np.mean(q_max == 0) > 0.9
+    # more bits never raise the error
+    errors = [((quantize_weight(torch.from_numpy(w), k) - torch.from_numpy(w)) ** 2).sum().item() for k in range(1, 9)]
+    assert all(b <= a for a, b in zip(errors[1:], errors[2:]))
 
 
 def test_binary_is_sign_times_scale():
+    # scale = mean|w| = 0.6875
     w = torch.tensor([-0.5, 0.0, 0.25, 2.0])
-    torch.testing.assert_close(quantize_weight(w, 1), torch.tensor([-2.0, 2.0, 2.0, 2.0]))
+    torch.testing.assert_close(quantize_weight(w, 1), torch.tensor([-0.6875, 0.6875, 0.6875, 0.6875]))
 
 
 def test_two_bit_by_hand():
-    # 2 bits: levels {-1, 0, 1} * scale; scale = 1.0; 0.49 -> 0, 0.51 -> 1, -0.7 -> -1
+    # 2 bits: levels {-1, 0, 1} * scale; with scale = 1.0: 0.49 -> 0, 0.51 -> 1, -0.7 -> -1
     w = torch.tensor([0.49, 0.51, -0.7, 1.0])
-    torch.testing.assert_close(quantize_weight(w, 2), torch.tensor([0.0, 1.0, -1.0, 1.0]))
+    torch.testing.assert_close(quantize_weight(w, 2, scale=1.0), torch.tensor([0.0, 1.0, -1.0, 1.0]))
     # 3 bits: levels k/3: 0.49*3 = 1.47 -> 1/3
-    torch.testing.assert_close(quantize_weight(w, 3), torch.tensor([1 / 3, 2 / 3, -2 / 3, 1.0]))
+    torch.testing.assert_close(quantize_weight(w, 3, scale=1.0), torch.tensor([1 / 3, 2 / 3, -2 / 3, 1.0]))
 
 
 def test_straight_through_gradient_is_identity():

@@ -1,13 +1,20 @@
 """Quantizers named by what they are: WRPN mid-tread symmetric weights, unsigned calibrated activations.
 
-Weights (METHOD.md section 2), k bits of which one is the sign, per-layer scale = max|w|:
+Weights (METHOD.md section 2), k bits of which one is the sign, one scale per layer and bitwidth:
 
     w_f = clip(w / scale, -1, 1)
     q   = round((2^(k-1) - 1) * w_f)        integer level in [-(2^(k-1)-1), 2^(k-1)-1]
     w_q = q * scale / (2^(k-1) - 1)
 
 Zero is a level (mid-tread). k = 1 is binary and mid-rise: q = sign(w) in {-1, +1} (sign(0) = +1),
-w_q = q * scale. The integer backends consume ``q`` and ``step = scale / (2^(k-1)-1)``
+w_q = q * scale.
+
+The scale (METHOD.md: "e.g. max|w|") is the one of a fixed grid that minimises the squared
+quantization error, ``scale = c * max|w|`` with c in :data:`SCALE_FRACTIONS` (k = 1: the exact
+optimum, mean|w|, as in XNOR-Net). Why not max|w| itself: at 2 bits the levels are {-1, 0, 1}
+* scale, and a threshold at max|w| / 2 sends ~95 % of a bell-shaped layer to zero. Measured on
+LeNet-5 (100-step fine-tune, MNIST val): all layers at 2 bits reached 40 % with max|w| and
+all at 1 bit 97 %, so 2 bits scored worse than 1 bit and the search learnt to avoid 2 bits. The integer backends consume ``q`` and ``step = scale / (2^(k-1)-1)``
 (``scale`` for k = 1); the torch model consumes ``w_q`` through a straight-through estimator.
 
 Activations are unsigned: a = round(clip(x / range, 0, 1) * (2^b - 1)), with ``range`` calibrated
@@ -27,19 +34,38 @@ def weight_levels(bits: int) -> int:
     return 1 if bits == 1 else 2 ** (bits - 1) - 1
 
 
-def weight_scale(w) -> float:
-    """Per-layer scale: max |w| (a tiny floor keeps an all-zero layer finite)."""
-    if isinstance(w, torch.Tensor):
-        largest = float(w.detach().abs().max())
-    else:
-        largest = float(np.abs(np.asarray(w)).max())
-    return max(largest, 1e-12)
+#: Names the weight quantizer in every accuracy cache key; change it when quantized values change.
+QUANTIZER_VERSION = "wrpn-lsq-grid32"
+
+#: Candidate scales as fractions of max|w|: 32 steps, geometric from 1/16 to 1 (~9 % apart).
+SCALE_FRACTIONS: tuple[float, ...] = tuple(2.0 ** (-4.0 + 4.0 * j / 31) for j in range(32))
+
+
+def weight_scale(w, bits: int | None = None) -> float:
+    """Per-layer scale of ``bits``-bit weights: the grid value of least squared error (see the module doc).
+
+    ``bits=None`` gives max|w|. A tiny floor keeps an all-zero layer finite.
+    """
+    a = w.detach().abs().double() if isinstance(w, torch.Tensor) else torch.from_numpy(np.abs(np.asarray(w, dtype=np.float64)))
+    largest = max(float(a.max()), 1e-12)
+    if bits is None:
+        return largest
+    if bits == 1:
+        return max(float(a.mean()), 1e-12)
+    m = weight_levels(bits)
+    best, best_err = largest, float("inf")
+    for c in SCALE_FRACTIONS:
+        s = largest * c
+        err = float(((torch.round(torch.clamp(a / s, max=1.0) * m) * (s / m) - a) ** 2).sum())
+        if err < best_err * (1 - 1e-12):
+            best, best_err = s, err
+    return best
 
 
 def quantize_weight_int(w: np.ndarray, bits: int, scale: float | None = None) -> tuple[np.ndarray, float]:
     """Integer levels ``q`` (int32) and the step so that ``w_q = q * step`` (numpy, for the backends)."""
     w = np.asarray(w, dtype=np.float64)
-    scale = weight_scale(w) if scale is None else float(scale)
+    scale = weight_scale(w, bits) if scale is None else float(scale)
     m = weight_levels(bits)
     if bits == 1:
         q = np.where(w >= 0, 1, -1)
@@ -51,7 +77,7 @@ def quantize_weight_int(w: np.ndarray, bits: int, scale: float | None = None) ->
 def quantize_weight(w: torch.Tensor, bits: int, scale: torch.Tensor | float | None = None) -> torch.Tensor:
     """Fake-quantized weights ``w_q`` (torch, no gradient path; see :func:`ste_quantize_weight`)."""
     if scale is None:
-        scale = w.detach().abs().max().clamp_min(1e-12)
+        scale = weight_scale(w, bits)
     if bits == 1:
         return torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w)) * scale
     m = weight_levels(bits)

@@ -174,7 +174,9 @@ class AccuracyOracle:
     def _finetuned_key(self, network: str, bits: Sequence[int]) -> str:
         c = self.config
         digest = self._entry(network)[1]
-        return (f"{network}|{digest}|bits {','.join(map(str, bits))}|finetune {c.finetune_steps} lr {c.finetune_lr:g} "
+        from releq_tvm.quant.quantizers import QUANTIZER_VERSION
+
+        return (f"{network}|{digest}|{QUANTIZER_VERSION}|bits {','.join(map(str, bits))}|finetune {c.finetune_steps} lr {c.finetune_lr:g} "
                 f"batch {c.finetune_batch} seed {c.seed}|test")
 
     def finetuned(self, network: str, bits: Sequence[int]) -> float:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from releq_tvm.config import BITS_MAX
+from releq_tvm.quant.quantizers import QUANTIZER_VERSION
 
 Bits = tuple[int, ...]
 
@@ -171,6 +172,7 @@ class FinetuneSettings:
     val_images: int
     train_images: int | None
     calibration_images: int
+    quantizer: str = QUANTIZER_VERSION
 
 
 class FinetunedAccuracy:
