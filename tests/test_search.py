@@ -405,3 +405,33 @@ def test_short_real_lenet_search_end_to_end(tmp_path, monkeypatch):
     best = json.loads((run_dir / "best.json").read_text())
     assert best["accuracy_scored"] and best["long_finetune"]["test_accuracy_full_precision"] > 98.5
     assert 0.0 < best["long_finetune"]["test_accuracy_quantized"] <= 100.0
+
+
+def test_max_loss_raises_th_of_the_asymmetric_reward_only():
+    from releq_tvm.search.run import effective_th
+
+    oracle = FakeAccuracy()  # full precision 99.0 %
+    # th = 1 - 0.5 / 99 = 0.994949...
+    assert effective_th(SearchConfig(network="lenet", max_loss=0.5), oracle) == pytest.approx(1 - 0.5 / 99.0)
+    # a loose limit never lowers METHOD.md's th (0.4), and None / other rewards keep it
+    assert effective_th(SearchConfig(network="lenet", max_loss=99.0), oracle) == pytest.approx(0.4)
+    assert effective_th(SearchConfig(network="lenet", max_loss=None), oracle) == pytest.approx(0.4)
+    assert effective_th(SearchConfig(network="lenet", reward="sa_minus_sq", max_loss=0.5), oracle) == pytest.approx(0.4)
+
+
+def test_max_loss_reward_scores_minus_one_beyond_the_limit():
+    # FakeAccuracy loses 0.02 pp per squared bit removed: 8,8,8,8,6 loses 0.08 pp, 8,8,8,8,4 0.32 pp
+    parts = build_parts(SearchConfig(network="lenet", max_loss=0.2), oracle=FakeAccuracy())
+    env = parts.env
+    env.reset()
+    rewards = {}
+    for last in (6, 4):
+        env.reset(options={"w_bits": [8] * 5})
+        for layer in range(5):
+            bits = 8 if layer < 4 else last
+            _, r, done, _, _ = env.step(env.action_set.index(bits))
+        rewards[last] = r
+    sq6 = state_of_quantization(parts.table, (8, 8, 8, 8, 6))
+    sa6 = (99.0 - 0.08) / 99.0
+    assert rewards[6] == pytest.approx((1 - sq6**0.2) * sa6 ** (0.4 / sa6))
+    assert rewards[4] == -1.0

@@ -30,6 +30,9 @@ def _action_set(ctx, param, value):
 @click.option("--reward-b", type=float, default=_DEFAULT.reward_b, show_default=True, help="Asymmetric reward: accuracy exponent b.")
 @click.option("--reward-th", type=float, default=_DEFAULT.reward_th, show_default=True,
               help="Asymmetric reward: SA below th scores -1.")
+@click.option("--max-loss", type=click.FloatRange(0), default=_DEFAULT.max_loss, show_default=True,
+              help="Val accuracy (pp, after the short fine-tune) the asymmetric reward lets go; it raises th to "
+                   "1 - max_loss/full precision. 100 leaves METHOD.md's th alone.")
 @click.option("--sq-form", type=click.Choice(["cost", "plain"]), default=_DEFAULT.sq_form, show_default=True,
               help="State of Quantization for --measure none: energy-weighted or sum(bits)/(8L).")
 @click.option("--action-set", "action_set", default=None, callback=_action_set,
@@ -64,7 +67,7 @@ def _action_set(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --run-dir.")
 @checkpoint_option
 @data_dir_option
-def search_cmd(network, measure, metric, reward, acc_limit, reward_a, reward_b, reward_th, sq_form, action_set, search_activations, act_action_set,
+def search_cmd(network, measure, metric, reward, acc_limit, reward_a, reward_b, reward_th, max_loss, sq_form, action_set, search_activations, act_action_set,
                latency_target, no_weight_std, accuracy, finetune_mode, short_steps, long_steps, val_images, episodes, final_episodes,
                no_early_stop, seed, threads, cache_path, run_dir, resume, overwrite, checkpoint, data_dir) -> None:
     """Search per-layer bitwidths of NET with ReLeQ (RecurrentPPO); files go to --run-dir.
@@ -87,6 +90,7 @@ def search_cmd(network, measure, metric, reward, acc_limit, reward_a, reward_b, 
         reward_a=reward_a,
         reward_b=reward_b,
         reward_th=reward_th,
+        max_loss=max_loss,
         sq_form=sq_form,
         action_set=action_set or _DEFAULT.action_set,
         search_activations=search_activations,

@@ -26,6 +26,15 @@ class SearchConfig:
     reward_a: float = DEFAULTS.reward.a
     reward_b: float = DEFAULTS.reward.b
     reward_th: float = DEFAULTS.reward.th
+    #: Accuracy the search may give away, in percentage points of val accuracy after the SHORT
+    #: fine-tune. The asymmetric reward's cut-off becomes th = max(reward_th, 1 - max_loss / the
+    #: full-precision val accuracy), so a configuration that loses more scores -1. Why: with
+    #: METHOD.md's th = 0.4 a configuration losing 10 % of its accuracy still keeps 95 % of its
+    #: reward, so nothing but th protects accuracy on networks less forgiving than LeNet-5. Why
+    #: 1.0 for a 0.3 pp target: the long fine-tune recovers most of what the short one leaves
+    #: (measured on LeNet-5: all 2 bits -0.80 pp short -> +0.06 pp long; all 1 bit -2.25 -> -0.10),
+    #: and the short fine-tune alone costs the 8-bit model 0.2 pp. None: METHOD.md's th alone.
+    max_loss: float | None = 1.0
     #: Accuracy limit (percent, absolute) of the hardware reward; None: its 10*acc_q form.
     acc_limit: float | None = None
     #: ``cost`` (energy-weighted) or ``plain`` State of Quantization for ``measure == "none"``.

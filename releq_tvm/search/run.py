@@ -92,6 +92,17 @@ def validate_config(config: SearchConfig) -> None:
         raise ReleqError("--episodes and --final-episodes must be at least 1")
 
 
+def effective_th(config: SearchConfig, oracle) -> float:
+    """The asymmetric reward's cut-off: METHOD.md's th, raised to 1 - max_loss / full precision.
+
+    Only the asymmetric reward has a cut-off; without scored accuracy (``--accuracy none``)
+    SA is always 1 and th stays as configured.
+    """
+    if config.reward != "asymmetric" or config.max_loss is None or not oracle.scores_accuracy:
+        return config.reward_th
+    return max(config.reward_th, 1.0 - config.max_loss / float(oracle.full_precision))
+
+
 def _weight_std(model: torch.nn.Module, input_shape) -> list[float]:
     from releq_tvm.networks import weight_modules
 
@@ -155,7 +166,13 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
     if cost is None:
         cost = make_cost_backend(config.measure, config.network, table, sq_form=config.sq_form, metric=config.metric)
     acc_limit = None if config.acc_limit is None else config.acc_limit / 100.0
-    reward_fn = make_reward(config.reward, a=config.reward_a, b=config.reward_b, th=config.reward_th, acc_limit=acc_limit)
+    th = effective_th(config, oracle)
+    if th != config.reward_th:
+        notes.append(
+            f"reward cut-off th = {th:.4f} (= 1 - {config.max_loss:g} pp / {oracle.full_precision:.2f}%, --max-loss): "
+            f"configurations losing more than {config.max_loss:g} pp of val accuracy score -1"
+        )
+    reward_fn = make_reward(config.reward, a=config.reward_a, b=config.reward_b, th=th, acc_limit=acc_limit)
     weight_std = _weight_std(model, spec.input_shape)
     if not config.weight_std_in_state:
         weight_std = [0.0] * len(weight_std)
@@ -638,6 +655,7 @@ def write_config(run_dir: Path, parts: SearchParts, command: str | None) -> None
             else "none: SA = 1 for every configuration (cost only)"
         ),
         "full_precision_val_accuracy": parts.oracle.full_precision if parts.oracle.scores_accuracy else None,
+        "reward_th_effective": effective_th(config, parts.oracle),
         "notes": parts.notes,
         **environment_info(),
     }
