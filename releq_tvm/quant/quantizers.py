@@ -46,7 +46,8 @@ def weight_scale(w, bits: int | None = None) -> float:
 
     ``bits=None`` gives max|w|. A tiny floor keeps an all-zero layer finite.
     """
-    a = w.detach().abs().double() if isinstance(w, torch.Tensor) else torch.from_numpy(np.abs(np.asarray(w, dtype=np.float64)))
+    # float32 in both paths (the torch model and the integer backends) so they pick the same scale
+    a = w.detach().abs().float() if isinstance(w, torch.Tensor) else torch.from_numpy(np.abs(np.asarray(w, dtype=np.float32)))
     largest = max(float(a.max()), 1e-12)
     if bits is None:
         return largest

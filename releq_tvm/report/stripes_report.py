@@ -37,27 +37,19 @@ def stripes_row(choice: BitChoice) -> tuple[dict, tuple[str, ...]]:
     Cycles are stepped (stalls counted); energies in microjoules. Returns the row and the
     simulator's notes (e.g. the MobileNet list mapping).
     """
+    from releq_tvm.sim.export import totals_row
     from releq_tvm.sim.run import simulate_network
 
     a_text = format_bits(choice.a_bits) if choice.a_bits is not None else None
     run = simulate_network(choice.network, format_bits(choice.w_bits), a_text, mode="weights", fc_serial=True)
     r, alt = run.result, run.alternative
-    parts = r.part_reductions()
     row = {
         "network": choice.network,
         "bits_source": choice.source,
         "w_bits": format_bits(r.w_bits),
         "a_bits": format_bits(r.a_bits),
         "avg_bits": sum(r.w_bits) / len(r.w_bits),
-        "cycles": r.cycles,
-        "cycles_8bit": r.cycles_8bit,
-        "speedup": r.speedup,
-        "energy_uj": r.energy.total_pj / 1e6,
-        "energy_8bit_uj": r.energy_8bit.total_pj / 1e6,
-        "energy_reduction": r.energy_reduction,
-        "compute_reduction": parts["compute"],
-        "onchip_reduction": parts["onchip"],
-        "offchip_reduction": parts["offchip"],
+        **totals_row(r),
         # Without dense layers the switch changes nothing: the same numbers.
         "speedup_fc_bitparallel": (alt or r).speedup,
         "energy_reduction_fc_bitparallel": (alt or r).energy_reduction,

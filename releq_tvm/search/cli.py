@@ -57,6 +57,8 @@ def _action_set(ctx, param, value):
 @click.option("--final-episodes", type=click.IntRange(1), default=_DEFAULT.final_episodes, show_default=True,
               help="Deterministic episodes that read off the solution.")
 @click.option("--no-early-stop", is_flag=True, help="Spend the whole episode budget even after convergence.")
+@click.option("--clip-range", type=click.FloatRange(0, 1, min_open=True), default=_DEFAULT.ppo_clip_range, show_default=True,
+              help="PPO clip range (METHOD.md: 0.1; the clip ablation uses 0.2 and 0.3).")
 @click.option("--seed", type=int, default=DEFAULTS.ppo.seed, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=_DEFAULT.threads, show_default=True, help="torch threads.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
@@ -69,7 +71,7 @@ def _action_set(ctx, param, value):
 @data_dir_option
 def search_cmd(network, measure, metric, reward, acc_limit, reward_a, reward_b, reward_th, max_loss, sq_form, action_set, search_activations, act_action_set,
                latency_target, no_weight_std, accuracy, finetune_mode, short_steps, long_steps, val_images, episodes, final_episodes,
-               no_early_stop, seed, threads, cache_path, run_dir, resume, overwrite, checkpoint, data_dir) -> None:
+               no_early_stop, clip_range, seed, threads, cache_path, run_dir, resume, overwrite, checkpoint, data_dir) -> None:
     """Search per-layer bitwidths of NET with ReLeQ (RecurrentPPO); files go to --run-dir.
 
     Writes config.json, episodes.csv, action_probs.csv, best.json (with the long fine-tune's
@@ -106,6 +108,7 @@ def search_cmd(network, measure, metric, reward, acc_limit, reward_a, reward_b, 
         episodes=episodes or _DEFAULT.episodes,
         final_episodes=final_episodes,
         stop_on_convergence=not no_early_stop,
+        ppo_clip_range=clip_range,
         seed=seed,
         threads=threads,
         cache_path=cache_path,

@@ -22,7 +22,7 @@ import click
 
 from releq_tvm.io import atomic_write_text
 from releq_tvm.sim.config import StripesConfig
-from releq_tvm.sim.export import provenance_lines, results_csv_text
+from releq_tvm.sim.export import provenance_lines, results_csv_text, totals_row
 from releq_tvm.sim.run import command_line, simulate_network
 from releq_tvm.sim.stripes import StripesSimulator, clear_cache, closed_form_cycles, stripes_cost_ratio
 
@@ -97,8 +97,8 @@ SUMMARY_COLUMNS = (
     "cycles",
     "cycles_8bit",
     "speedup",
-    "energy_total_uj",
-    "energy_8bit_total_uj",
+    "energy_uj",
+    "energy_8bit_uj",
     "energy_reduction",
     "compute_reduction",
     "onchip_reduction",
@@ -133,21 +133,12 @@ def write_published_csvs(out_dir="results/stripes") -> list[Path]:
         written.append(path)
         notes += [n for n in run.notes if not n.startswith("weight bits:")]
         for res in results:
-            parts = res.part_reductions()
             summary.append(
                 {
                     "network": name,
                     "fc_weights_serial": int(res.config.fc_weights_serial),
                     "w_bits": ",".join(map(str, res.w_bits)),
-                    "cycles": res.cycles,
-                    "cycles_8bit": res.cycles_8bit,
-                    "speedup": res.speedup,
-                    "energy_total_uj": res.energy.total_pj / 1e6,
-                    "energy_8bit_total_uj": res.energy_8bit.total_pj / 1e6,
-                    "energy_reduction": res.energy_reduction,
-                    "compute_reduction": parts["compute"],
-                    "onchip_reduction": parts["onchip"],
-                    "offchip_reduction": parts["offchip"],
+                    **totals_row(res),
                 }
             )
     for fc in (1, 0):

@@ -142,6 +142,22 @@ def results_csv_text(results: Sequence[SimResult], header_lines: Sequence[str] =
     return buf.getvalue()
 
 
+def totals_row(result: SimResult) -> dict:
+    """Flat network totals for summary tables: cycles and speedup, energy (uJ) and its reductions by part."""
+    parts = result.part_reductions()
+    return {
+        "cycles": result.cycles,
+        "cycles_8bit": result.cycles_8bit,
+        "speedup": result.speedup,
+        "energy_uj": _uj(result.energy.total_pj),
+        "energy_8bit_uj": _uj(result.energy_8bit.total_pj),
+        "energy_reduction": result.energy_reduction,
+        "compute_reduction": parts["compute"],
+        "onchip_reduction": parts["onchip"],
+        "offchip_reduction": parts["offchip"],
+    }
+
+
 def summary_dict(result: SimResult) -> dict:
     """Network totals: cycles, speedup and the energy split (uJ) with its reductions."""
     return {
