@@ -24,6 +24,7 @@ _COMMANDS = {
     "compile": "releq_tvm.compile.cli:compile_cmd",
     "simulate": "releq_tvm.sim.cli:simulate_cmd",
     "search": "releq_tvm.search.cli:search_cmd",
+    "search-efficiency": "releq_tvm.search.cli:search_efficiency_cmd",
     "report": "releq_tvm.report.cli:report_cmd",
     "bench": "releq_tvm.bench_cli:bench_group",
     "demo": "releq_tvm.demo:demo_cmd",

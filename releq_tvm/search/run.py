@@ -208,6 +208,7 @@ def make_agent(config: SearchConfig, vec_env):
         gae_lambda=config.ppo_gae_lambda,
         clip_range=config.ppo_clip_range,
         ent_coef=config.ppo_ent_coef,
+        normalize_advantage=config.ppo_normalize_advantage,
         policy_kwargs=dict(
             net_arch=dict(pi=list(config.policy_layers), vf=list(config.value_layers)),
             lstm_hidden_size=config.lstm_hidden_size,
