@@ -435,3 +435,24 @@ def test_max_loss_reward_scores_minus_one_beyond_the_limit():
     sa6 = (99.0 - 0.08) / 99.0
     assert rewards[6] == pytest.approx((1 - sq6**0.2) * sa6 ** (0.4 / sa6))
     assert rewards[4] == -1.0
+
+
+def test_one_episode_batch_advantages_and_why_normalisation_is_off():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from releq_tvm.search.run import make_agent
+
+    table = layer_table("lenet")
+    # +1 at the end of the episode, nothing before: a good episode for every one of its steps
+    env = ReleqEnv(table, [0.1] * len(table), FakeAccuracy(), SQCost(table), lambda sa, cost, acc: 1.0)
+    agent = make_agent(SearchConfig(network="lenet", seed=3), DummyVecEnv([lambda: env]))
+    assert agent.normalize_advantage is False
+    agent.learn(total_timesteps=env.episode_length)
+    adv = agent.rollout_buffer.advantages.ravel()
+    returns = agent.rollout_buffer.returns.ravel()
+    # discounted returns 0.9^(4-t) (gamma 0.9, reward 1 at t = 4), advantages all positive
+    np.testing.assert_allclose(returns[-1], 1.0, rtol=1e-6)
+    assert (adv > 0).all()
+    # what SB3's per-batch normalisation would make of them: the first steps turn negative
+    normalised = (adv - adv.mean()) / (adv.std() + 1e-8)
+    assert normalised[0] < 0 < normalised[-1]
