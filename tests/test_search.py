@@ -385,8 +385,13 @@ def test_search_efficiency_same_budget_for_every_method(tmp_path):
     out = tmp_path / "search_efficiency.csv"
     write_efficiency_csv(rows, out, "releq-tvm search-efficiency lenet --accuracy none", config)
     text = out.read_text()
-    assert text.startswith("# made by: releq-tvm search-efficiency")
+    assert text.startswith("# command: releq-tvm search-efficiency")
     assert "network,method,bit_set" in text
+    # results/README.md drafts its entry from that header
+    from releq_tvm.report.provenance import drafted_section
+
+    section = drafted_section("search_efficiency.csv", out)
+    assert "- command: `releq-tvm search-efficiency lenet --accuracy none`" in section
 
 
 @pytest.mark.slow

@@ -192,15 +192,19 @@ def write_efficiency_csv(rows: list[dict], path, command: str, config: SearchCon
     from releq_tvm.search.run import environment_info
 
     info = environment_info()
+    versions = "; ".join(f"{k} {v}" for k, v in sorted(info["versions"].items()) if v)
     buf = io.StringIO()
-    buf.write(f"# made by: {command}\n")
+    # the same "# key: value" header as every other results file (results/README.md reads it)
+    buf.write(f"# command: {command}\n")
+    buf.write(f"# machine: {info['machine']['platform']}; cpu: {info['machine']['cpu']}; cores: {info['machine']['cpu_count']}\n")
+    buf.write(f"# versions: python {info['python']}; {versions}\n")
+    buf.write(f"# made: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; seed: {config.seed}\n")
     buf.write(
-        f"# reward {config.reward}, measure {config.measure}, accuracy {config.accuracy} "
-        f"({config.short_steps} short fine-tune steps, first {config.val_images} val images), seed {config.seed}\n"
+        f"# note: reward {config.reward}, measure {config.measure}, accuracy {config.accuracy} "
+        f"({config.short_steps} short fine-tune steps, first {config.val_images} val images), max loss {config.max_loss} pp\n"
     )
-    buf.write("# budget = distinct configurations each method may evaluate; best = highest reward among them\n")
-    buf.write(f"# versions: {json.dumps(info['versions'], sort_keys=True)}\n")
-    buf.write(f"# machine: {info['machine']['cpu']}, {info['machine']['cpu_count']} cpus, python {info['python']}\n")
+    buf.write("# note: budget = distinct configurations each method may evaluate; best = highest reward among them; "
+              "seconds include cache hits from the methods before\n")
     writer = csv.DictWriter(buf, fieldnames=list(EFFICIENCY_COLUMNS), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -134,7 +134,10 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
         weights_from = "trained checkpoint"
     except MissingCheckpointError:
         if config.accuracy != "none" and oracle is None:
-            raise
+            raise MissingCheckpointError(
+                f"no trained checkpoint of {config.network} here: pass --checkpoint FILE "
+                f"(see `releq-tvm train {config.network}`), or search on cost only with --accuracy none"
+            ) from None
         model = create_network(config.network)
         weights_from = "seeded initialisation (no checkpoint ships)"
         notes.append(f"weight std in the state comes from the {weights_from}")
