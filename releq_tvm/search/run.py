@@ -769,6 +769,13 @@ def _summary(search: ReleqSearch, solution: dict, echo) -> None:
         f"{converged}; {search.episodes_done} training episodes, {search.elapsed / 60:.1f} min "
         f"({search.cpu_seconds / 60:.1f} CPU min), cache hits {hit_rate:.0f}%"
     )
+    best = search.best
+    if best is not None and best["reward"] > solution["reward"] and best["w_bits"] != solution["w_bits"]:
+        echo(
+            f"best configuration seen (episode {best['episode']}, best.json 'best'): {format_bits(best['w_bits'])}, "
+            f"SA {best['sa']:.4f}, cost ratio {best['cost_ratio']:.4f}, reward {best['reward']:+.4f} "
+            f"(the policy's own choice scores {solution['reward']:+.4f})"
+        )
     if search.long_result:
         r = search.long_result
         echo(
