@@ -349,6 +349,20 @@ def test_report_from_runs_convergence_and_ablations(tmp_path):
         (0.1, "12"), (0.2, "12"), (0.3, "25")]
     for name in ("convergence_lenet4.png", "reward_ablation.png", "clip_sensitivity.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    # clip 0.3 flips later than 0.1 / 0.2: the runs differ, so no "identical" note
+    assert "identical choices" not in (out / "clip_sensitivity.csv").read_text()
+
+
+def test_identical_clip_runs_are_said_to_be_identical(tmp_path):
+    from releq_tvm.report.convergence import identical_trajectories
+
+    runs = tmp_path / "runs"
+    same = [load_run(make_run(runs, name, clip=c)) for name, c in (("c1", 0.1), ("c2", 0.2), ("c3", 0.3))]
+    assert identical_trajectories(same)
+    assert not identical_trajectories(same[:2] + [load_run(make_run(runs, "c4", clip=0.3, flip_at=25))])
+    build_report(options(tmp_path, networks=None, bits_from=[str(runs / n) for n in ("c1", "c2", "c3")],
+                         pareto_networks=()))
+    assert "the clip never bound" in (tmp_path / "results" / "clip_sensitivity.csv").read_text()
 
 
 # ------------------------------------------------------------------------ accuracy

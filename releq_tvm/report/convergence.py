@@ -198,6 +198,18 @@ def ablation_groups(runs: Sequence[SearchRun], vary: str) -> dict[str, list[Sear
     }
 
 
+def identical_trajectories(group: Sequence[SearchRun]) -> bool:
+    """True when every run of ``group`` chose the same bits and earned the same rewards, episode by episode.
+
+    For a clip-range ablation this means the clip never bound: every update kept the policy
+    ratio inside the smallest 1 +- clip, so the runs' gradients, and hence their episodes, agree.
+    """
+    def trace(run: SearchRun):
+        return [(e.phase, e.bits, e.a_bits, round(e.reward, 9)) for e in run.episodes]
+
+    return len(group) > 1 and all(trace(r) == trace(group[0]) for r in group[1:])
+
+
 def ablation_png(groups: dict[str, list[SearchRun]], vary: str, window: int = MOVING_AVERAGE_EPISODES) -> bytes:
     """Per network (rows): moving averages of SA, cost and reward per episode, one line per run."""
     from releq_tvm.report.plots import PALETTE, figure, png_bytes
