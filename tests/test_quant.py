@@ -83,7 +83,8 @@ def test_scale_error_no_worse_than_max_scale(w, bits):
     t = torch.from_numpy(w).double()
     chosen = ((quantize_weight(t, bits) - t) ** 2).sum()
     at_max = ((quantize_weight(t, bits, scale=t.abs().max()) - t) ** 2).sum()
-    assert chosen <= at_max + 1e-12
+    # the scale is searched in float32: allow float32 rounding of the error (relative 1e-6 of sum w^2)
+    assert chosen <= at_max + 1e-6 * (t**2).sum()
 
 
 def test_scale_by_hand():

@@ -461,3 +461,19 @@ def test_one_episode_batch_advantages_and_why_normalisation_is_off():
     # what SB3's per-batch normalisation would make of them: the first steps turn negative
     normalised = (adv - adv.mean()) / (adv.std() + 1e-8)
     assert normalised[0] < 0 < normalised[-1]
+
+
+def test_unconverged_run_chooses_the_best_configuration_seen(tmp_path):
+    # 6 training episodes never meet the convergence test; the chosen bits are then the
+    # highest-reward configuration of any episode (read-off included), and say so. Without the
+    # max-loss cut-off the random early episodes (e.g. 1,3,5,1,6) beat the read-off 6,6,8,8,8.
+    out = run_search(_config(tmp_path, "short", max_loss=None), echo=lambda s: None, oracle=FakeAccuracy())
+    rows = _episodes(tmp_path / "short")
+    top = max(rows, key=lambda r: float(r["reward"]))
+    assert out["converged_episode"] is None and top["phase"] == "train"
+    assert out["solution"]["reward"] == pytest.approx(float(top["reward"]), abs=1e-5)
+    assert ",".join(map(str, out["solution"]["w_bits"])) == top["w_bits"]
+    assert out["solution"]["source"].startswith("best configuration seen")
+    # with the cut-off every training episode scores -1 and the read-off stands
+    out = run_search(_config(tmp_path, "guarded"), echo=lambda s: None, oracle=FakeAccuracy())
+    assert out["solution"]["source"].startswith("deterministic read-off")
