@@ -252,6 +252,16 @@ def test_readme_redrafts_sections_copied_from_headers(tmp_path):
     assert "sim.csv" not in parse_readme(merge_readme(second, {}, tmp_path))[1]
 
 
+def test_readme_gives_a_plot_the_provenance_of_its_csv(tmp_path):
+    (tmp_path / "eff.csv").write_text("# command: releq-tvm search-efficiency lenet\nx\n1\n")
+    (tmp_path / "eff.png").write_bytes(PNG_MAGIC)
+    (tmp_path / "lonely.png").write_bytes(PNG_MAGIC)
+    sections = parse_readme(merge_readme(None, {}, tmp_path))[1]
+    assert "Plot of `eff.csv`" in sections["eff.png"]
+    assert "- command: `releq-tvm search-efficiency lenet`" in sections["eff.png"]
+    assert "no `# command:` header" in sections["lonely.png"]
+
+
 def test_provenance_lines():
     p = Provenance(command="releq-tvm report --out results", seed="0")
     lines = p.header_lines(["a note"])

@@ -390,6 +390,13 @@ def test_search_efficiency_same_budget_for_every_method(tmp_path):
     # results/README.md drafts its entry from that header
     from releq_tvm.report.provenance import drafted_section
 
+    from releq_tvm.search.efficiency import efficiency_png
+
+    # every method's trace holds its evaluated points in order; the best is the trace's top reward
+    for r in rows:
+        assert len(r["trace"]) == r["configurations"]
+        assert max(t[2] for t in r["trace"]) == pytest.approx(r["reward"], abs=1e-5)
+    assert efficiency_png(rows)[:8] == b"\x89PNG\r\n\x1a\n"
     section = drafted_section("search_efficiency.csv", out)
     assert "- command: `releq-tvm search-efficiency lenet --accuracy none`" in section
 

@@ -218,6 +218,12 @@ def _section_for_foreign_file(name: str, results_dir: Path) -> str | None:
     drafted = drafted_section(name, path) if path.is_file() else None
     if drafted is not None:
         return drafted
+    sibling = path.with_suffix(".csv")
+    if path.suffix == ".png" and sibling.is_file():
+        # a plot written next to its CSV by the same command carries the CSV's provenance
+        drafted = drafted_section(name, sibling)
+        if drafted is not None:
+            return drafted.replace(DRAFTED, f"{DRAFTED} Plot of `{sibling.name}`; provenance from its header.", 1)
     if folder_readme.is_file() and folder_readme != results_dir / "README.md":
         rel = folder_readme.relative_to(results_dir).as_posix()
         return f"### `{name}`\n\nSee `{rel}` for the command and provenance."

@@ -157,6 +157,14 @@ def search_efficiency_cmd(network, budget, methods, exhaustive_set, measure, rew
     names = [m.strip() for m in methods.split(",") if m.strip()]
     rows = compare_search_methods(network, budget=budget, methods=names, exhaustive_set=exhaustive_set,
                                   config=config, echo=click.echo)
+    from pathlib import Path
+
+    from releq_tvm.io import atomic_write_bytes
+    from releq_tvm.search.efficiency import efficiency_png
+
     write_efficiency_csv(rows, out, " ".join(["releq-tvm"] + sys.argv[1:]), config)
+    png = Path(out).with_suffix(".png")
+    atomic_write_bytes(png, efficiency_png(rows))
+    click.echo(f"wrote {out} and {png}")
     winner = [r["method"] for r in rows if r["winner"]]
     click.echo(f"best accuracy/cost point (highest reward): {', '.join(winner)} -> {out}")

@@ -144,6 +144,7 @@ def compare_search_methods(
         best = scorer.best()
         row = {
             "network": network,
+            "measure": config.measure,
             "method": method,
             "bit_set": format_bits(sorted(set(exhaustive_set))) if method == "exhaustive" else format_bits(parts.env.action_set),
             "budget": budget if method != "exhaustive" else exhaustive_size,
@@ -156,6 +157,8 @@ def compare_search_methods(
             "reward": round(best["reward"], 5),
             "cache_hits": parts.oracle.hits - hits_before,
             "seconds": round(time.perf_counter() - start, 1),
+            # every evaluated point in evaluation order, for the plot (not a CSV column)
+            "trace": [(p["accuracy"], p["cost_ratio"], p["reward"]) for p in scorer.seen.values()],
         }
         rows.append(row)
         echo(
@@ -204,8 +207,38 @@ def write_efficiency_csv(rows: list[dict], path, command: str, config: SearchCon
         f"({config.short_steps} short fine-tune steps, first {config.val_images} val images), max loss {config.max_loss} pp\n"
     )
     buf.write("# note: budget = distinct configurations each method may evaluate; best = highest reward among them; "
-              "seconds include cache hits from the methods before\n")
+              "seconds: wall time in this invocation, where configurations already in the accuracy cache "
+              "(from earlier methods or runs) cost no fine-tune, so compare configurations, not seconds\n")
     writer = csv.DictWriter(buf, fieldnames=list(EFFICIENCY_COLUMNS), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def efficiency_png(rows: list[dict]) -> bytes:
+    """Left: best reward so far against configurations evaluated, per method. Right: every evaluated
+    point's val accuracy against cost ratio, each method's best marked."""
+    from releq_tvm.report.plots import PALETTE, figure, png_bytes
+
+    fig, (left, right) = figure(12.0, 4.6, 1, 2)
+    for colour, row in zip(PALETTE, rows):
+        trace = row["trace"]
+        label = f"{row['method']} ({{{row['bit_set']}}})"
+        best = np.maximum.accumulate([r for _, _, r in trace])
+        left.plot(np.arange(1, len(best) + 1), best, color=colour, label=label)
+        right.scatter([c for _, c, _ in trace], [a for a, _, _ in trace], s=9, color=colour, alpha=0.45, label=label)
+        right.scatter([row["cost_ratio"]], [row["accuracy_val"]], s=140, marker="*", color=colour, edgecolor="black",
+                      zorder=3, label=f"{row['method']} best: {row['best_bits']}")
+    left.set_xlabel("configurations evaluated (short fine-tune each)")
+    left.set_ylabel("best reward so far")
+    left.set_title("best reward found against configurations evaluated")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.set_xlabel(f"cost ratio to 8 bits ({rows[0].get('measure', 'cost')})")
+    right.set_ylabel("val accuracy (%) after the short fine-tune")
+    right.set_title("every evaluated configuration; stars: each method's best")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, ncol=2)
+    net = rows[0]["network"]
+    fig.suptitle(f"Search efficiency on {net}: the same budget of {rows[0]['budget']} configurations per method")
+    return png_bytes(fig, rect=(0, 0, 1, 0.95))
