@@ -14,7 +14,9 @@ quantization error, ``scale = c * max|w|`` with c in :data:`SCALE_FRACTIONS` (k 
 optimum, mean|w|, as in XNOR-Net). Why not max|w| itself: at 2 bits the levels are {-1, 0, 1}
 * scale, and a threshold at max|w| / 2 sends ~95 % of a bell-shaped layer to zero. Measured on
 LeNet-5 (100-step fine-tune, MNIST val): all layers at 2 bits reached 40 % with max|w| and
-all at 1 bit 97 %, so 2 bits scored worse than 1 bit and the search learnt to avoid 2 bits. The integer backends consume ``q`` and ``step = scale / (2^(k-1)-1)``
+all at 1 bit 97 %, so 2 bits scored worse than 1 bit and the search learnt to avoid 2 bits.
+
+The integer backends consume ``q`` and ``step = scale / (2^(k-1)-1)``
 (``scale`` for k = 1); the torch model consumes ``w_q`` through a straight-through estimator.
 
 Activations are unsigned: a = round(clip(x / range, 0, 1) * (2^b - 1)), with ``range`` calibrated

@@ -186,29 +186,25 @@ EFFICIENCY_COLUMNS = (
 
 
 def write_efficiency_csv(rows: list[dict], path, command: str, config: SearchConfig) -> None:
-    """CSV with ``#`` provenance lines (command, settings, versions, machine) above the header."""
+    """CSV headed by the ``#`` provenance lines every results file carries (command, machine, versions)."""
     import csv
     import io
-    import json
 
     from releq_tvm.io import atomic_write_text
-    from releq_tvm.search.run import environment_info
+    from releq_tvm.report.provenance import Provenance, package_version
 
-    info = environment_info()
-    versions = "; ".join(f"{k} {v}" for k, v in sorted(info["versions"].items()) if v)
+    agent = ", ".join(f"{d} {package_version(d)}" for d in ("stable-baselines3", "sb3-contrib", "gymnasium"))
+    notes = [
+        f"agent: {agent}",
+        f"reward {config.reward}, measure {config.measure}, accuracy {config.accuracy} ({config.short_steps} short "
+        f"fine-tune steps, first {config.val_images} val images), max loss {config.max_loss} pp",
+        "budget = distinct configurations each method may evaluate; best = highest reward among them; seconds: wall "
+        "time in this invocation, where configurations already in the accuracy cache (from earlier methods or runs) "
+        "cost no fine-tune, so compare configurations, not seconds",
+    ]
     buf = io.StringIO()
-    # the same "# key: value" header as every other results file (results/README.md reads it)
-    buf.write(f"# command: {command}\n")
-    buf.write(f"# machine: {info['machine']['platform']}; cpu: {info['machine']['cpu']}; cores: {info['machine']['cpu_count']}\n")
-    buf.write(f"# versions: python {info['python']}; {versions}\n")
-    buf.write(f"# made: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; seed: {config.seed}\n")
-    buf.write(
-        f"# note: reward {config.reward}, measure {config.measure}, accuracy {config.accuracy} "
-        f"({config.short_steps} short fine-tune steps, first {config.val_images} val images), max loss {config.max_loss} pp\n"
-    )
-    buf.write("# note: budget = distinct configurations each method may evaluate; best = highest reward among them; "
-              "seconds: wall time in this invocation, where configurations already in the accuracy cache "
-              "(from earlier methods or runs) cost no fine-tune, so compare configurations, not seconds\n")
+    for line in Provenance(command=command, seed=str(config.seed)).header_lines(notes):
+        buf.write(line + "\n")
     writer = csv.DictWriter(buf, fieldnames=list(EFFICIENCY_COLUMNS), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
