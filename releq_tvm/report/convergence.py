@@ -238,7 +238,8 @@ def ablation_png(groups: dict[str, list[SearchRun]], vary: str, window: int = MO
                     label = "reward (moving average, symlog)"
             ax.set_xlabel("episode")
             ax.set_ylabel(label)
-            ax.set_title(f"{net}: {label.split(' (')[0]}")
+            same = " (runs identical: the lines overlap)" if identical_trajectories(groups[net]) else ""
+            ax.set_title(f"{net}: {label.split(' (')[0]}{same}", fontsize=10 if same else None)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     what = "reward form (clip 0.1)" if vary == "reward" else "PPO clip range (asymmetric reward)"
