@@ -25,5 +25,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/releq-tvm bench kernels
 
+# everything the project writes inside the checkout (runs/ and out/ hold your results: kept)
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ci-tmp
+	find . -name __pycache__ -type d -not -path './.git/*' -prune -exec rm -rf {} +

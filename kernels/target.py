@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+from dataclasses import dataclass
 
 import tvm
 from tvm.target import codegen
@@ -108,3 +109,45 @@ def _check_x86(target: tvm.target.Target, given: str) -> tvm.target.Target:
 def target_has_avx2(target: tvm.target.Target) -> bool:
     """Whether LLVM will emit AVX2 for ``target`` (the fast popcount path needs it)."""
     return "avx2" in set(codegen.llvm_get_cpu_features(target))
+
+
+@dataclass(frozen=True)
+class VectorIsa:
+    """What a kernel plan needs to know of a target's vector unit; the one place the ISA is read.
+
+    Plans take a :class:`VectorIsa` (from :func:`vector_isa`), never a CPU name, so a new CPU
+    needs no code: LLVM reports its features for any ``mcpu`` on any host.
+    """
+
+    #: ``"avx512-vpopcntdq"`` (zmm, native 64-bit vector popcount), ``"avx2"`` (ymm, popcount as a
+    #: vpshufb nibble lookup) or ``"x86-64"`` (no AVX2: correct, slow)
+    name: str
+    #: uint64 lanes of one register: the bit-serial output-channel vector
+    uint64_lanes: int
+    #: vector registers the register tile may use
+    registers: int
+    #: the int8 dot product: ``"avx512-vnni"`` (vpdpbusd on zmm), ``"avx-vnni"`` (vpdpbusd on
+    #: ymm), or ``"pmaddwd"`` (AVX2 vpmaddwd on int16)
+    int8: str
+
+    @property
+    def int32_lanes(self) -> int:
+        """int32 lanes of the int8 kernel's accumulator register."""
+        return 16 if self.int8 == "avx512-vnni" else 8
+
+
+def vector_isa(target: tvm.target.Target | None = None) -> VectorIsa:
+    """The :class:`VectorIsa` of ``target`` (default: this host), from LLVM's feature list."""
+    target = make_target(target) if not isinstance(target, tvm.target.Target) else target
+    features = set(codegen.llvm_get_cpu_features(target))
+    if "avx512vnni" in features and "avx512f" in features:
+        int8 = "avx512-vnni"
+    elif "avxvnni" in features:
+        int8 = "avx-vnni"
+    else:
+        int8 = "pmaddwd"
+    if {"avx512f", "avx512vpopcntdq"} <= features:
+        return VectorIsa("avx512-vpopcntdq", 8, 32, int8)
+    if "avx2" in features:
+        return VectorIsa("avx2", 4, 16, int8)
+    return VectorIsa("x86-64", 4, 16, int8)

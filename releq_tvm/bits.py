@@ -24,6 +24,8 @@ def parse_bits(
     """
     if isinstance(text, str):
         parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ReleqError(f"{what} is empty; pass one bitwidth per weight layer such as 8,2,2,3,2, or one value for all")
         try:
             values = [int(p) for p in parts]
         except ValueError:

@@ -135,10 +135,10 @@ def eval_cmd(network, bits_text, checkpoint, data_dir, split) -> None:
     from releq_tvm.train import evaluate, load_model
 
     spec = get_network_spec(network)
-    bits = parse_bits(bits_text, len(layer_table(network)), network) if bits_text else None
+    bits = parse_bits(bits_text, len(layer_table(network)), network) if bits_text is not None else None
     model = load_model(network, checkpoint)
     data = _data(spec.dataset, split, data_dir)
-    if bits:
+    if bits is not None:
         apply_bits(model, bits, spec.input_shape)
-    label = f"bits {format_bits(bits)}" if bits else "full precision"
+    label = f"bits {format_bits(bits)}" if bits is not None else "full precision"
     click.echo(f"{network} {label}: {evaluate(model, data):.2f}% ({split})")

@@ -44,6 +44,12 @@ def test_bits_outside_action_set():
     assert_one_line_error(run("eval", "lenet", "--bits", "8,2,0,3,2"), "value 0 is outside the action set")
 
 
+@pytest.mark.parametrize("command", ["eval", "finetune", "compile", "simulate"])
+@pytest.mark.parametrize("text", ["", " ", ","])
+def test_empty_bits_is_an_error(command, text):
+    assert_one_line_error(run(command, "lenet", "--bits", text), "--bits is empty")
+
+
 def test_bits_not_integers():
     assert_one_line_error(run("eval", "lenet", "--bits", "8,two,2,3,2"), "comma list of integers")
 

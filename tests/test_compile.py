@@ -36,6 +36,7 @@ from releq_tvm.compile import (
 )
 from releq_tvm.compile.integer import _output_shift, _rshift_round_clip
 from releq_tvm.compile.latency_table import layer_key
+from releq_tvm.compile.target import file_safe, machine_key
 from releq_tvm.data import load_dataset
 from releq_tvm.errors import ReleqError
 from releq_tvm.networks import get_network_spec, layer_table, list_networks
@@ -241,11 +242,12 @@ def test_latency_table_measures_once_and_caches_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path))
     rows = layer_table("lenet")
     table = LatencyTable(timing=FAST_TIMING)
-    # keyed by CPU model and TVM version: both are in the file name and in the stored machine
+    # keyed by CPU model and TVM version: both are in the (file-name-safe) name and in the stored machine
     import tvm
 
     assert table.path.parent == tmp_path / "latency"
-    assert tvm.__version__ in table.path.name and table.machine["cpu_model"].split()[0] in table.path.name
+    assert table.path.name == machine_key(table.target) + ".json"
+    assert tvm.__version__ in table.path.name and file_safe(table.machine["cpu_model"]) in table.path.name
     first = table.latency_us(rows[4], 2, 8)
     assert first > 0 and table.builds == 1
     assert table.latency_us(rows[4], 2, 8) == first and table.builds == 1  # no rebuild
@@ -257,6 +259,21 @@ def test_latency_table_measures_once_and_caches_on_disk(tmp_path, monkeypatch):
     stored["machine"]["tvm"] = "0.0.0"
     table.path.write_text(json.dumps(stored))
     assert len(LatencyTable(timing=FAST_TIMING)) == 0
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["Intel(R) Xeon(R) Processor", "AMD EPYC 7B13 64-Core Processor", "Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz"],
+)
+def test_latency_table_file_name_is_safe_for_any_cpu_name(model, tmp_path, monkeypatch):
+    import releq_tvm.compile.target as target_module
+
+    monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path))
+    monkeypatch.setattr(target_module, "cpu_model", lambda: model)
+    table = LatencyTable(path=None, timing=FAST_TIMING)
+    assert table.machine["cpu_model"] == model
+    assert file_safe(model) in table.path.name
+    assert all(ch.isalnum() or ch in "._-" for ch in table.path.name)
 
 
 def test_cpu_cost_ratio_is_one_at_8_bits_and_lower_at_fewer(tmp_path):

@@ -335,6 +335,28 @@ def test_resume_continues_numbering_and_reproduces_the_uninterrupted_run(tmp_pat
     assert resumed["solution"] == straight["solution"]
 
 
+def test_ppo_statistics_are_logged_in_the_run_and_nothing_in_tmp(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where SB3 would make SB3-<date>
+    (tmp_path / "tmp").mkdir()
+    run_search(_config(tmp_path, "run", episodes=3, final_episodes=1), echo=lambda s: None, oracle=FakeAccuracy())
+    with open(tmp_path / "run" / "ppo" / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # one row per update, each with SB3's own statistics of that update
+    updates = [r for r in rows if r.get("train/clip_fraction")]
+    assert len(updates) == 3
+    for r in updates:
+        assert 0.0 <= float(r["train/clip_fraction"]) <= 1.0
+        assert float(r["train/entropy_loss"]) < 0.0  # minus the entropy of an 8-way softmax
+        assert r["train/approx_kl"] != "" and r["train/explained_variance"] != ""
+    assert not list((tmp_path / "tmp").iterdir())
+    # a resumed run writes its own file (SB3's CSV writer would truncate the first)
+    run_search(_config(tmp_path, "run"), resume=True, resume_episodes=4, echo=lambda s: None, oracle=FakeAccuracy())
+    assert (tmp_path / "run" / "ppo" / "progress-resume3.csv").is_file()
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "ppo" / "progress.csv")))) == len(rows)
+
+
 def test_resume_can_extend_a_finished_run(tmp_path):
     run_search(_config(tmp_path, "run", episodes=3, final_episodes=1), echo=lambda s: None, oracle=FakeAccuracy())
     assert [r["phase"] for r in _episodes(tmp_path / "run")] == ["train"] * 3 + ["greedy"]
@@ -343,6 +365,10 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     rows = _episodes(tmp_path / "run")
     assert [r["episode"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
     assert [r["phase"] for r in rows] == ["train"] * 5 + ["greedy"]
+    # config.json describes the run as it now stands: the new budget, and the resume recorded
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["config"]["episodes"] == 5
+    assert [r["episodes"] for r in stored["resumes"]] == [5]
     # Resuming a finished run with nothing to add only reports it.
     best = run_search(_config(tmp_path, "run"), resume=True, echo=lambda s: None, oracle=FakeAccuracy())
     assert len(_episodes(tmp_path / "run")) == 6 and best["solution"]["episode"] == 6
@@ -368,6 +394,19 @@ def test_accuracy_none_works_on_a_network_without_data_or_checkpoint(tmp_path):
     assert parts.env.episode_length == 22
     assert any("cost only" in n for n in parts.notes)
     assert parts.cost.ratio((8,) * 22) == pytest.approx(1.0)
+
+
+def test_search_efficiency_asks_the_oracle_once_per_ppo_episode():
+    """PPO's configurations come from the env's own evaluation: no second lookup, so a cache hit is
+    counted only when the agent really revisited a configuration (one hit per revisit)."""
+    from releq_tvm.search.efficiency import compare_search_methods
+
+    oracle = FakeAccuracy()
+    config = SearchConfig(network="lenet", measure="stripes")
+    rows = compare_search_methods("lenet", budget=12, methods=("ppo",), config=config, echo=lambda s: None, oracle=oracle)
+    (ppo,) = rows
+    assert oracle.lookups == ppo["episodes"]  # one per-episode fine-tune per episode, nothing more
+    assert ppo["cache_hits"] == oracle.lookups - ppo["configurations"]
 
 
 def test_search_efficiency_same_budget_for_every_method(tmp_path):

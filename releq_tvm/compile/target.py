@@ -106,11 +106,15 @@ def kernels_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def file_safe(text: str) -> str:
+    """``text`` with every run of characters outside ``[A-Za-z0-9._-]`` replaced by one ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
 def machine_key(target: tvm.target.Target) -> str:
     """A file-name-safe key of (CPU model, target CPU, TVM version, threads) for on-disk latency caches."""
     info = machine_info(target)
-    raw = f"{info['cpu_model']}-{info['target'].get('mcpu', 'generic')}-tvm{info['tvm']}-t{info['threads']}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("_")
+    return file_safe(f"{info['cpu_model']}-{info['target'].get('mcpu', 'generic')}-tvm{info['tvm']}-t{info['threads']}")
 
 
 def describe_target(target: tvm.target.Target) -> str:

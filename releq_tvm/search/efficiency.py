@@ -49,6 +49,17 @@ class _Scorer:
             self.seen[key] = {"w_bits": key, "accuracy": acc, "sa": sa, "cost_ratio": cost, "reward": reward}
         return self.seen[key]
 
+    def record(self, out) -> dict:
+        """Remember an episode the env has already scored (an :class:`EpisodeOutcome`), without asking
+        the oracle again: a second lookup would count as a cache hit the method never needed."""
+        key = tuple(int(b) for b in out.w_bits)
+        if key not in self.seen:
+            self.seen[key] = {
+                "w_bits": key, "accuracy": float(out.accuracy), "sa": float(out.sa),
+                "cost_ratio": float(out.cost), "reward": float(out.reward),
+            }
+        return self.seen[key]
+
     def best(self) -> dict:
         return max(self.seen.values(), key=lambda p: p["reward"])
 
@@ -88,9 +99,7 @@ def _run_ppo(parts, config: SearchConfig, budget: int, max_episodes: int) -> tup
             if not self.locals["dones"][0]:
                 return True
             episodes[0] += 1
-            out = env.last_episode
-            # Scoring through the same oracle is a cache hit: the env has just evaluated it.
-            scorer.score(out.w_bits)
+            scorer.record(env.last_episode)
             return len(scorer.seen) < budget
 
     agent.learn(total_timesteps=max_episodes * env.episode_length, callback=StopAtBudget())

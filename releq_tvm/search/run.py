@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -195,12 +196,36 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
     return SearchParts(config, table, env, oracle, cost, model, spec.input_shape, spec.dataset, notes)
 
 
-def make_agent(config: SearchConfig, vec_env):
-    """RecurrentPPO of METHOD.md section 3: an LSTM first in both actor and critic, one update per episode."""
+def ppo_logger(log_dir: Path | None, suffix: str = ""):
+    """SB3's logger for PPO's own statistics (clip fraction, approx KL, explained variance, entropy
+    and losses, one row per update) in ``log_dir/progress{suffix}.csv``, plus TensorBoard event
+    files when tensorboard is installed. ``None`` logs nowhere: SB3's default would create a
+    ``/tmp/SB3-<date>`` folder for every agent."""
+    from stable_baselines3.common.logger import Logger, make_output_format
+
+    if log_dir is None:
+        return Logger(folder=None, output_formats=[])
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    formats = ["csv"]
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+
+        formats.append("tensorboard")
+    except ImportError:
+        pass
+    return Logger(folder=str(log_dir), output_formats=[make_output_format(f, str(log_dir), suffix) for f in formats])
+
+
+def make_agent(config: SearchConfig, vec_env, log_dir: Path | None = None):
+    """RecurrentPPO of METHOD.md section 3: an LSTM first in both actor and critic, one update per episode.
+
+    PPO's statistics go to ``log_dir`` (see :func:`ppo_logger`), or nowhere when it is None.
+    """
     from sb3_contrib import RecurrentPPO
 
     n_steps = vec_env.envs[0].unwrapped.episode_length
-    return RecurrentPPO(
+    agent = RecurrentPPO(
         "MlpLstmPolicy",
         vec_env,
         learning_rate=config.ppo_learning_rate,
@@ -223,6 +248,8 @@ def make_agent(config: SearchConfig, vec_env):
         device="cpu",
         verbose=0,
     )
+    agent.set_logger(ppo_logger(log_dir))
+    return agent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +543,8 @@ class ReleqSearch:
             setattr(self, name, state[name])
         self.env.load_state_dict(state["env"])
         agent = RecurrentPPO.load(io.BytesIO(blob["agent"]), env=vec_env, device="cpu")
+        # a resumed run logs PPO's statistics to a file of its own: SB3's CSV writer truncates
+        agent.set_logger(ppo_logger(self.run_dir / PPO_LOG_DIR, suffix=f"-resume{self.episodes_done}"))
         torch.set_rng_state(blob["rng"]["torch"])
         np.random.set_state(blob["rng"]["numpy"])
         random.setstate(blob["rng"]["random"])
@@ -617,6 +646,8 @@ def _greedy_episode(search: ReleqSearch, agent) -> None:
 
 #: The files a run writes; ``overwrite`` deletes exactly these (never the whole folder).
 RUN_FILES = ("config.json", "episodes.csv", "action_probs.csv", "best.json", "checkpoint.pt")
+#: PPO's own statistics per update (SB3 logger): ``<run>/ppo/progress*.csv``.
+PPO_LOG_DIR = "ppo"
 
 
 def prepare_run_dir(
@@ -648,6 +679,7 @@ def prepare_run_dir(
             )
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / PPO_LOG_DIR, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.run_dir = str(run_dir)
     return run_dir, config
@@ -674,6 +706,20 @@ def write_config(run_dir: Path, parts: SearchParts, command: str | None) -> None
         **environment_info(),
     }
     atomic_write_text(run_dir / "config.json", json.dumps(data, indent=2) + "\n")
+
+
+def record_resume(run_dir: Path, config: SearchConfig, command: str | None) -> None:
+    """Keep config.json describing the run: the config in force now (``--episodes`` may have
+    changed the budget) and, in ``resumes``, each resume's command and time."""
+    path = run_dir / "config.json"
+    data = json.loads(path.read_text())
+    data["config"] = config.as_dict()
+    data.setdefault("resumes", []).append({
+        "command": command if command is not None else " ".join(["releq-tvm"] + sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "episodes": config.episodes,
+    })
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _observation_names(env) -> tuple[str, ...]:
@@ -703,7 +749,9 @@ def run_search(
 
     run_dir, config = prepare_run_dir(config, resume, resume_episodes, overwrite)
     parts = build_parts(config, oracle=oracle, cost=cost)
-    if not resume:
+    if resume:
+        record_resume(run_dir, config, command)
+    else:
         write_config(run_dir, parts, command)
     for note in parts.notes:
         echo(f"note: {note}")
@@ -718,7 +766,7 @@ def run_search(
             search.reopen_training()
         echo(f"resuming {run_dir} after episode {search.episode} ({search.episodes_done} training episodes done)")
     if agent is None:
-        agent = make_agent(config, vec_env)
+        agent = make_agent(config, vec_env, log_dir=run_dir / PPO_LOG_DIR)
     echo(
         f"search {config.network}: {len(parts.table)} layers, {parts.env.episode_length} steps/episode, "
         f"cost = {parts.cost.describe()}, reward {config.reward}, "
@@ -734,6 +782,7 @@ def run_search(
                 callback=_make_callback(search),
                 reset_num_timesteps=search.episodes_done == 0,
             )
+            agent.logger.dump(agent.num_timesteps)  # SB3 writes an update's statistics at the next one
         # learn() ends after the last update (budget spent) or before it (converged): either way
         # every written episode is accounted for.
         search.episodes_done = search.episode
