@@ -7,11 +7,12 @@ returns exact int32 results. Import it as ``releq_tvm.kernels``.
 * :mod:`.encoding`: weight levels, the unsigned bit-plane encoding (with its proof), the packed
   weight layouts and :func:`pack_weights`;
 * :mod:`.bitserial`: the bit-serial TE computes + TensorIR schedules and their PrimFuncs;
-* :mod:`.int8`: the plain int8 baseline kernels (AVX2 ``vpmaddwd``);
+* :mod:`.int8`: the plain int8 kernels (``vpdpbusd`` on AVX-512 VNNI / AVX-VNNI, else AVX2 ``vpmaddwd``);
 * :mod:`.common`: TE helpers both share (layouts, padded input reads);
 * :mod:`.reference`: int64 numpy references;
 * :mod:`.runtime`: build / run / measure helpers;
-* :mod:`.target`: the x86 LLVM target;
+* :mod:`.target`: the x86 LLVM target and its :class:`VectorIsa` (lanes, registers, int8 path),
+  read from LLVM's feature list: every plan takes one, so no ISA is hard-coded;
 * :mod:`.bench`: the kernel benchmark that writes a CSV with a provenance sidecar.
 """
 
@@ -46,13 +47,14 @@ from .runtime import (
     run,
 )
 from .shapes import ConvShape, DenseShape
-from .target import host_target, make_target
+from .target import VectorIsa, host_target, make_target, vector_isa
 
 __all__ = [
     "BuiltKernel",
     "ConvShape",
     "DenseShape",
     "Timing",
+    "VectorIsa",
     "activation_level_range",
     "bitpack",
     "bitpack_primfunc",
@@ -79,6 +81,7 @@ __all__ = [
     "plan_conv2d",
     "plan_dense",
     "run",
+    "vector_isa",
     "weight_level_range",
     "weight_scale_offset",
 ]

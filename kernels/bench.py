@@ -11,6 +11,7 @@ uint64 data that stays in L1, on every core, built by the same TVM/LLVM as the k
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import functools
 import json
@@ -25,8 +26,7 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from .encoding import VECTOR_LANES
-from .int8 import INT32_LANES, _replace_with_pmaddwd
+from .int8 import INT32_LANES, _replace_with_pmaddwd, _replace_with_vpdpbusd
 from .runtime import (
     BuiltKernel,
     Timing,
@@ -36,7 +36,7 @@ from .runtime import (
     build_int8_dense,
 )
 from .shapes import ConvShape, DenseShape
-from .target import make_target, target_has_avx2
+from .target import make_target, target_has_avx2, vector_isa
 
 #: Representative layers: LeNet-5 conv2, a ResNet-20 stage-3 conv, a ResNet-20 stage-1 conv,
 #: LeNet-5 fc1, a 512x512 fully connected layer and a MobileNet-style depthwise 3x3.
@@ -52,9 +52,9 @@ DEFAULT_SHAPES: tuple[tuple[str, ConvShape | DenseShape], ...] = (
 DEFAULT_BIT_PAIRS: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2), (2, 3), (4, 4), (8, 8))
 
 CSV_COLUMNS = (
-    "layer", "shape", "kernel", "mode", "w_bits", "a_bits", "batch", "macs", "binary_ops", "threads",
+    "layer", "shape", "kernel", "isa", "mode", "w_bits", "a_bits", "batch", "macs", "binary_ops", "threads",
     "latency_ms", "latency_spread_ms", "latency_min_ms", "gbinary_ops_per_s", "gmacs_per_s",
-    "efficiency_vs_popcount_peak", "efficiency_vs_int8_peak", "speedup_vs_int8",
+    "efficiency_vs_popcount_peak", "efficiency_vs_int8_peak", "speedup_vs_int8", "crossover_wa",
 )
 
 
@@ -63,7 +63,7 @@ class Peak:
     """Measured peak throughput of this machine: on ``threads`` cores and per core."""
 
     gbinary_ops_per_s: float  # AND + popcount, uint64 data in L1, all threads
-    gmacs_int8_per_s: float  # vpmaddwd int16 x int16 -> int32, data in L1, all threads
+    gmacs_int8_per_s: float  # vpdpbusd (VNNI) or vpmaddwd int8 MACs, data in L1, all threads
     threads: int
     #: max(one-thread peak, all-thread peak / threads): on a shared machine the other cores'
     #: load hits the all-thread run harder, so the better of the two estimates one core.
@@ -79,76 +79,109 @@ def _threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+#: What each peak loop runs, by kind and ISA, for the provenance sidecar.
+_PEAK_INSTRUCTIONS = {
+    ("popcount", "avx512-vpopcntdq"): "vpandq + vpopcntq on zmm (8 x uint64)",
+    ("popcount", "avx2"): "vpand + vpshufb nibble-table popcount + vpsadbw on ymm (4 x uint64)",
+    ("popcount", "x86-64"): "scalar and + popcnt",
+    ("int8", "avx512-vnni"): "vpdpbusd on zmm (64 uint8 x int8 -> 16 int32)",
+    ("int8", "avx-vnni"): "vpdpbusd on ymm (32 uint8 x int8 -> 8 int32)",
+    ("int8", "pmaddwd"): "vpmaddwd on ymm (int16 pairs -> 8 int32)",
+}
+
+
 @functools.lru_cache(maxsize=8)
 def _peak_module(kind: str, threads: int, target_json: str):
     """A tight L1-resident kernel: ``threads`` parallel slices, each re-reading 16 KB ``reps`` times.
 
-    Eight independent accumulator registers per thread hide the popcount (or multiply)
-    latency, as the real kernels' register tiles do. The data index rotates with the
-    repetition so LLVM cannot fold the repetitions into a multiply.
+    Each slice runs the register tile the real kernels run (a few weight vectors times a few
+    broadcast activations, 16 accumulators on AVX-512, 8 on AVX2) with the target's widest
+    instructions (:data:`_PEAK_INSTRUCTIONS`), so the peak is what this core can do, not what
+    a load-bound loop reaches. The data index rotates with the repetition so LLVM cannot fold
+    the repetitions into a multiply.
     """
-    words, acc_regs, reps = 32, 8, 256
+    words, reps = 32, 256
+    target = make_target(tvm.target.Target(target_json))
     if kind == "popcount":
-        lanes = VECTOR_LANES
-        a = te.placeholder((threads, words, acc_regs, lanes), "uint64", name="a")
-        b = te.placeholder((threads, words, acc_regs, lanes), "uint64", name="b")
+        # A register tile as the kernels use it: ``vecs`` weight vectors x ``cols`` broadcast
+        # activation words, vecs * cols accumulators; vecs + cols loads per vecs * cols popcounts.
+        lanes = vector_isa(target).uint64_lanes  # zmm vpopcntq on AVX-512 VPOPCNTDQ, ymm on AVX2
+        vecs, cols = (4, 4) if lanes == 8 else (2, 4)
+        a = te.placeholder((threads, words, vecs, lanes), "uint64", name="a")
+        b = te.placeholder((threads, words, cols), "uint64", name="b")
         r = te.reduce_axis((0, reps), name="r")
         k = te.reduce_axis((0, words), name="k")
         out = te.compute(
-            (threads, acc_regs, lanes),
-            lambda p, t, l: te.sum(
-                tirx.popcount(a[p, (k + r) % words, t, l] & b[p, k, t, l]).astype("int64"), axis=[r, k]
+            (threads, cols, vecs, lanes),
+            lambda p, c, t, l: te.sum(
+                tirx.popcount(a[p, (k + r) % words, t, l] & b[p, k, c]).astype("int64"), axis=[r, k]
             ),
             name="acc",
         )
-        ops_per_call = threads * reps * words * acc_regs * lanes * 64
+        ops_per_call = threads * reps * words * cols * vecs * lanes * 64
         sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, out]))
         block = sch.get_sblock("acc")
-        p, t, l, rr, kk = sch.get_loops(block)
-        sch.reorder(p, rr, kk, t, l)
+        p, c, t, l, rr, kk = sch.get_loops(block)
+        sch.reorder(p, rr, kk, c, t, l)
         sch.parallel(p)
+        sch.unroll(c)
         sch.unroll(t)
         sch.vectorize(l)
         sch.decompose_reduction(block, rr)
     else:
-        lanes = INT32_LANES
-        pad = te.placeholder((threads, words, 2), "int16", name="pad")
-        w = te.placeholder((threads, words, acc_regs, 2 * lanes), "int16", name="weights")
+        # the widest int8 dot product the target has: vpdpbusd (4 uint8 x int8 per int32 lane) on
+        # VNNI hosts, vpmaddwd (2 int16 per int32 lane) elsewhere
+        isa = vector_isa(target)
+        vnni = isa.int8 in ("avx512-vnni", "avx-vnni")
+        lanes = isa.int32_lanes if vnni else INT32_LANES
+        group = 4 if vnni else 2
+        in_dtype, w_dtype = ("uint8", "int8") if vnni else ("int16", "int16")
+        # register tile: ``cols`` broadcast activation groups x ``vecs`` weight vectors
+        vecs, cols = (4, 4) if lanes == 16 else (2, 4)
+        pad = te.placeholder((threads, words, cols, group), in_dtype, name="pad")
+        w = te.placeholder((threads, words, vecs, group * lanes), w_dtype, name="weights")
         r = te.reduce_axis((0, reps), name="r")
         k = te.reduce_axis((0, words), name="k")
-        e = te.reduce_axis((0, 2), name="e")
+        e = te.reduce_axis((0, group), name="e")
         out = te.compute(
-            (threads, acc_regs, lanes),
-            lambda p, t, o: te.sum(
-                pad[p, (k + r) % words, e].astype("int32") * w[p, k, t, o * 2 + e].astype("int32"), axis=[r, k, e]
+            (threads, cols, vecs, lanes),
+            lambda p, c, t, o: te.sum(
+                pad[p, k, c, e].astype("int32") * w[p, (k + r) % words, t, o * group + e].astype("int32"),
+                axis=[r, k, e],
             ),
             name="acc",
         )
-        ops_per_call = threads * reps * words * acc_regs * lanes * 2  # MACs
+        ops_per_call = threads * reps * words * cols * vecs * lanes * group  # MACs
         sch = tvm.s_tir.Schedule(te.create_prim_func([pad, w, out]))
         block = sch.get_sblock("acc")
-        p, t, o, rr, kk, ee = sch.get_loops(block)
-        sch.reorder(p, rr, kk, t, o, ee)
+        p, c, t, o, rr, kk, ee = sch.get_loops(block)
+        sch.reorder(p, rr, kk, c, t, o, ee)
         sch.parallel(p)
+        sch.unroll(c)
         sch.unroll(t)
         init = sch.decompose_reduction(block, rr)
         sch.vectorize(sch.get_loops(init)[-1])
-        _replace_with_pmaddwd(sch, sch.blockize(o))
+        if vnni:
+            _replace_with_vpdpbusd(sch, sch.blockize(o), lanes)
+        else:
+            _replace_with_pmaddwd(sch, sch.blockize(o))
     func = sch.mod["main"]
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=make_target(tvm.target.Target(target_json)))
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     rng = np.random.default_rng(0)
     if kind == "popcount":
         sizes = [[int(d) for d in t.shape] for t in (a, b)]
         args = [rng.integers(0, 2**63, size=size, dtype=np.int64).astype(np.uint64) for size in sizes]
     else:
-        args = [rng.integers(-128, 128, size=[int(d) for d in t.shape]).astype(np.int16) for t in (pad, w)]
+        args = [rng.integers(0 if str(t.dtype) == "uint8" else -128, 128, size=[int(d) for d in t.shape])
+                .astype(str(t.dtype)) for t in (pad, w)]
     out_np = np.zeros([int(d) for d in out.shape], dtype="int64" if kind == "popcount" else "int32")
     tensors = [tvm.runtime.tensor(v) for v in (*args, out_np)]
     return lib, tensors, ops_per_call
 
 
 def measure_popcount_peak(target=None, threads: int | None = None, repeat: int = 9) -> Peak:
-    """Peak AND+popcount (binary ops/s) and vpmaddwd (int8 MACs/s) throughput, all cores and per core.
+    """Peak AND+popcount (binary ops/s) and int8 (MACs/s: vpdpbusd on VNNI, else vpmaddwd) throughput,
+    all cores and per core, with the widest instructions the target has.
 
     The best of ``repeat`` samples is taken: a peak is what the hardware can do, and on a shared
     machine every disturbance only makes a sample slower.
@@ -186,9 +219,10 @@ def _mode(kernel: BuiltKernel) -> str:
         return "int8"
     from .encoding import conv_weight_layout, dense_weight_layout
 
+    lanes = vector_isa(tvm.target.Target(kernel.target)).uint64_lanes
     if isinstance(kernel.shape, DenseShape):
-        return dense_weight_layout(kernel.shape, kernel.w_bits).mode
-    return conv_weight_layout(kernel.shape, kernel.w_bits).mode
+        return dense_weight_layout(kernel.shape, kernel.w_bits, lanes).mode
+    return conv_weight_layout(kernel.shape, kernel.w_bits, lanes).mode
 
 
 def _row(layer: str, kernel: BuiltKernel, timing: Timing, peak: Peak | None, threads: int) -> dict:
@@ -204,6 +238,7 @@ def _row(layer: str, kernel: BuiltKernel, timing: Timing, peak: Peak | None, thr
         "layer": layer,
         "shape": shape.label(),
         "kernel": "int8" if int8 else "bitserial",
+        "isa": _isa_used(kernel),
         "mode": _mode(kernel),
         "w_bits": w_bits,
         "a_bits": a_bits,
@@ -224,7 +259,21 @@ def _row(layer: str, kernel: BuiltKernel, timing: Timing, peak: Peak | None, thr
             f"{macs / seconds / 1e9 / (peak.gmacs_int8_per_s_per_core * used):.4f}" if peak and int8 else ""
         ),
         "speedup_vs_int8": "",
+        "crossover_wa": "",
     }
+
+
+def _isa_used(kernel: BuiltKernel) -> str:
+    """The instruction set the kernel's inner product runs on (e.g. ``avx512-vpopcntdq``, ``avx512-vnni``)."""
+    isa = vector_isa(tvm.target.Target(kernel.target))
+    return isa.int8 if kernel.kind.startswith("int8") else isa.name
+
+
+def crossover_wa(rows: Sequence[dict]) -> int | None:
+    """The largest w*a among one layer's bit-serial rows that beat its int8 row (None: none did)."""
+    wins = [int(r["w_bits"]) * int(r["a_bits"]) for r in rows
+            if r["kernel"] == "bitserial" and r["speedup_vs_int8"] and float(r["speedup_vs_int8"]) > 1.0]
+    return max(wins) if wins else None
 
 
 def _write_atomic(path: str, write: Callable) -> None:
@@ -306,6 +355,9 @@ def bench_kernels(
             int8_ms = float(shape_rows[-1]["latency_ms"])
             for row in shape_rows[:-1]:
                 row["speedup_vs_int8"] = f"{int8_ms / float(row['latency_ms']):.3f}"
+            crossing = crossover_wa(shape_rows)
+            for row in shape_rows:
+                row["crossover_wa"] = "" if crossing is None else crossing
         rows.extend(shape_rows)
 
     def write_csv(handle):
@@ -322,6 +374,9 @@ def bench_kernels(
         "cpus_available": threads,
         "target": str(target),
         "avx2": target_has_avx2(target),
+        "isa": dataclasses.asdict(vector_isa(target)),
+        "popcount_peak_instructions": _PEAK_INSTRUCTIONS["popcount", vector_isa(target).name],
+        "int8_peak_instructions": _PEAK_INSTRUCTIONS["int8", vector_isa(target).int8],
         "tvm_version": tvm.__version__,
         "numpy_version": np.__version__,
         "python": platform.python_version(),

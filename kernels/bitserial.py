@@ -35,7 +35,6 @@ from tvm import te, tirx
 
 from .common import check_layout, dense_as_conv, has_block, input_loader, output_index_map, without_global_symbol
 from .encoding import (
-    VECTOR_LANES,
     WORD_BITS,
     WeightLayout,
     check_bits,
@@ -45,6 +44,7 @@ from .encoding import (
     weight_scale_offset,
 )
 from .shapes import ConvShape, DenseShape
+from .target import VectorIsa, vector_isa
 
 _bitwise_or = te.comm_reducer(lambda a, b: a | b, lambda dtype: tirx.const(0, dtype), name="bitwise_or")
 
@@ -64,12 +64,18 @@ class BitserialPlan:
     weights: WeightLayout
     #: Output columns per register tile (channel/folded mode; vectorised over output channels).
     pos_tile: int
-    #: AVX2 registers (4 x uint64 lanes) per register tile along the vectorised axis.
+    #: Vector registers (``isa.uint64_lanes`` uint64 lanes) per register tile along the vectorised axis.
     vec_tile: int
     #: Output columns computed, padded to a whole number of tiles (the extra ones are dropped).
     out_w_pad: int
     #: Spread the product loop over all cores (one parallel region per call).
     parallel: bool
+    #: The target's vector unit the tiles were chosen for.
+    isa: VectorIsa
+
+    @property
+    def lanes(self) -> int:
+        return self.isa.uint64_lanes
 
     @property
     def mode(self) -> str:
@@ -81,21 +87,31 @@ class BitserialPlan:
         return self.shape.macs * self.w_bits * self.a_bits
 
 
-def _choose_tiles(mode: str, out_w: int, tile: int, layout: str) -> tuple[int, int, int]:
-    """(pos_tile, vec_tile, out_w_pad) keeping at most 8 int64x4 accumulators live.
+def accumulator_budget(isa: VectorIsa) -> int:
+    """Accumulator registers the product loop may keep live without spilling.
 
-    AVX2 has 16 ymm registers; the popcount sequence needs 3 constants (nibble mask, lookup
-    table, zero) and 2-3 temporaries, so 8 accumulators is the most that avoids spills.
-    For NCHW output, 8 columns x 1 register is preferred when the row is wide enough: each
-    output channel then stores 8 neighbouring int32 as one vector instead of 8 scalars.
+    AVX2 (16 ymm): the vpshufb popcount needs 3 constants (nibble mask, table, zero) and 2-3
+    temporaries, which leaves 8. AVX-512 (32 zmm, native ``vpopcntq``): the weights of one
+    tile (up to 4 registers), the broadcast activation word and a temporary leave 24.
     """
+    return 24 if isa.registers >= 32 else 8
+
+
+def _choose_tiles(mode: str, out_w: int, tile: int, layout: str, isa: VectorIsa) -> tuple[int, int, int]:
+    """(pos_tile, vec_tile, out_w_pad) keeping at most :func:`accumulator_budget` accumulators live.
+
+    For NCHW output, 8 columns x 1 register is preferred when the row is wide enough and the
+    tile is one register: each output channel then stores 8 neighbouring int32 as one vector
+    instead of 8 scalars.
+    """
+    lanes, budget = isa.uint64_lanes, accumulator_budget(isa)
     if mode == "window":  # vectorised over output columns
-        padded, neg_vec = min((round_up(out_w, VECTOR_LANES * v), -v) for v in (4, 2, 1))
-        return VECTOR_LANES * -neg_vec, -neg_vec, padded
-    if layout == "NCHW" and round_up(out_w, 8) - out_w <= out_w // 8:
+        padded, neg_vec = min((round_up(out_w, lanes * v), -v) for v in (4, 2, 1))
+        return lanes * -neg_vec, -neg_vec, padded
+    vec = tile // lanes
+    if layout == "NCHW" and vec == 1 and round_up(out_w, 8) - out_w <= out_w // 8:
         return 8, 1, round_up(out_w, 8)
-    vec = tile // VECTOR_LANES
-    for pos in range(8 // vec, 0, -1):
+    for pos in range(min(budget // vec, 16), 0, -1):
         padded = round_up(out_w, pos)
         if (padded - out_w) * 8 <= out_w:  # at most 1/8 of the columns wasted
             return pos, vec, padded
@@ -103,21 +119,25 @@ def _choose_tiles(mode: str, out_w: int, tile: int, layout: str) -> tuple[int, i
 
 
 def plan_conv2d(shape: ConvShape, w_bits: int, a_bits: int, layout: str = "NCHW",
-                parallel: bool | None = None) -> BitserialPlan:
-    """The tiling of a bit-serial conv2d; ``parallel=None`` uses all cores only for big layers."""
+                parallel: bool | None = None, isa: VectorIsa | None = None) -> BitserialPlan:
+    """The tiling of a bit-serial conv2d for ``isa`` (default: this host's, :func:`vector_isa`);
+    ``parallel=None`` uses all cores only for big layers."""
     check_layout(layout)
+    isa = isa or vector_isa()
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
-    weights = conv_weight_layout(shape, w_bits)
-    pos, vec, ow_pad = _choose_tiles(weights.mode, shape.out_size[1], weights.tile, layout)
+    weights = conv_weight_layout(shape, w_bits, isa.uint64_lanes)
+    pos, vec, ow_pad = _choose_tiles(weights.mode, shape.out_size[1], weights.tile, layout, isa)
     if parallel is None:
         parallel = shape.macs * w_bits * a_bits >= PARALLEL_MIN_BINARY_MACS
-    return BitserialPlan(shape, w_bits, a_bits, layout, weights, pos, vec, ow_pad, bool(parallel))
+    return BitserialPlan(shape, w_bits, a_bits, layout, weights, pos, vec, ow_pad, bool(parallel), isa)
 
 
-def plan_dense(shape: DenseShape, w_bits: int, a_bits: int, parallel: bool | None = None) -> BitserialPlan:
+def plan_dense(shape: DenseShape, w_bits: int, a_bits: int, parallel: bool | None = None,
+               isa: VectorIsa | None = None) -> BitserialPlan:
     """The tiling of a bit-serial dense layer (a 1x1 conv on a 1x1 image)."""
-    plan = plan_conv2d(dense_as_conv(shape), w_bits, a_bits, "NCHW", parallel)
-    assert plan.weights.shape == dense_weight_layout(shape, w_bits).shape
+    isa = isa or vector_isa()
+    plan = plan_conv2d(dense_as_conv(shape), w_bits, a_bits, "NCHW", parallel, isa)
+    assert plan.weights.shape == dense_weight_layout(shape, w_bits, isa.uint64_lanes).shape
     return plan
 
 
@@ -203,7 +223,7 @@ def _schedule_pack(sch, name: str, byte_lanes: int, decompose_later: list) -> No
     Reductions whose init must wait (blocks under a loop that is parallelised later) are
     appended to ``decompose_later``; the others are decomposed here.
     """
-    for block_name, lanes in ((name + "_bytes", byte_lanes), (name, min(byte_lanes, 2 * VECTOR_LANES))):
+    for block_name, lanes in ((name + "_bytes", byte_lanes), (name, min(byte_lanes, WORD_JOIN_LANES))):
         block = sch.get_sblock(block_name)
         *spatial, red = sch.get_loops(block)
         if lanes > 1:
@@ -223,6 +243,8 @@ def _weighted_popcount(word, shift) -> tvm.tirx.PrimExpr:
 
 #: Byte lanes of the first packing stage (one SSE register of uint8).
 PACK_LANES = 16
+#: uint64 lanes of the second packing stage (joining a word's 8 bytes).
+WORD_JOIN_LANES = 8
 
 
 def _conv_graph(plan: BitserialPlan, x: te.Tensor, w: te.Tensor):
@@ -396,8 +418,8 @@ def _vectorize_innermost_spatial(sch, block, lanes: int, reduce_count: int):
 def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx.PrimFunc:
     """Tile, vectorise and parallelise a PrimFunc made by :func:`conv2d_tensors` / :func:`dense_tensors`.
 
-    The product loop is register-tiled (``plan.pos_tile`` x ``plan.vec_tile`` AVX2 vectors of
-    int64 accumulators), the bit-plane loops are unrolled so every shift is a constant, and the
+    The product loop is register-tiled (``plan.pos_tile`` x ``plan.vec_tile`` vectors of
+    ``plan.lanes`` int64 accumulators), the bit-plane loops are unrolled so every shift is a constant, and the
     correction ``corr`` becomes the reduction's initial value (``fuse_reduction_epilogue``), so
     one register tile is finished and stored as int32 before the next starts. All work that
     scales with output channels runs in a single parallel loop.
@@ -413,7 +435,7 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
 
     if plan.mode == "window":
         n, g, o, i, j, rt, rb, rc = sch.get_loops(acc)
-        jo, jv, jl = sch.split(j, [None, plan.vec_tile, VECTOR_LANES])
+        jo, jv, jl = sch.split(j, [None, plan.vec_tile, plan.lanes])
         sch.reorder(n, g, i, o, jo, rt, rb, rc, jv, jl)
         chunk = sch.fuse(n, g, i)
         # the taps of one output row are packed by the thread that multiplies them
@@ -424,7 +446,7 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
         decompose_last: list = []
         byte_lanes = max(v for v in (16, 8, 4) if plan.out_w_pad % v == 0)
         _schedule_pack(sch, "pack", byte_lanes, decompose_last)
-        _, (st, _), _ = _vectorize_innermost_spatial(sch, corr, VECTOR_LANES, 2)
+        _, (st, _), _ = _vectorize_innermost_spatial(sch, corr, plan.lanes, 2)
         decompose_last.append((corr, st))
         tile_loop, first_reduce, unrolled, lanes = jo, rt, (rb, rc, jv), jl
     else:
@@ -434,7 +456,7 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
         n, g, i, j, o, rkh, rkw, rw, rb, rc = sch.get_loops(acc)
         jo, ji = sch.split(j, [None, plan.pos_tile])
         tile = plan.weights.tile
-        oo, os, ov, ol = sch.split(o, [None, tile // (plan.vec_tile * VECTOR_LANES), plan.vec_tile, VECTOR_LANES])
+        oo, os, ov, ol = sch.split(o, [None, tile // (plan.vec_tile * plan.lanes), plan.vec_tile, plan.lanes])
         # output-channel tiles outermost: one tile's weights stay in cache for every position
         sch.reorder(n, g, oo, i, jo, os, rkh, rkw, rw, rb, rc, ji, ov, ol)
         chunk = sch.fuse(n, g, oo, i, jo)
@@ -446,8 +468,8 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
         sch.unroll(loop)
     sch.vectorize(lanes)
     sch.reverse_compute_at(out, tile_loop)
-    if plan.layout == "NCHW" and plan.mode != "window" and plan.pos_tile == 8:
-        sch.vectorize(sch.get_loops(out)[-1])  # 8 neighbouring columns of one output channel
+    if plan.layout == "NCHW" and plan.mode != "window" and plan.pos_tile in (8, 16):
+        sch.vectorize(sch.get_loops(out)[-1])  # neighbouring columns of one output channel
     sch.decompose_reduction(acc, first_reduce)
     for block, loop in decompose_last:
         sch.decompose_reduction(block, loop)
@@ -455,33 +477,35 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
 
 
 def bitserial_conv2d_primfunc(shape: ConvShape, w_bits: int, a_bits: int, layout: str = "NCHW",
-                              parallel: bool | None = None) -> tvm.tirx.PrimFunc:
+                              parallel: bool | None = None, isa: VectorIsa | None = None) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weight_planes, out)`` computing a bit-serial conv2d.
 
     Arguments (destination-passing, as ``relax.call_tir`` expects):
 
     * ``data``: uint8 ``(N, C, H, W)`` (NCHW) or ``(N, H, W, C)`` (NHWC), values in
       ``[0, 2^a_bits - 1]`` (only the low ``a_bits`` bits are read);
-    * ``weight_planes``: uint64 ``conv_weight_layout(shape, w_bits).shape`` from :func:`pack_weights`;
+    * ``weight_planes``: uint64 ``conv_weight_layout(shape, w_bits, isa.uint64_lanes).shape``
+      from :func:`pack_weights` with the same lanes;
     * ``out``: int32 ``(N, O, OH, OW)`` (NCHW) or ``(N, OH, OW, O)`` (NHWC), the exact ``sum q*x``.
 
     The function carries no ``global_symbol``: name it when adding it to a module
     (``relax.BlockBuilder.add_func(func, "conv3")``) or with
     ``func.with_attr("global_symbol", name)`` before building it alone.
     """
-    plan = plan_conv2d(shape, w_bits, a_bits, layout, parallel)
+    plan = plan_conv2d(shape, w_bits, a_bits, layout, parallel, isa)
     return without_global_symbol(schedule_bitserial(te.create_prim_func(conv2d_tensors(plan)), plan))
 
 
 def bitserial_dense_primfunc(shape: DenseShape, w_bits: int, a_bits: int,
-                             parallel: bool | None = None) -> tvm.tirx.PrimFunc:
+                             parallel: bool | None = None, isa: VectorIsa | None = None) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weight_planes, out)`` computing a bit-serial dense layer.
 
     * ``data``: uint8 ``(N, in_features)`` in ``[0, 2^a_bits - 1]``;
-    * ``weight_planes``: uint64 ``dense_weight_layout(shape, w_bits).shape`` from :func:`pack_weights`;
+    * ``weight_planes``: uint64 ``dense_weight_layout(shape, w_bits, isa.uint64_lanes).shape`` from
+      :func:`pack_weights` with the same lanes;
     * ``out``: int32 ``(N, out_features)``, the exact ``x @ q.T``.
 
     No ``global_symbol``, as for :func:`bitserial_conv2d_primfunc`.
     """
-    plan = plan_dense(shape, w_bits, a_bits, parallel)
+    plan = plan_dense(shape, w_bits, a_bits, parallel, isa)
     return without_global_symbol(schedule_bitserial(te.create_prim_func(dense_tensors(plan)), plan))

@@ -36,8 +36,9 @@ Packed weight layouts (``uint64``; bit ``j`` of word ``w`` is reduction element 
 * ``"channel"`` (more than 32 input channels per group, a 1-column kernel, and dense):
   ``(groups, tiles, kh, kw, words, w_bits, tile)``: reduction element ``e`` is input channel
   ``e`` of the group, ``words = ceil(in_per_group / 64)``. Output channel ``o`` of a group is at
-  ``[..., o // tile, ..., o % tile]``; ``tile`` (4, 8 or 16, :func:`out_tile_lanes`) is the
-  register tile of the inner loop and output channels are zero-padded to ``tiles * tile``,
+  ``[..., o // tile, ..., o % tile]``; ``tile`` (1, 2 or 4 registers of the target's uint64
+  lanes, :func:`out_tile_lanes`) is the register tile of the inner loop and output channels
+  are zero-padded to ``tiles * tile``,
   so each tile's weights are contiguous. Dense is this layout for a 1x1 kernel, one group.
 * ``"folded"`` (2..32 input channels per group and a kernel wider than one column):
   ``(groups, tiles, kh, 1, words, w_bits, tile)``: the kernel columns are folded into the
@@ -59,8 +60,16 @@ from .shapes import ConvShape, DenseShape
 
 #: Bits per packed word (uint64).
 WORD_BITS = 64
-#: uint64 lanes in one AVX2 register; the output-channel tile is a multiple of this.
-VECTOR_LANES = 4
+#: uint64 lanes of one vector register on the targets we know: 4 (AVX2 ymm) or 8 (AVX-512 zmm).
+#: The output-channel tile of the packed weights is a multiple of the target's lane count, so
+#: weights are packed for a target: pass ``lanes=vector_isa(target).uint64_lanes``.
+UINT64_LANES = (4, 8)
+
+
+def check_lanes(lanes: int) -> int:
+    if lanes not in UINT64_LANES:
+        raise ValueError(f"lanes must be one of {UINT64_LANES} (uint64 lanes per register); got {lanes!r}")
+    return int(lanes)
 
 
 def check_bits(bits: int, what: str) -> int:
@@ -147,15 +156,17 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def out_tile_lanes(out_per_group: int) -> int:
-    """Output channels per register tile of the channel/folded modes: 4, 8 or 16 uint64 lanes.
+def out_tile_lanes(out_per_group: int, lanes: int) -> int:
+    """Output channels per register tile of the channel/folded modes: 1, 2 or 4 registers of
+    ``lanes`` uint64 lanes (4, 8 or 16 channels on AVX2; 8, 16 or 32 on AVX-512).
 
-    The product loop keeps one tile of accumulators in AVX2 registers (4 uint64 lanes each),
-    so output channels are padded to a whole number of tiles and stored tile by tile.
+    The product loop keeps one tile of accumulators in vector registers, so output channels
+    are padded to a whole number of tiles and stored tile by tile.
     """
-    if out_per_group <= VECTOR_LANES:
-        return VECTOR_LANES
-    return 4 * VECTOR_LANES if round_up(out_per_group, 2 * VECTOR_LANES) % (4 * VECTOR_LANES) == 0 else 2 * VECTOR_LANES
+    lanes = check_lanes(lanes)
+    if out_per_group <= lanes:
+        return lanes
+    return 4 * lanes if round_up(out_per_group, 2 * lanes) % (4 * lanes) == 0 else 2 * lanes
 
 
 @dataclass(frozen=True)
@@ -199,8 +210,9 @@ def _next_pow2(value: int) -> int:
 FOLD_MAX_CHANNELS = WORD_BITS // 2
 
 
-def conv_weight_layout(shape: ConvShape, w_bits: int) -> WeightLayout:
-    """The packed weight layout of a convolution (any input size, stride or padding).
+def conv_weight_layout(shape: ConvShape, w_bits: int, lanes: int) -> WeightLayout:
+    """The packed weight layout of a convolution (any input size, stride or padding) for a
+    target with ``lanes`` uint64 lanes per register (:attr:`VectorIsa.uint64_lanes`).
 
     ``window`` when a group has one input channel; ``folded`` when it has 2..32 and the kernel
     is wider than one column; ``channel`` otherwise (see the module docstring).
@@ -211,7 +223,7 @@ def conv_weight_layout(shape: ConvShape, w_bits: int) -> WeightLayout:
     if cg == 1:
         twords = -(-(kh * kw) // WORD_BITS)
         return WeightLayout("window", (g, og, twords, w_bits), w_bits, g, og, 1)
-    tile = out_tile_lanes(og)
+    tile = out_tile_lanes(og, lanes)
     tiles = -(-og // tile)
     if cg <= FOLD_MAX_CHANNELS and kw > 1:
         slot = _next_pow2(cg)
@@ -221,16 +233,18 @@ def conv_weight_layout(shape: ConvShape, w_bits: int) -> WeightLayout:
     return WeightLayout("channel", (g, tiles, kh, kw, cwords, w_bits, tile), w_bits, g, og, cwords * WORD_BITS)
 
 
-def dense_weight_layout(shape: DenseShape, w_bits: int) -> WeightLayout:
+def dense_weight_layout(shape: DenseShape, w_bits: int, lanes: int) -> WeightLayout:
     """The packed weight layout of a dense layer: the channel layout of a 1x1 conv with one group."""
-    return conv_weight_layout(ConvShape(shape.in_features, shape.out_features, (1, 1), (1, 1)), w_bits)
+    return conv_weight_layout(ConvShape(shape.in_features, shape.out_features, (1, 1), (1, 1)), w_bits, lanes)
 
 
-def pack_weights(q_int: np.ndarray, w_bits: int, groups: int = 1) -> np.ndarray:
+def pack_weights(q_int: np.ndarray, w_bits: int, groups: int = 1, *, lanes: int) -> np.ndarray:
     """Pack signed weight levels into uint64 bit planes, once, ahead of time.
 
     ``q_int``: conv weights ``(out_channels, in_channels // groups, kh, kw)`` or dense weights
     ``(out_features, in_features)``, integer levels of ``w_bits`` (see the module docstring).
+    ``lanes``: uint64 lanes per register of the target the kernel is built for
+    (``vector_isa(target).uint64_lanes``), which sets the output-channel tile.
     Returns a C-contiguous uint64 array shaped ``conv_weight_layout(...).shape`` /
     ``dense_weight_layout(...).shape``; raises ``ValueError`` for levels off the ``w_bits`` grid.
     """
@@ -243,7 +257,7 @@ def pack_weights(q_int: np.ndarray, w_bits: int, groups: int = 1) -> np.ndarray:
     o, cg, kh, kw = q.shape
     if groups < 1 or o % groups:
         raise ValueError(f"groups={groups} must divide out_channels={o}")
-    layout = conv_weight_layout(ConvShape(cg * groups, o, (kh, kw), (kh, kw), groups=groups), w_bits)
+    layout = conv_weight_layout(ConvShape(cg * groups, o, (kh, kw), (kh, kw), groups=groups), w_bits, lanes)
     u = encode_weights(q, w_bits)
     g, og = layout.groups, layout.out_per_group
     planes = bit_planes(u, w_bits).reshape(g, og, cg, kh, kw, w_bits)  # 0/1 per weight bit

@@ -24,7 +24,7 @@ from .encoding import pack_weights, weight_level_range
 from .int8 import int8_conv2d_primfunc, int8_dense_primfunc, pack_int8_weights, plan_int8_conv2d
 from .common import dense_as_conv
 from .shapes import ConvShape, DenseShape
-from .target import make_target
+from .target import make_target, vector_isa
 
 
 @dataclass(frozen=True)
@@ -146,30 +146,32 @@ def _compile(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
 def _cached_build(kind: str, shape, w_bits: int, a_bits: int, layout: str, parallel: bool | None,
                   target_json: str) -> BuiltKernel:
     target = make_target(tvm.target.Target(target_json))
+    isa = vector_isa(target)
     if kind == "bitserial_conv2d":
-        plan = plan_conv2d(shape, w_bits, a_bits, layout, parallel)
-        func = bitserial_conv2d_primfunc(shape, w_bits, a_bits, layout, parallel)
+        plan = plan_conv2d(shape, w_bits, a_bits, layout, parallel, isa)
+        func = bitserial_conv2d_primfunc(shape, w_bits, a_bits, layout, parallel, isa)
         ins, outs = shape.input_shape(layout), shape.output_shape(layout)
         wshape, wdtype = plan.weights.shape, "uint64"
-        packer = functools.partial(pack_weights, w_bits=w_bits, groups=shape.groups)
+        packer = functools.partial(pack_weights, w_bits=w_bits, groups=shape.groups, lanes=isa.uint64_lanes)
     elif kind == "bitserial_dense":
-        plan = plan_dense(shape, w_bits, a_bits, parallel)
-        func = bitserial_dense_primfunc(shape, w_bits, a_bits, parallel)
+        plan = plan_dense(shape, w_bits, a_bits, parallel, isa)
+        func = bitserial_dense_primfunc(shape, w_bits, a_bits, parallel, isa)
         ins, outs = shape.input_shape(), shape.output_shape()
         wshape, wdtype = plan.weights.shape, "uint64"
-        packer = functools.partial(pack_weights, w_bits=w_bits)
+        packer = functools.partial(pack_weights, w_bits=w_bits, lanes=isa.uint64_lanes)
     elif kind == "int8_conv2d":
-        plan = plan_int8_conv2d(shape, layout, parallel)
-        func = int8_conv2d_primfunc(shape, layout, parallel)
+        # vpdpbusd (AVX-512 VNNI / AVX-VNNI) or vpmaddwd, as isa.int8 says; the packed layout follows it
+        plan = plan_int8_conv2d(shape, layout, parallel, isa)
+        func = int8_conv2d_primfunc(shape, layout, parallel, isa)
         ins, outs = shape.input_shape(layout), shape.output_shape(layout)
         wshape, wdtype = plan.weight_shape, "int8"
-        packer = functools.partial(pack_int8_weights, groups=shape.groups)
+        packer = functools.partial(pack_int8_weights, groups=shape.groups, isa=isa)
     elif kind == "int8_dense":
-        plan = plan_int8_conv2d(dense_as_conv(shape), "NCHW", parallel)
-        func = int8_dense_primfunc(shape, parallel)
+        plan = plan_int8_conv2d(dense_as_conv(shape), "NCHW", parallel, isa)
+        func = int8_dense_primfunc(shape, parallel, isa)
         ins, outs = shape.input_shape(), shape.output_shape()
         wshape, wdtype = plan.weight_shape, "int8"
-        packer = pack_int8_weights
+        packer = functools.partial(pack_int8_weights, isa=isa)
     else:
         raise ValueError(f"unknown kernel kind {kind!r}")
     return BuiltKernel(
@@ -195,12 +197,17 @@ def build_bitserial_dense(shape: DenseShape, w_bits: int, a_bits: int, target=No
 
 
 def build_int8_conv2d(shape: ConvShape, target=None, layout: str = "NCHW", parallel: bool | None = None) -> BuiltKernel:
-    """Compile the plain int8 conv2d baseline (cached)."""
+    """Compile the plain int8 conv2d baseline (cached).
+
+    The inner product follows ``vector_isa(target).int8``: ``vpdpbusd`` where the target has
+    AVX-512 VNNI (zmm) or AVX-VNNI (ymm), ``vpmaddwd`` otherwise; ``kernel.pack(q)`` lays the
+    weights out for it.
+    """
     return _cached_build("int8_conv2d", shape, 8, 8, layout, parallel, _target_json(target))
 
 
 def build_int8_dense(shape: DenseShape, target=None, parallel: bool | None = None) -> BuiltKernel:
-    """Compile the plain int8 dense baseline (cached)."""
+    """Compile the plain int8 dense baseline (cached; the ISA as in :func:`build_int8_conv2d`)."""
     return _cached_build("int8_dense", shape, 8, 8, "NC", parallel, _target_json(target))
 
 

@@ -9,7 +9,9 @@ bit pairs that always includes 1-bit weights, odd widths and 8x8.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 import zlib
 
 import numpy as np
@@ -20,8 +22,11 @@ from hypothesis import strategies as st
 import releq_tvm.kernels as K
 from releq_tvm.kernels.bench import CSV_COLUMNS, bench_kernels, measure_popcount_peak
 from releq_tvm.kernels.encoding import WORD_BITS, bit_planes, pack_bits_along
+from releq_tvm.kernels.target import vector_isa
 
 SEED = 20240611
+#: uint64 lanes of this host's vector unit: kernels built for the host read weights packed for it
+HOST_LANES = K.vector_isa().uint64_lanes
 
 
 def rng_for(*key) -> np.random.Generator:
@@ -120,19 +125,30 @@ def test_pack_bits_along_puts_element_64w_plus_j_in_bit_j_of_word_w():
 
 
 @pytest.mark.parametrize(
-    "shape, mode, packed",
+    "shape, lanes, mode, packed",
     [
-        (K.ConvShape(8, 8, (9, 9), (3, 3), groups=8), "window", (8, 1, 1, 3)),
-        (K.ConvShape(1, 6, (28, 28), (5, 5)), "window", (1, 6, 1, 3)),
-        (K.ConvShape(3, 64, (227, 227), (11, 11), stride=4), "folded", (1, 4, 11, 1, 1, 3, 16)),
-        (K.ConvShape(16, 20, (8, 8), (3, 3)), "folded", (1, 3, 3, 1, 1, 3, 8)),
-        (K.ConvShape(33, 9, (8, 8), (5, 5)), "channel", (1, 1, 5, 5, 1, 3, 16)),
-        (K.ConvShape(130, 3, (8, 8), (1, 1)), "channel", (1, 1, 1, 1, 3, 3, 4)),
+        (K.ConvShape(8, 8, (9, 9), (3, 3), groups=8), 4, "window", (8, 1, 1, 3)),
+        (K.ConvShape(8, 8, (9, 9), (3, 3), groups=8), 8, "window", (8, 1, 1, 3)),
+        (K.ConvShape(1, 6, (28, 28), (5, 5)), 4, "window", (1, 6, 1, 3)),
+        (K.ConvShape(3, 64, (227, 227), (11, 11), stride=4), 4, "folded", (1, 4, 11, 1, 1, 3, 16)),
+        (K.ConvShape(3, 64, (227, 227), (11, 11), stride=4), 8, "folded", (1, 2, 11, 1, 1, 3, 32)),
+        (K.ConvShape(16, 20, (8, 8), (3, 3)), 4, "folded", (1, 3, 3, 1, 1, 3, 8)),
+        (K.ConvShape(16, 20, (8, 8), (3, 3)), 8, "folded", (1, 1, 3, 1, 1, 3, 32)),
+        (K.ConvShape(33, 9, (8, 8), (5, 5)), 4, "channel", (1, 1, 5, 5, 1, 3, 16)),
+        (K.ConvShape(33, 9, (8, 8), (5, 5)), 8, "channel", (1, 1, 5, 5, 1, 3, 16)),
+        (K.ConvShape(130, 3, (8, 8), (1, 1)), 4, "channel", (1, 1, 1, 1, 3, 3, 4)),
+        (K.ConvShape(130, 3, (8, 8), (1, 1)), 8, "channel", (1, 1, 1, 1, 3, 3, 8)),
     ],
 )
-def test_conv_weight_layout_modes_and_shapes(shape, mode, packed):
-    layout = K.conv_weight_layout(shape, 3)
+def test_conv_weight_layout_modes_and_shapes(shape, lanes, mode, packed):
+    """The output-channel tile is 1, 2 or 4 registers of the target's uint64 lanes (4 AVX2, 8 AVX-512)."""
+    layout = K.conv_weight_layout(shape, 3, lanes)
     assert (layout.mode, layout.shape) == (mode, packed)
+
+
+def test_weight_layout_rejects_a_lane_count_no_target_has():
+    with pytest.raises(ValueError, match="lanes"):
+        K.conv_weight_layout(K.ConvShape(16, 16, (8, 8), (3, 3)), 2, 16)
 
 
 @pytest.mark.parametrize(
@@ -144,19 +160,20 @@ def test_conv_weight_layout_modes_and_shapes(shape, mode, packed):
         K.ConvShape(8, 12, (8, 8), (3, 3), groups=4),  # folded, 3 groups of outputs per group
     ],
 )
-def test_pack_weights_puts_each_weight_bit_where_the_layout_says(shape):
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_pack_weights_puts_each_weight_bit_where_the_layout_says(shape, lanes):
     """Set one bit of one weight's code and find it at the documented coordinates."""
     w_bits = 3
     _, m = K.weight_scale_offset(w_bits)
-    layout = K.conv_weight_layout(shape, w_bits)
+    layout = K.conv_weight_layout(shape, w_bits, lanes)
     kh, kw = shape.kernel
     cg, og = shape.in_per_group, shape.out_per_group
-    rng = rng_for("layout", shape)
+    rng = rng_for("layout", shape, lanes)
     for _ in range(6):
         o, c, i, j, b = (int(rng.integers(n)) for n in (shape.out_channels, cg, kh, kw, w_bits))
         q = np.full(shape.weight_shape(), -m)  # code u = 0 everywhere
         q[o, c, i, j] = (1 << b) - m  # code u = 2^b
-        packed = K.pack_weights(q, w_bits, shape.groups)
+        packed = K.pack_weights(q, w_bits, shape.groups, lanes=lanes)
         assert packed.shape == layout.shape and packed.dtype == np.uint64
         g, ol = divmod(o, og)
         if layout.mode == "window":
@@ -372,7 +389,8 @@ def test_bitserial_extreme_levels_and_padding_reach_the_int32_sums(w_bits, a_bit
     for level in (lo, hi):
         q = np.full(shape.weight_shape(), level)
         _check_conv(shape, "NCHW", w_bits, a_bits, x=x, q=q)
-        out = K.build_bitserial_conv2d(shape, w_bits, a_bits)(x, K.pack_weights(q, w_bits))
+        kernel = K.build_bitserial_conv2d(shape, w_bits, a_bits)
+        out = kernel(x, kernel.pack(q))
         corner, centre = 64 * 4 * level * (2**a_bits - 1), 64 * 9 * level * (2**a_bits - 1)
         assert out[0, 0, 0, 0] == corner and out[0, 0, 2, 2] == centre
 
@@ -457,6 +475,156 @@ def test_int8_pack_rejects_out_of_range():
         K.pack_int8_weights(np.array([[128]]))
 
 
+# int8 on AVX-512 VNNI (vpdpbusd) and on AVX2 (vpmaddwd), chosen from the target
+
+HOST_INT8 = vector_isa().int8
+needs_vnni = pytest.mark.skipif(
+    HOST_INT8 != "avx512-vnni", reason=f"this host's int8 path is {HOST_INT8!r}, not AVX-512 VNNI (vpdpbusd)"
+)
+
+VNNI_CONV_CASES = [
+    pytest.param(K.ConvShape(16, 32, (8, 8), (3, 3), padding=(1, 1)), "NCHW", None, id="3x3_16_to_32"),
+    pytest.param(K.ConvShape(3, 10, (9, 7), (3, 3), padding=(1, 1)), "NCHW", None, id="odd_3_to_10"),
+    pytest.param(K.ConvShape(17, 33, (7, 9), (3, 3), padding=(1, 1)), "NCHW", None, id="odd_17_to_33"),
+    pytest.param(K.ConvShape(17, 33, (7, 9), (3, 3), padding=(1, 1)), "NHWC", None, id="odd_17_to_33_nhwc"),
+    pytest.param(K.ConvShape(24, 48, (11, 10), (3, 3), stride=2, padding=(1, 1)), "NCHW", None, id="stride2"),
+    pytest.param(K.ConvShape(64, 64, (5, 30), (3, 3), padding=(1, 1)), "NHWC", True, id="64_to_64_parallel_nhwc"),
+    pytest.param(K.ConvShape(32, 40, (6, 6), (3, 3), padding=(1, 1), groups=2), "NCHW", None, id="grouped_2"),
+]
+
+
+def _full_range(rng, shape, layout="NCHW"):
+    """uint8 activations and int8 weights over their whole ranges, both extremes present."""
+    x = rng.integers(0, 256, size=shape.input_shape(layout) if isinstance(shape, K.ConvShape) else shape.input_shape())
+    q = rng.integers(-128, 128, size=shape.weight_shape())
+    x.reshape(-1)[:2], q.reshape(-1)[:3] = 255, (-128, 127, -128)
+    return x.astype(np.uint8), q
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape, layout, parallel", VNNI_CONV_CASES)
+def test_int8_conv2d_vnni_is_exact(shape, layout, parallel):
+    kernel = K.build_int8_conv2d(shape, layout=layout, parallel=parallel)
+    assert "vpdpbusd" in kernel.module.inspect_source("s")
+    tile = kernel.weight_shape[-1] // 4  # channel quads of `tile` outputs
+    assert tile % 16 == 0 and kernel.weight_shape[-2] == -(-shape.in_per_group // 4)
+    x, q = _full_range(rng_for("int8vnni", shape, layout), shape, layout)
+    np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.conv2d_reference(x, q, shape, layout))
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [K.DenseShape(512, 512), K.DenseShape(100, 10), K.DenseShape(70, 33, batch=3)],
+                         ids=["512x512", "100x10", "70x33_batch3"])
+def test_int8_dense_vnni_is_exact(shape):
+    kernel = K.build_int8_dense(shape)
+    assert "vpdpbusd" in kernel.module.inspect_source("s")
+    x, q = _full_range(rng_for("int8vnni_dense", shape), shape)
+    np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.dense_reference(x, q))
+
+
+@needs_vnni
+def test_int8_vnni_extremes_do_not_saturate():
+    """vpdpbusd, not vpdpbusds: 4 * 255 * -128 per lane and 64 * 9 * 255 * 127 per output stay exact."""
+    shape = K.ConvShape(64, 16, (6, 6), (3, 3), padding=(1, 1))
+    kernel = K.build_int8_conv2d(shape)
+    x = np.full(shape.input_shape(), 255, dtype=np.uint8)
+    for level in (-128, 127):
+        q = np.full(shape.weight_shape(), level)
+        out = kernel(x, kernel.pack(q))
+        np.testing.assert_array_equal(out, K.conv2d_reference(x, q, shape))
+        assert out[0, 0, 2, 2] == 64 * 9 * 255 * level
+
+
+@pytest.mark.skipif(HOST_INT8 not in ("avx512-vnni", "avx-vnni"), reason=f"this host has no VNNI ({HOST_INT8!r})")
+@pytest.mark.parametrize("shape", [K.ConvShape(17, 33, (7, 9), (3, 3), padding=(1, 1)), K.DenseShape(100, 10)],
+                         ids=["conv_17_to_33", "dense_100x10"])
+def test_int8_vnni_on_ymm_is_exact(shape):
+    """The 8-lane ``vpdpbusd.256`` path (AVX-VNNI CPUs), run here as its AVX512-VL encoding."""
+    import tvm
+
+    isa = dataclasses.replace(vector_isa(), int8="avx-vnni")
+    assert isa.int32_lanes == 8
+    dense = isinstance(shape, K.DenseShape)
+    func = K.int8_dense_primfunc(shape, isa=isa) if dense else K.int8_conv2d_primfunc(shape, isa=isa)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.host_target())
+    asm = lib.mod.inspect_source("s")
+    assert re.search(r"vpdpbusd\s[^\n]*ymm", asm) and not re.search(r"vpdpbusd\s[^\n]*zmm", asm)
+    x, q = _full_range(rng_for("int8vnni_ymm", shape), shape)
+    packed = K.pack_int8_weights(q, 1 if dense else shape.groups, isa=isa)
+    assert packed.shape[-1] in (32, 64)  # channel quads of 8 or 16 outputs
+    out = tvm.runtime.tensor(np.zeros(shape.output_shape(), np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(packed), out)
+    expected = K.dense_reference(x, q) if isinstance(shape, K.DenseShape) else K.conv2d_reference(x, q, shape)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        pytest.param(K.ConvShape(16, 32, (8, 8), (3, 3), padding=(1, 1)), "NCHW", id="conv_16_to_32"),
+        pytest.param(K.ConvShape(17, 33, (7, 9), (3, 3), stride=2, padding=(1, 1)), "NHWC", id="conv_17_to_33_s2_nhwc"),
+        pytest.param(K.DenseShape(512, 512), None, id="dense_512x512"),
+        pytest.param(K.DenseShape(100, 10), None, id="dense_100x10"),
+    ],
+)
+def test_int8_pmaddwd_path_for_avx2_targets_is_exact(shape, layout):
+    """Built for ``haswell`` (no VNNI) the kernels keep vpmaddwd on channel pairs; it runs on any AVX2 host."""
+    if isinstance(shape, K.DenseShape):
+        kernel = K.build_int8_dense(shape, target="haswell")
+        x, q = _full_range(rng_for("int8avx2", shape), shape)
+        expected = K.dense_reference(x, q)
+    else:
+        kernel = K.build_int8_conv2d(shape, target="haswell", layout=layout)
+        x, q = _full_range(rng_for("int8avx2", shape, layout), shape, layout)
+        expected = K.conv2d_reference(x, q, shape, layout)
+    asm = kernel.module.inspect_source("s")
+    assert "vpmaddwd" in asm and "vpdpbusd" not in asm
+    assert kernel.weight_shape[-1] in (16, 32)  # channel pairs of 8 or 16 outputs
+    np.testing.assert_array_equal(kernel(x, kernel.pack(q)), expected)
+
+
+@pytest.mark.parametrize("cpu", ["znver4", "icelake-server", "sapphirerapids"])
+def test_int8_vnni_targets_compile_to_vpdpbusd_on_zmm(cpu):
+    """Any host: LLVM emits code for any mcpu. Intel's 'prefer-256-bit' tuning does not narrow
+    the explicit 512-bit intrinsic, so these use zmm too."""
+    assert vector_isa(cpu).int8 == "avx512-vnni"
+    kernel = K.build_int8_dense(K.DenseShape(512, 512), target=cpu)
+    asm = kernel.module.inspect_source("s")
+    assert re.search(r"vpdpbusd\s[^\n]*zmm", asm) and "vpmaddwd" not in asm
+    assert kernel.weight_shape == (1, 512 // 64, 1, 1, 128, 4 * 64)
+
+
+def test_int8_avx_vnni_target_compiles_to_vex_vpdpbusd_on_ymm():
+    """An AVX-VNNI CPU without AVX-512 (Alder Lake) gets the VEX ``{vex} vpdpbusd`` on ymm."""
+    assert vector_isa("alderlake").int8 == "avx-vnni"
+    asm = K.build_int8_dense(K.DenseShape(512, 512), target="alderlake").module.inspect_source("s")
+    assert re.search(r"\{vex\}\s*vpdpbusd\s[^\n]*ymm", asm) and "zmm" not in asm
+
+
+def test_int8_avx2_target_compiles_to_vpmaddwd():
+    asm = K.build_int8_dense(K.DenseShape(512, 512), target="haswell").module.inspect_source("s")
+    assert "vpmaddwd" in asm and "vpdpbusd" not in asm
+
+
+def test_pack_int8_weights_vnni_layout_puts_each_weight_where_the_docstring_says():
+    """Channel ``4p + k`` of output ``o`` at ``[g, o // tile, i, j, p, 4 * (o % tile) + k]`` (any host: numpy only)."""
+    isa = vector_isa("znver4")
+    shape = K.ConvShape(34, 66, (8, 8), (3, 2), groups=2)  # per group: 17 channels -> 5 quads, 33 outputs -> 3 x 16
+    mode, wshape = K.int8_weight_shape(shape, isa)
+    assert (mode, wshape) == ("channel", (2, 3, 3, 2, 5, 64))
+    rng = rng_for("int8vnni_layout")
+    q = rng.integers(-128, 128, size=shape.weight_shape())
+    packed = K.pack_int8_weights(q, shape.groups, isa=isa)
+    assert packed.shape == wshape and packed.dtype == np.int8
+    tile, og = 16, shape.out_per_group
+    for o, c, i, j in zip(*(rng.integers(0, n, 40) for n in q.shape)):
+        g, ol = divmod(int(o), og)
+        assert packed[g, ol // tile, i, j, c // 4, 4 * (ol % tile) + c % 4] == q[o, c, i, j]
+    # padding: channels 17..19 and outputs 33..47 of each group are zero
+    assert not packed[:, :, :, :, 4, :].reshape(2, 3, 3, 2, 16, 4)[..., 1:].any()
+    assert not packed[:, 2].reshape(2, 3, 2, 5, 16, 4)[:, :, :, :, og - 2 * tile:].any()
+
+
 # ------------------------------------------------------------------------------------------
 # the API the compile stage uses
 
@@ -470,7 +638,7 @@ def test_primfunc_signatures_are_as_documented():
     func = K.bitserial_conv2d_primfunc(conv, 2, 3)
     assert _params(func) == [
         ("uint8", (1, 16, 8, 8)),
-        ("uint64", K.conv_weight_layout(conv, 2).shape),
+        ("uint64", K.conv_weight_layout(conv, 2, HOST_LANES).shape),
         ("int32", (1, 32, 8, 8)),
     ]
     assert "global_symbol" not in func.attrs  # named by whoever adds it to a module
@@ -479,7 +647,7 @@ def test_primfunc_signatures_are_as_documented():
     dense = K.DenseShape(400, 120)
     assert _params(K.bitserial_dense_primfunc(dense, 1, 1)) == [
         ("uint8", (1, 400)),
-        ("uint64", K.dense_weight_layout(dense, 1).shape),
+        ("uint64", K.dense_weight_layout(dense, 1, HOST_LANES).shape),
         ("int32", (1, 120)),
     ]
     assert _params(K.int8_conv2d_primfunc(conv)) == [
@@ -498,7 +666,7 @@ def test_primfuncs_run_inside_a_relax_module():
     w_bits, a_bits = 2, 3
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(conv.input_shape(), "uint8"))
-    w_conv = relax.Var("w_conv", relax.TensorType(K.conv_weight_layout(conv, w_bits).shape, "uint64"))
+    w_conv = relax.Var("w_conv", relax.TensorType(K.conv_weight_layout(conv, w_bits, HOST_LANES).shape, "uint64"))
     w_int8 = relax.Var("w_int8", relax.TensorType(K.int8_weight_shape(conv)[1], "int8"))
     with builder.function("main", [x, w_conv, w_int8]):
         conv_fn = builder.add_func(K.bitserial_conv2d_primfunc(conv, w_bits, a_bits), "conv_bitserial")
@@ -512,7 +680,7 @@ def test_primfuncs_run_inside_a_relax_module():
     rng = rng_for("relax")
     xv = random_activations(rng, conv.input_shape(), a_bits)
     q = random_weights(rng, conv.weight_shape(), w_bits)
-    y, z = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(K.pack_weights(q, w_bits)),
+    y, z = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(K.pack_weights(q, w_bits, lanes=HOST_LANES)),
                       tvm.runtime.tensor(K.pack_int8_weights(q)))
     expected = K.conv2d_reference(xv, q, conv)
     np.testing.assert_array_equal(y.numpy(), expected)
@@ -544,6 +712,36 @@ def test_measured_peaks_are_positive():
     assert peak.gbinary_ops_per_s > 1 and peak.gmacs_int8_per_s > 0.1 and peak.threads >= 1
 
 
+def _peak_reference(kind: str, args: list[np.ndarray], reps: int) -> np.ndarray:
+    """What the peak loops compute, in numpy: each repetition reads every word once."""
+    if kind == "popcount":
+        a, b = args  # (P, words, vecs, lanes), (P, words, cols)
+        both = a[:, :, None, None, :, :] & b[:, None, :, :, None, None]  # (P, j, k, cols, vecs, lanes)
+        counts = np.unpackbits(both.view(np.uint8), axis=-1).reshape(both.shape + (64,)).sum(-1)
+        return counts.sum(axis=(1, 2)).astype(np.int64) * (reps // a.shape[1])
+    pad, w = args  # (P, words, cols, group), (P, words, vecs, group * lanes)
+    group = pad.shape[-1]
+    w4 = w.reshape(w.shape[:3] + (-1, group)).astype(np.int64)  # (P, words, vecs, lanes, group)
+    # every (k, j) pair meets reps / words times: sum_k pad[k] times sum_j w[j]
+    return np.einsum("pkce,pjvle->pcvl", pad.astype(np.int64), w4) * (reps // pad.shape[1])
+
+
+@pytest.mark.parametrize("cpu", ["host", "haswell"])
+@pytest.mark.parametrize("kind", ["popcount", "int8"])
+def test_peak_loops_do_the_work_they_count(cpu, kind):
+    """The peak kernels compute exactly the sums their op counts claim (no work folded away)."""
+    from releq_tvm.kernels.bench import _peak_module
+
+    lib, tensors, ops = _peak_module(kind, 1, str(K.make_target(cpu)))
+    lib["main"](*tensors)
+    args = [t.numpy() for t in tensors[:-1]]
+    expected = _peak_reference(kind, args, reps=256)
+    np.testing.assert_array_equal(tensors[-1].numpy(), expected)
+    words = args[0].shape[1]
+    per_step = 64 if kind == "popcount" else args[0].shape[-1]  # bits of a word, or MACs of a group
+    assert ops == expected.size * 256 * words * per_step
+
+
 def test_bench_kernels_writes_csv_and_sidecar(tmp_path):
     path = tmp_path / "kernels.csv"
     rows = bench_kernels(str(path), shapes=[("fc", K.DenseShape(128, 16))], bit_pairs=[(1, 1), (2, 2)],
@@ -562,4 +760,58 @@ def test_bench_kernels_writes_csv_and_sidecar(tmp_path):
     assert meta["cpu_model"] and meta["tvm_version"] and "command" in meta
     assert meta["peak_gbinary_ops_per_s"] > 0 and meta["peak_int8_gmacs_per_s"] > 0
     assert isinstance(meta["avx2"], bool)
+    isa = K.vector_isa()
+    assert meta["isa"]["name"] == isa.name and meta["int8_peak_instructions"] and meta["popcount_peak_instructions"]
+    assert [r["isa"] for r in read] == [isa.name, isa.name, isa.int8]
+    # the crossover is the largest w*a whose bit-serial kernel beat int8 on this layer
+    wins = [int(r["w_bits"]) * int(r["a_bits"]) for r in read[:2] if float(r["speedup_vs_int8"]) > 1]
+    assert {r["crossover_wa"] for r in read} == {str(max(wins)) if wins else ""}
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temp files
+
+
+# ------------------------------------------------------------------------------------------
+# codegen: plans follow the target's ISA (LLVM compiles for any mcpu, so these run on any host)
+
+
+def _assembly(func, cpu: str) -> str:
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.make_target(cpu))
+    return lib.mod.inspect_source("s")
+
+
+@pytest.mark.parametrize("cpu", ["znver4", "icelake-server"])
+def test_bitserial_plan_for_avx512_vpopcntdq_uses_vpopcntq_on_zmm(cpu):
+    import re
+
+    isa = K.vector_isa(cpu)
+    assert (isa.name, isa.uint64_lanes, isa.registers) == ("avx512-vpopcntdq", 8, 32)
+    asm = _assembly(K.bitserial_dense_primfunc(K.DenseShape(512, 512), 2, 2, isa=isa), cpu)
+    assert len(re.findall(r"vpopcntq\s+[^\n]*zmm", asm)) >= 8
+    assert "vpshufb" not in asm  # no nibble-table popcount where the hardware has one
+
+
+def test_bitserial_plan_for_avx2_uses_the_nibble_table_popcount():
+    import re
+
+    isa = K.vector_isa("haswell")
+    assert (isa.name, isa.uint64_lanes, isa.registers, isa.int8) == ("avx2", 4, 16, "pmaddwd")
+    asm = _assembly(K.bitserial_dense_primfunc(K.DenseShape(512, 512), 2, 2, isa=isa), "haswell")
+    assert "vpshufb" in asm and "vpopcntq" not in asm and not re.search(r"\bzmm", asm)
+
+
+@pytest.mark.parametrize("cpu", ["haswell", "host"])
+@pytest.mark.parametrize("w_bits, a_bits", [(1, 1), (2, 3), (8, 8)])
+def test_bitserial_exact_on_every_path_this_host_runs(cpu, w_bits, a_bits):
+    """The AVX2 plan (ymm, 4 lanes) and the host's plan (8 lanes on AVX-512) give the same exact sums."""
+    shape = K.ConvShape(40, 36, (7, 9), (3, 3), padding=(1, 1))
+    rng = rng_for("paths", cpu, w_bits, a_bits)
+    x = random_activations(rng, shape.input_shape(), a_bits)
+    q = random_weights(rng, shape.weight_shape(), w_bits)
+    kernel = K.build_bitserial_conv2d(shape, w_bits, a_bits, cpu)
+    np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.conv2d_reference(x, q, shape))
+    dense = K.DenseShape(200, 37)
+    xd = random_activations(rng, dense.input_shape(), a_bits)
+    qd = random_weights(rng, dense.weight_shape(), w_bits)
+    kd = K.build_bitserial_dense(dense, w_bits, a_bits, cpu)
+    np.testing.assert_array_equal(kd(xd, kd.pack(qd)), K.dense_reference(xd, qd))

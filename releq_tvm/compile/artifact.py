@@ -172,9 +172,9 @@ def build_manifest(net: IntegerNetwork, backend: str, batch: int, target, param_
 def compile_network(net: IntegerNetwork, backend: str = "bitserial", batch: int = 1, target=None) -> CompiledNetwork:
     """Lower ``net`` to Relax with ``backend`` kernels and compile it for ``target`` (host by default)."""
     target = resolve_target(target)
-    mod, names = build_relax_module(net, backend, batch)
+    mod, names = build_relax_module(net, backend, batch, target)
     ex = tvm.compile(mod, target=target)
-    params = network_params(net, backend)
+    params = network_params(net, backend, target)
     return CompiledNetwork(build_manifest(net, backend, batch, target, names), params, ex)
 
 

@@ -179,7 +179,7 @@ class LatencyTable:
                 start = time.perf_counter()
                 ex = build_layer("bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
                 compile_s[key] = time.perf_counter() - start
-                args = layer_arguments(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch)
+                args = layer_arguments(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
                 samplers[key] = kernel_sampler(runner, runner.load(ex), args, self.timing)
         net = random_integer_network(network, [BITS_MAX] * len(rows))
         compiled = compile_network(net, "bitserial", self.batch, self.target)

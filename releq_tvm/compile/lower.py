@@ -24,6 +24,7 @@ from releq_tvm.compile.integer import INT32_MAX, INT32_MIN, IntegerNetwork, Laye
 from releq_tvm.errors import ReleqError
 from releq_tvm.networks import LayerSpec
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
+from releq_tvm.kernels.target import vector_isa
 
 #: Kernel families a network can be built with.
 BACKENDS = ("bitserial", "int8")
@@ -46,37 +47,41 @@ def _int8_kernels():
     return module
 
 
-def kernel_primfunc(backend: str, shape: ConvShape | DenseShape, w_bits: int, a_bits: int) -> tvm.tirx.PrimFunc:
-    """The scheduled PrimFunc ``main(data uint8, weights, out int32)`` of one layer."""
+def kernel_primfunc(backend: str, shape: ConvShape | DenseShape, w_bits: int, a_bits: int, target) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc ``main(data uint8, weights, out int32)`` of one layer, planned for
+    ``target``'s vector unit (the weights must be packed for the same target: :func:`packed_weights`)."""
+    isa = vector_isa(target)
     if backend == "bitserial":
         from releq_tvm.kernels.bitserial import bitserial_conv2d_primfunc, bitserial_dense_primfunc
 
         if isinstance(shape, DenseShape):
-            return bitserial_dense_primfunc(shape, w_bits, a_bits)
-        return bitserial_conv2d_primfunc(shape, w_bits, a_bits)
+            return bitserial_dense_primfunc(shape, w_bits, a_bits, isa=isa)
+        return bitserial_conv2d_primfunc(shape, w_bits, a_bits, isa=isa)
     if backend == "int8":
         k = _int8_kernels()
-        return k.int8_dense_primfunc(shape) if isinstance(shape, DenseShape) else k.int8_conv2d_primfunc(shape)
+        return k.int8_dense_primfunc(shape, isa=isa) if isinstance(shape, DenseShape) else k.int8_conv2d_primfunc(shape, isa=isa)
     raise ReleqError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
-def packed_weights(backend: str, q: np.ndarray, w_bits: int, shape: ConvShape | DenseShape) -> np.ndarray:
-    """Weight levels ``q`` (torch layout) in the layout the layer's kernel reads (bit planes, or int8)."""
+def packed_weights(backend: str, q: np.ndarray, w_bits: int, shape: ConvShape | DenseShape, target) -> np.ndarray:
+    """Weight levels ``q`` (torch layout) in the layout the layer's kernel for ``target`` reads
+    (bit planes, or int8)."""
     groups = 1 if isinstance(shape, DenseShape) else shape.groups
+    isa = vector_isa(target)
     if backend == "bitserial":
         from releq_tvm.kernels.encoding import pack_weights
 
-        return pack_weights(q, w_bits, groups=groups)
-    return _int8_kernels().pack_int8_weights(q, groups=groups)
+        return pack_weights(q, w_bits, groups=groups, lanes=isa.uint64_lanes)
+    return _int8_kernels().pack_int8_weights(q, groups=groups, isa=isa)
 
 
-def network_params(net: IntegerNetwork, backend: str = "bitserial") -> "OrderedDict[str, np.ndarray]":
-    """The arrays ``main`` takes after the input, by name, in call order."""
+def network_params(net: IntegerNetwork, backend: str, target) -> "OrderedDict[str, np.ndarray]":
+    """The arrays ``main`` takes after the input, by name, in call order (weights packed for ``target``)."""
     params: OrderedDict[str, np.ndarray] = OrderedDict()
     for lq in net.layers:
         i = lq.spec.index
         per_channel = (1, -1) if lq.spec.kind == "dense" else (1, -1, 1, 1)
-        params[f"l{i}_weight"] = packed_weights(backend, lq.q, lq.w_bits, layer_shape(lq.spec, 1))
+        params[f"l{i}_weight"] = packed_weights(backend, lq.q, lq.w_bits, layer_shape(lq.spec, 1), target)
         params[f"l{i}_mult"] = lq.mult.reshape(per_channel)
         params[f"l{i}_offset"] = lq.offset.reshape(per_channel)
         params[f"l{i}_shift"] = lq.shift.reshape(per_channel)
@@ -91,13 +96,13 @@ def _kernel_bits(backend: str, lq: LayerQuant) -> tuple[int, int]:
     return (lq.w_bits, lq.a_bits) if backend == "bitserial" else (8, 8)
 
 
-def build_relax_module(net: IntegerNetwork, backend: str = "bitserial", batch: int = 1) -> tuple[tvm.IRModule, list[str]]:
-    """The Relax IRModule of ``net`` and the parameter names ``main`` takes after the input.
+def build_relax_module(net: IntegerNetwork, backend: str, batch: int, target) -> tuple[tvm.IRModule, list[str]]:
+    """The Relax IRModule of ``net`` for ``target`` and the parameter names ``main`` takes after the input.
 
     ``main(x: uint8 (batch, C, H, W), *params) -> int32 (batch, classes)``; the output is the
     fixed-point logits (``* 2^-F`` gives the real ones).
     """
-    params = network_params(net, backend)
+    params = network_params(net, backend, target)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((batch, *net.input_shape), "uint8"))
     pvars = OrderedDict((name, relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))) for name, arr in params.items())
@@ -110,7 +115,7 @@ def build_relax_module(net: IntegerNetwork, backend: str = "bitserial", batch: i
         key = (shape, wb, ab)
         if key not in kernels:
             name = f"{backend}_{lq.spec.kind}{len(kernels)}_w{wb}a{ab}"
-            func = kernel_primfunc(backend, shape, wb, ab).with_attrs({"op_pattern": _OPAQUE, "global_symbol": name})
+            func = kernel_primfunc(backend, shape, wb, ab, target).with_attrs({"op_pattern": _OPAQUE, "global_symbol": name})
             kernels[key] = bb.add_func(func, name)
 
     def i64(value):

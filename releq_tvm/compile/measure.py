@@ -176,12 +176,13 @@ def build_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch:
     if backend == "fp32":
         return tvm.compile(_fp32_layer_module(layer, batch), target=target)
     wb, ab = (w_bits, a_bits) if backend == "bitserial" else (8, 8)
-    func = kernel_primfunc(backend, shape, wb, ab).with_attr("global_symbol", "main")
+    func = kernel_primfunc(backend, shape, wb, ab, target).with_attr("global_symbol", "main")
     return tvm.compile(tvm.IRModule({"main": func}), target=target)
 
 
-def layer_arguments(runner: Runner, backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, seed: int = 0):
-    """Seeded inputs (and the output buffer, for kernels) of :func:`build_layer`'s function."""
+def layer_arguments(runner: Runner, backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target,
+                    seed: int = 0):
+    """Seeded inputs (and the output buffer, for kernels) of :func:`build_layer`'s function for ``target``."""
     from releq_tvm.compile.lower import packed_weights
 
     rng = np.random.default_rng(seed)
@@ -195,7 +196,7 @@ def layer_arguments(runner: Runner, backend: str, layer: LayerSpec, w_bits: int,
         return args
     wb, ab = (w_bits, a_bits) if backend == "bitserial" else (8, 8)
     x = _random_levels(shape.input_shape() if isinstance(shape, DenseShape) else shape.input_shape("NCHW"), ab, rng)
-    w = packed_weights(backend, _random_weight_levels(shape, wb, rng), wb, shape)
+    w = packed_weights(backend, _random_weight_levels(shape, wb, rng), wb, shape, target)
     out_shape = shape.output_shape() if isinstance(shape, DenseShape) else shape.output_shape("NCHW")
     return [runner.tensor(x), runner.tensor(w), runner.empty(out_shape, "int32")]
 
@@ -242,7 +243,7 @@ def measure_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batc
     start = time.perf_counter()
     ex = build_layer(backend, layer, w_bits, a_bits, batch, target)
     compile_s = time.perf_counter() - start
-    args = layer_arguments(runner, backend, layer, w_bits, a_bits, batch)
+    args = layer_arguments(runner, backend, layer, w_bits, a_bits, batch, target)
     if backend == "fp32":
         timing = time_vm(runner, runner.vm(ex), args, config)
     else:
@@ -360,7 +361,7 @@ def measure_network(
                 start = time.perf_counter()
                 ex = build_layer(backend, row, lw, la, batch, target)
                 layer_compile_s[key] = time.perf_counter() - start
-                args = layer_arguments(runner, backend, row, lw, la, batch)
+                args = layer_arguments(runner, backend, row, lw, la, batch, target)
                 samplers[key] = (vm_sampler(runner, runner.vm(ex), args, config) if backend == "fp32"
                                  else kernel_sampler(runner, runner.load(ex), args, config))
             keys.append(key)
