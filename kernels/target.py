@@ -4,7 +4,8 @@ TVM 0.27 only accepts a target as a dict (``{"kind": "llvm", "mtriple": ..., "mc
 a target string and ``mcpu=native`` fail. :func:`host_target` asks LLVM which CPU it runs on
 (``znver3`` on a Zen 3 machine) so nothing here hard-codes a CPU name; :func:`make_target`
 turns whatever a caller passes into a checked x86 target, or raises a one-line ``ValueError``.
-The schedules assume x86 with AVX2 for speed but stay correct on any x86-64 CPU.
+Plans read the vector unit (lanes, registers, int8 instruction) from :func:`vector_isa`; the
+kernels stay correct on any x86-64 CPU.
 """
 
 from __future__ import annotations
