@@ -8,6 +8,7 @@ returns exact int32 results. Import it as ``releq_tvm.kernels``.
   weight layouts and :func:`pack_weights`;
 * :mod:`.bitserial`: the bit-serial TE computes + TensorIR schedules and their PrimFuncs;
 * :mod:`.int8`: the plain int8 kernels (``vpdpbusd`` on AVX-512 VNNI / AVX-VNNI, else AVX2 ``vpmaddwd``);
+* :mod:`.epilogue`: the output stage (requantize, residual, ReLU, next quantizer) as data;
 * :mod:`.common`: TE helpers both share (layouts, padded input reads);
 * :mod:`.reference`: int64 numpy references;
 * :mod:`.runtime`: build / run / measure helpers;
@@ -34,6 +35,7 @@ from .encoding import (
     weight_level_range,
     weight_scale_offset,
 )
+from .epilogue import PLAIN, Epilogue, epilogue_reference
 from .int8 import int8_conv2d_primfunc, int8_dense_primfunc, int8_weight_shape, pack_int8_weights
 from .reference import conv2d_reference, dense_reference
 from .runtime import (
@@ -51,6 +53,8 @@ from .target import VectorIsa, host_target, make_target, vector_isa
 
 __all__ = [
     "BuiltKernel",
+    "Epilogue",
+    "PLAIN",
     "ConvShape",
     "DenseShape",
     "Timing",
@@ -70,6 +74,7 @@ __all__ = [
     "dense_reference",
     "dense_weight_layout",
     "encode_weights",
+    "epilogue_reference",
     "host_target",
     "int8_conv2d_primfunc",
     "int8_dense_primfunc",

@@ -36,7 +36,7 @@ from .runtime import (
     build_int8_dense,
 )
 from .shapes import ConvShape, DenseShape
-from .target import make_target, target_has_avx2, vector_isa
+from .target import make_target, target_has_avx2, tvm_threads, vector_isa
 
 #: Representative layers: LeNet-5 conv2, a ResNet-20 stage-3 conv, a ResNet-20 stage-1 conv,
 #: LeNet-5 fc1, a 512x512 fully connected layer and a MobileNet-style depthwise 3x3.
@@ -72,11 +72,8 @@ class Peak:
 
 
 def _threads() -> int:
-    """Threads TVM's pool runs parallel loops on (``TVM_NUM_THREADS`` or one per core)."""
-    env = os.environ.get("TVM_NUM_THREADS")
-    if env and env.isdigit():
-        return int(env)
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """Threads TVM's pool runs parallel loops on (:func:`tvm_threads`)."""
+    return tvm_threads()
 
 
 #: What each peak loop runs, by kind and ISA, for the provenance sidecar.

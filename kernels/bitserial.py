@@ -33,7 +33,16 @@ from dataclasses import dataclass
 import tvm
 from tvm import te, tirx
 
-from .common import check_layout, dense_as_conv, has_block, input_loader, output_index_map, without_global_symbol
+from .common import (
+    check_layout,
+    dense_as_conv,
+    has_block,
+    input_loader,
+    output_index_map,
+    vectorize_output,
+    without_global_symbol,
+)
+from .epilogue import PLAIN, Epilogue, output_stage
 from .encoding import (
     WORD_BITS,
     WeightLayout,
@@ -369,36 +378,30 @@ def _conv_graph(plan: BitserialPlan, x: te.Tensor, w: te.Tensor):
     return total, (lambda n, g, i, j, o: total[n, g, i, j, o])
 
 
-def _epilogue(plan: BitserialPlan, total_at, out_shape, index_map) -> te.Tensor:
-    og = plan.shape.out_per_group
-
-    def value(*idx):
-        n, oc, i, j = index_map(*idx)
-        return total_at(n, oc // og, i, j, oc % og).astype("int32")
-
-    return te.compute(out_shape, value, name="out")
+def _output_stage(plan: BitserialPlan, total_at, out_shape, index_map, epilogue: Epilogue):
+    return output_stage(epilogue, total_at, out_shape, index_map, plan.shape.out_channels, plan.shape.out_per_group)
 
 
-def conv2d_tensors(plan: BitserialPlan) -> list[te.Tensor]:
-    """``[data (uint8), weight_planes (uint64), out (int32)]`` of a bit-serial conv2d."""
+def conv2d_tensors(plan: BitserialPlan, epilogue: Epilogue = PLAIN) -> list[te.Tensor]:
+    """``[data (uint8), weight_planes (uint64), *epilogue arguments, out]`` of a bit-serial conv2d."""
     s = plan.shape
     x = te.placeholder(s.input_shape(plan.layout), "uint8", name="data")
     w = te.placeholder(plan.weights.shape, "uint64", name="weight_planes")
     _, total_at = _conv_graph(plan, x, w)
-    out = _epilogue(plan, total_at, s.output_shape(plan.layout), output_index_map(plan.layout))
-    return [x, w, out]
+    extra, out = _output_stage(plan, total_at, s.output_shape(plan.layout), output_index_map(plan.layout), epilogue)
+    return [x, w, *extra, out]
 
 
-def dense_tensors(plan: BitserialPlan) -> list[te.Tensor]:
-    """``[data (uint8, (N, K)), weight_planes (uint64), out (int32, (N, O))]`` of a bit-serial dense."""
+def dense_tensors(plan: BitserialPlan, epilogue: Epilogue = PLAIN) -> list[te.Tensor]:
+    """``[data (uint8, (N, K)), weight_planes (uint64), *epilogue arguments, out ((N, O))]`` of a bit-serial dense."""
     s = plan.shape
     x2 = te.placeholder((s.batch, s.in_channels), "uint8", name="data")
     # the (N, K) input seen as an NCHW 1x1 image; the view is inlined into the pad stage
     x4 = te.compute((s.batch, s.in_channels, 1, 1), lambda n, c, i, j: x2[n, c], name="as_image")
     w = te.placeholder(plan.weights.shape, "uint64", name="weight_planes")
     _, total_at = _conv_graph(plan, x4, w)
-    out = _epilogue(plan, total_at, (s.batch, s.out_channels), lambda n, c: (n, c, 0, 0))
-    return [x2, w, out]
+    extra, out = _output_stage(plan, total_at, (s.batch, s.out_channels), lambda n, c: (n, c, 0, 0), epilogue)
+    return [x2, w, *extra, out]
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,8 +471,7 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
         sch.unroll(loop)
     sch.vectorize(lanes)
     sch.reverse_compute_at(out, tile_loop)
-    if plan.layout == "NCHW" and plan.mode != "window" and plan.pos_tile in (8, 16):
-        sch.vectorize(sch.get_loops(out)[-1])  # neighbouring columns of one output channel
+    vectorize_output(sch, out)
     sch.decompose_reduction(acc, first_reduce)
     for block, loop in decompose_last:
         sch.decompose_reduction(block, loop)
@@ -477,7 +479,8 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
 
 
 def bitserial_conv2d_primfunc(shape: ConvShape, w_bits: int, a_bits: int, layout: str = "NCHW",
-                              parallel: bool | None = None, isa: VectorIsa | None = None) -> tvm.tirx.PrimFunc:
+                              parallel: bool | None = None, isa: VectorIsa | None = None,
+                              epilogue: Epilogue = PLAIN) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weight_planes, out)`` computing a bit-serial conv2d.
 
     Arguments (destination-passing, as ``relax.call_tir`` expects):
@@ -486,26 +489,30 @@ def bitserial_conv2d_primfunc(shape: ConvShape, w_bits: int, a_bits: int, layout
       ``[0, 2^a_bits - 1]`` (only the low ``a_bits`` bits are read);
     * ``weight_planes``: uint64 ``conv_weight_layout(shape, w_bits, isa.uint64_lanes).shape``
       from :func:`pack_weights` with the same lanes;
-    * ``out``: int32 ``(N, O, OH, OW)`` (NCHW) or ``(N, OH, OW, O)`` (NHWC), the exact ``sum q*x``.
+    * the ``epilogue``'s arguments (:func:`releq_tvm.kernels.epilogue.epilogue_placeholders`), if any;
+    * ``out``: ``(N, O, OH, OW)`` (NCHW) or ``(N, OH, OW, O)`` (NHWC): the exact ``sum q*x`` as int32
+      (the default epilogue), or what the ``epilogue`` makes of it (int32, or uint8 levels).
 
     The function carries no ``global_symbol``: name it when adding it to a module
     (``relax.BlockBuilder.add_func(func, "conv3")``) or with
     ``func.with_attr("global_symbol", name)`` before building it alone.
     """
     plan = plan_conv2d(shape, w_bits, a_bits, layout, parallel, isa)
-    return without_global_symbol(schedule_bitserial(te.create_prim_func(conv2d_tensors(plan)), plan))
+    return without_global_symbol(schedule_bitserial(te.create_prim_func(conv2d_tensors(plan, epilogue)), plan))
 
 
 def bitserial_dense_primfunc(shape: DenseShape, w_bits: int, a_bits: int,
-                             parallel: bool | None = None, isa: VectorIsa | None = None) -> tvm.tirx.PrimFunc:
+                             parallel: bool | None = None, isa: VectorIsa | None = None,
+                             epilogue: Epilogue = PLAIN) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weight_planes, out)`` computing a bit-serial dense layer.
 
     * ``data``: uint8 ``(N, in_features)`` in ``[0, 2^a_bits - 1]``;
     * ``weight_planes``: uint64 ``dense_weight_layout(shape, w_bits, isa.uint64_lanes).shape`` from
       :func:`pack_weights` with the same lanes;
-    * ``out``: int32 ``(N, out_features)``, the exact ``x @ q.T``.
+    * the ``epilogue``'s arguments, if any;
+    * ``out``: ``(N, out_features)``, the exact ``x @ q.T`` as int32, or the ``epilogue``'s output.
 
     No ``global_symbol``, as for :func:`bitserial_conv2d_primfunc`.
     """
     plan = plan_dense(shape, w_bits, a_bits, parallel, isa)
-    return without_global_symbol(schedule_bitserial(te.create_prim_func(dense_tensors(plan)), plan))
+    return without_global_symbol(schedule_bitserial(te.create_prim_func(dense_tensors(plan, epilogue)), plan))

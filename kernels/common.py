@@ -58,3 +58,15 @@ def without_global_symbol(func):
     leftover "main" symbol would clash with the Relax ``main``.
     """
     return func.without_attr("global_symbol") if "global_symbol" in func.attrs else func
+
+
+def vectorize_output(sch, out_block) -> None:
+    """Vectorise the innermost loop of a kernel's ``out`` block (after it was moved into the tile loop).
+
+    That loop walks the output buffer's contiguous axis (columns in NCHW, channels in NHWC), so
+    the epilogue (int64 requantization, clips, the next quantizer) runs on vectors and the
+    stores are vector stores.
+    """
+    loops = sch.get_loops(out_block)
+    if loops and int(sch.get(loops[-1]).extent) > 1:
+        sch.vectorize(loops[-1])

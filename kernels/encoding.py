@@ -122,15 +122,6 @@ def decode_weights(u: np.ndarray, w_bits: int) -> np.ndarray:
     return s * np.asarray(u).astype(np.int64) - m
 
 
-def check_activations(x: np.ndarray, a_bits: int) -> np.ndarray:
-    """``x`` as uint8 after checking every value is a level of ``a_bits``; raises ValueError otherwise."""
-    x = np.asarray(x)
-    lo, hi = activation_level_range(a_bits)
-    if x.size and (x.min() < lo or x.max() > hi):
-        raise ValueError(f"{a_bits}-bit activations must lie in [{lo}, {hi}]; got [{x.min()}, {x.max()}]")
-    return x.astype(np.uint8)
-
-
 def pack_bits_along(bits01: np.ndarray, axis: int) -> np.ndarray:
     """Pack a 0/1 array along ``axis`` into uint64 words (bit ``j`` of word ``w`` = element ``64w+j``).
 

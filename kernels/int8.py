@@ -41,8 +41,17 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from .common import check_layout, dense_as_conv, has_block, input_loader, output_index_map, without_global_symbol
+from .common import (
+    check_layout,
+    dense_as_conv,
+    has_block,
+    input_loader,
+    output_index_map,
+    vectorize_output,
+    without_global_symbol,
+)
 from .encoding import round_up
+from .epilogue import PLAIN, Epilogue, output_stage
 from .shapes import ConvShape, DenseShape
 from .target import VectorIsa, vector_isa
 
@@ -338,33 +347,28 @@ def _int8_graph(plan: Int8Plan, x: te.Tensor, w: te.Tensor):
     return lambda n, g, i, j, o: acc[n, g, i, j, o]
 
 
-def _crop(plan: Int8Plan, acc_at, out_shape, index_map) -> te.Tensor:
-    og = plan.shape.out_per_group
-
-    def value(*idx):
-        n, oc, i, j = index_map(*idx)
-        return acc_at(n, oc // og, i, j, oc % og)
-
-    return te.compute(out_shape, value, name="out")
+def _crop(plan: Int8Plan, acc_at, out_shape, index_map, epilogue: Epilogue):
+    return output_stage(epilogue, acc_at, out_shape, index_map, plan.shape.out_channels, plan.shape.out_per_group)
 
 
-def int8_conv2d_tensors(plan: Int8Plan) -> list[te.Tensor]:
-    """``[data (uint8), weights (int8), out (int32)]`` of an int8 conv2d."""
+def int8_conv2d_tensors(plan: Int8Plan, epilogue: Epilogue = PLAIN) -> list[te.Tensor]:
+    """``[data (uint8), weights (int8), *epilogue arguments, out]`` of an int8 conv2d."""
     s = plan.shape
     x = te.placeholder(s.input_shape(plan.layout), "uint8", name="data")
     w = te.placeholder(plan.weight_shape, "int8", name="weights")
-    out = _crop(plan, _int8_graph(plan, x, w), s.output_shape(plan.layout), output_index_map(plan.layout))
-    return [x, w, out]
+    extra, out = _crop(plan, _int8_graph(plan, x, w), s.output_shape(plan.layout), output_index_map(plan.layout),
+                       epilogue)
+    return [x, w, *extra, out]
 
 
-def int8_dense_tensors(plan: Int8Plan) -> list[te.Tensor]:
-    """``[data (uint8, (N, K)), weights (int8), out (int32, (N, O))]`` of an int8 dense layer."""
+def int8_dense_tensors(plan: Int8Plan, epilogue: Epilogue = PLAIN) -> list[te.Tensor]:
+    """``[data (uint8, (N, K)), weights (int8), *epilogue arguments, out ((N, O))]`` of an int8 dense layer."""
     s = plan.shape
     x2 = te.placeholder((s.batch, s.in_channels), "uint8", name="data")
     x4 = te.compute((s.batch, s.in_channels, 1, 1), lambda n, c, i, j: x2[n, c], name="as_image")
     w = te.placeholder(plan.weight_shape, "int8", name="weights")
-    out = _crop(plan, _int8_graph(plan, x4, w), (s.batch, s.out_channels), lambda n, c: (n, c, 0, 0))
-    return [x2, w, out]
+    extra, out = _crop(plan, _int8_graph(plan, x4, w), (s.batch, s.out_channels), lambda n, c: (n, c, 0, 0), epilogue)
+    return [x2, w, *extra, out]
 
 
 def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
@@ -403,8 +407,7 @@ def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
     if plan.parallel:
         sch.parallel(chunk)
     sch.reverse_compute_at(out, tile_loop)
-    if plan.layout == "NCHW" and plan.mode == "channel" and plan.pos_tile == 8:
-        sch.vectorize(sch.get_loops(out)[-1])  # 8 neighbouring columns of one output channel
+    vectorize_output(sch, out)
     init = sch.decompose_reduction(acc, rkh)
     if product is not None:
         sch.vectorize(sch.get_loops(init)[-1])
@@ -416,7 +419,7 @@ def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
 
 
 def int8_conv2d_primfunc(shape: ConvShape, layout: str = "NCHW", parallel: bool | None = None,
-                         isa: VectorIsa | None = None) -> tvm.tirx.PrimFunc:
+                         isa: VectorIsa | None = None, epilogue: Epilogue = PLAIN) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weights, out)`` computing an exact int8 conv2d for ``isa``.
 
     ``isa`` (default: this host's, :func:`vector_isa`) must match the target the function is
@@ -424,17 +427,19 @@ def int8_conv2d_primfunc(shape: ConvShape, layout: str = "NCHW", parallel: bool 
 
     * ``data``: uint8 ``(N, C, H, W)`` (NCHW) or ``(N, H, W, C)`` (NHWC);
     * ``weights``: int8 ``int8_weight_shape(shape, isa)[1]`` from :func:`pack_int8_weights` (same ``isa``);
-    * ``out``: int32 ``(N, O, OH, OW)`` (NCHW) or ``(N, OH, OW, O)`` (NHWC).
+    * the ``epilogue``'s arguments (:func:`releq_tvm.kernels.epilogue.epilogue_placeholders`), if any;
+    * ``out``: ``(N, O, OH, OW)`` (NCHW) or ``(N, OH, OW, O)`` (NHWC): the exact int32 sum, or the
+      ``epilogue``'s output.
     """
     plan = plan_int8_conv2d(shape, layout, parallel, isa)
-    return without_global_symbol(schedule_int8(te.create_prim_func(int8_conv2d_tensors(plan)), plan))
+    return without_global_symbol(schedule_int8(te.create_prim_func(int8_conv2d_tensors(plan, epilogue)), plan))
 
 
 def int8_dense_primfunc(shape: DenseShape, parallel: bool | None = None,
-                        isa: VectorIsa | None = None) -> tvm.tirx.PrimFunc:
+                        isa: VectorIsa | None = None, epilogue: Epilogue = PLAIN) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weights, out)``: uint8 ``(N, K)`` x int8-packed weights -> int32 ``(N, O)``.
 
-    ``isa`` as in :func:`int8_conv2d_primfunc`.
+    ``isa`` and ``epilogue`` as in :func:`int8_conv2d_primfunc`.
     """
     plan = plan_int8_conv2d(dense_as_conv(shape), "NCHW", parallel, isa)
-    return without_global_symbol(schedule_int8(te.create_prim_func(int8_dense_tensors(plan)), plan))
+    return without_global_symbol(schedule_int8(te.create_prim_func(int8_dense_tensors(plan, epilogue)), plan))

@@ -11,6 +11,7 @@ kernels stay correct on any x86-64 CPU.
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass
 
@@ -152,3 +153,13 @@ def vector_isa(target: tvm.target.Target | None = None) -> VectorIsa:
     if "avx2" in features:
         return VectorIsa("avx2", 4, 16, int8)
     return VectorIsa("x86-64", 4, 16, int8)
+
+
+def tvm_threads() -> int:
+    """Threads TVM's runtime pool runs parallel loops on: ``TVM_NUM_THREADS`` when set, else half the
+    logical CPUs on x86 (TVM assumes two hyperthreads per core), at least 1. Computed, not asked of
+    the runtime: asking creates the pool, which fixes its size before a caller can set the variable."""
+    env = os.environ.get("TVM_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // 2)

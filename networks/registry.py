@@ -8,9 +8,8 @@ This package knows nothing of TVM or RL.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 
 import torch
@@ -43,10 +42,6 @@ class LayerSpec:
     macs: int
     has_bias: bool
 
-    @property
-    def out_positions(self) -> int:
-        return self.out_size[0] * self.out_size[1]
-
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -67,7 +62,6 @@ class NetworkSpec:
     #: How ``published_bits_raw`` maps onto the layers (said in every report that uses it).
     published_bits_note: str = ""
     checkpoint: str | None = None  # file name under networks/checkpoints
-    extra: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, NetworkSpec] = {}
@@ -256,8 +250,3 @@ def total_macs(table: list[LayerSpec]) -> int:
 
 def total_weights(table: list[LayerSpec]) -> int:
     return sum(r.n_weights for r in table)
-
-
-def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Output length of a convolution along one axis (used by tests and kernels alike)."""
-    return math.floor((size + 2 * padding - kernel) / stride) + 1

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
+from releq_tvm.cli_options import bits_option, checkpoint_option
+from releq_tvm.peers import DEFAULT_NETWORKS, DEFAULT_THREADS, PeersConfig
 from releq_tvm.sim.bench import bench_cli as _sim_bench
 
 
 @click.group("bench")
 def bench_group() -> None:
-    """Benchmarks: bit-serial kernels on this CPU, the Stripes simulator's speed."""
+    """Benchmarks: bit-serial kernels on this CPU, the Stripes simulator's speed, our builds against peers."""
 
 
 @bench_group.command("kernels")
@@ -20,6 +22,51 @@ def bench_kernels_cmd(out_path: str) -> None:
 
     bench_kernels(out_path)
     click.echo(f"wrote {out_path}")
+
+
+@bench_group.command("peers")
+@click.argument("networks", metavar="[NET...]", nargs=-1)
+@bits_option(help="Weight bits per layer for every NET (one value = all layers; default: each one's published bits).")
+@click.option("--act-bits", "act_bits_text", default=None, help="Activation bits per layer (default 8 everywhere).")
+@click.option("--threads", "threads_text", default=",".join(map(str, DEFAULT_THREADS)), show_default=True,
+              help="Thread counts, comma-separated.")
+@click.option("--rounds", type=click.IntRange(1), default=PeersConfig.rounds, show_default=True,
+              help="Interleaved timing rounds.")
+@click.option("--accuracy-images", type=click.IntRange(0), default=PeersConfig.accuracy_images, show_default=True,
+              help="MNIST test images for each engine's accuracy (MNIST networks with trained weights; 0 skips).")
+@click.option("--out", "out_path", default="results/peers.csv", show_default=True, help="CSV; the PNG goes beside it.")
+@checkpoint_option
+@click.option("--target", "target_text", default=None, help="Target of our builds (default: this machine's CPU).")
+@click.option("--child-json", default=None, hidden=True, help="Internal: time one thread count, write JSON timings here.")
+def bench_peers_cmd(networks, bits_text, act_bits_text, threads_text, rounds, accuracy_images, out_path, checkpoint,
+                    target_text, child_json) -> None:
+    """Our builds beside torch, onnxruntime and OpenVINO (fp32, int8), same weights -> results/peers.csv + .png.
+
+    Batch 1, one process, interleaved rounds, median and IQR per engine and thread count; NET
+    defaults to lenet resnet20. Needs the peers extra: `pip install 'releq-tvm[peers]'`.
+    """
+    from pathlib import Path
+
+    from releq_tvm import peers
+
+    peers.import_peer_engines()  # one line on what to install, before any build
+    networks = networks or DEFAULT_NETWORKS
+    threads = peers.parse_threads(threads_text)
+    config = peers.PeersConfig(rounds=rounds, accuracy_images=accuracy_images)
+
+    def say(message: str) -> None:
+        click.echo(f"  .. {message}", err=True)
+
+    if child_json:
+        builds = peers.build_peers(networks[0], bits_text, act_bits_text, config, checkpoint, target_text)
+        rows = peers.measure_peers(builds, threads, config, allow_child=False)
+        peers.write_child_timings(rows, child_json)
+        return
+    command = peers.peers_command(networks, bits_text, act_bits_text, threads, rounds, out_path)
+    rows = peers.run_peers(networks, bits_text, act_bits_text, threads, config, out_path, checkpoint, target_text,
+                           command, progress=say)
+    click.echo(peers.format_peers_table(rows))
+    click.echo(f"wrote {out_path} and {Path(out_path).with_suffix('.png')}")
 
 
 bench_group.add_command(_sim_bench.commands["speed"], "sim")

@@ -100,6 +100,12 @@ def load_dataset(dataset: str, split: str, data_dir: str | Path | None = None, l
     indices = range(n)
     if dataset in ("cifar10", "svhn") and split != "test":
         held_out = 5000
+        if n <= held_out:
+            # Without this check a short file gives an empty train split and negative val indices.
+            raise ReleqError(
+                f"the {dataset} training files under {data_dir} hold {n} images, but the last {held_out} "
+                "are held out as the val split; pass the complete torchvision files"
+            )
         indices = range(n - held_out, n) if split == "val" else range(n - held_out)
     if limit is not None:
         indices = list(indices)[:limit]

@@ -106,6 +106,49 @@ def test_int8_baseline_build_equals_numpy_integer_model(mnist_images):
     np.testing.assert_array_equal(compiled.run_levels(levels), integer_forward(net, levels))
 
 
+def _timing_ms(ms: float) -> dict:
+    return {"median_ms": ms, "iqr_ms": 0.0, "min_ms": ms, "max_ms": ms, "repeats": 1}
+
+
+def test_auto_build_takes_the_faster_kernel_per_layer_and_stays_exact(tmp_path, mnist_images):
+    """auto reads both families' latencies from the table; a mixed build is still bit-exact."""
+    net = quantize_network("lenet", LENET_BITS, (8, 2, 2, 4, 1))
+    table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING)
+    bits_ms = [0.010, 0.001, 0.002, 0.003, 0.004]
+    int8_ms = [0.005, 0.004, 0.001, 0.003, 0.008]
+    for row, lq, b, i in zip(layer_table("lenet"), net.layers, bits_ms, int8_ms):
+        table.store(layer_key(row, lq.w_bits, lq.a_bits, "bitserial"), _timing_ms(b), 0.0)
+        table.store(layer_key(row, 8, 8, "int8"), _timing_ms(i), 0.0)
+    compiled = compile_network(net, "auto", batch=2, table=table)
+    chosen = [layer["family"] for layer in compiled.manifest["layers"]]
+    assert chosen == ["int8", "bitserial", "int8", "int8", "bitserial"]  # a tie goes to int8
+    assert compiled.manifest["kernels"] == "auto" and table.builds == 0
+    levels = compiled.quantize_input(mnist_images)
+    np.testing.assert_array_equal(compiled.run_levels(levels), integer_forward(net, levels))
+    # the cost the search sees for auto: the same choice, against the same policy at 8 bits
+    assert table.network_layers_us("lenet", LENET_BITS, (8, 2, 2, 4, 1), "auto") == pytest.approx(
+        [min(b, i) * 1e3 for b, i in zip(bits_ms, int8_ms)])
+
+
+def test_fusion_plan_fuses_residual_relu_and_the_next_quantizer():
+    from releq_tvm.compile.lower import plan_fusion
+
+    lenet = plan_fusion(quantize_network("lenet", 8))
+    # conv -> relu -> maxpool -> conv: the next layer's quantizer runs in the producer (before the pool)
+    first = lenet[next(iter(lenet))]
+    assert first.epilogue.relu and first.epilogue.quantize_bits == 8 and first.quantize_for == 1
+    last = list(lenet.values())[-1]
+    assert last.epilogue.label == "rq" and last.quantize_for is None  # the logits stay int32
+    tiny = quantize_network("tiny", 8, model=_tiny_model(), calibration=torch.rand((2, 3, 16, 16)),
+                            input_shape=(3, 16, 16))
+    fused = plan_fusion(tiny)
+    residuals = [f for f in fused.values() if f.residual is not None]
+    assert len(residuals) == 2 and all(f.epilogue.relu for f in residuals)
+    # a value read twice (the shortcut) is never quantized in its producer
+    stem = fused[next(iter(fused))]
+    assert stem.epilogue.relu and stem.epilogue.quantize_bits is None
+
+
 def test_lenet_integer_model_tracks_fake_quant_torch(lenet_net, mnist_images):
     _, values = integer_forward(lenet_net, lenet_net.quantize_input(mnist_images), keep=True)
     # every layer's quantized input equals torch's fake-quantized input on almost every element
@@ -403,7 +446,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_rpc_measurement_against_a_local_server(tmp_path):
     """A TVM RPC server on 127.0.0.1 (its own process group, so it and its workers are ended together)."""
-    from releq_tvm.compile.measure import Runner
+    from releq_tvm.compile.timing import Runner
 
     port = _free_port()
     log = tmp_path / "server.log"
@@ -431,3 +474,16 @@ def test_rpc_measurement_against_a_local_server(tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait()
+
+
+@pytest.mark.parametrize("env", [None, "1", "2"])
+def test_tvm_threads_is_what_the_runtime_pool_uses(env):
+    """machine_info's thread count (part of every latency-table key) equals TVM's own pool size."""
+    code = ("import tvm; from releq_tvm.kernels.target import tvm_threads; "
+            "print(tvm_threads(), tvm.get_global_func('runtime.NumThreads')())")
+    environ = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    if env is not None:
+        environ["TVM_NUM_THREADS"] = env
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
+    ours, runtime = out.stdout.split()
+    assert ours == runtime

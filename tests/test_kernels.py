@@ -815,3 +815,74 @@ def test_bitserial_exact_on_every_path_this_host_runs(cpu, w_bits, a_bits):
     qd = random_weights(rng, dense.weight_shape(), w_bits)
     kd = K.build_bitserial_dense(dense, w_bits, a_bits, cpu)
     np.testing.assert_array_equal(kd(xd, kd.pack(qd)), K.dense_reference(xd, qd))
+
+
+# ------------------------------------------------------------------------------------------
+# fused epilogues: requantize, residual, ReLU and the next layer's quantizer in the out stage
+
+EPILOGUES = [
+    K.Epilogue(requantize=True),
+    K.Epilogue(requantize=True, relu=True, quantize_bits=3),
+    K.Epilogue(requantize=True, residual=True, relu=True),
+    K.Epilogue(requantize=True, residual=True, relu=False, quantize_bits=8),
+]
+
+
+def _epilogue_args(epilogue, rng, acc):
+    """Parameters that spread v over about +-2^20 (per-channel signs and scales differ), residuals
+    that saturate int32 both ways, and a quantizer whose levels overflow the range at both ends."""
+    channels = acc.shape[1]
+    args = {}
+    if epilogue.requantize:
+        shift = rng.integers(8, 20, size=channels)
+        scale = (2.0**20 / max(1, int(np.abs(acc).max()))) * rng.uniform(0.5, 1.5, size=channels)
+        scale[0] = -scale[0]
+        args["mult"] = np.round(scale * 2.0**shift).astype(np.int64)
+        args["offset"] = rng.integers(-(2**18), 2**18, size=channels) * (1 << shift) // 4 + (1 << (shift - 1))
+        args["shift"] = shift
+    if epilogue.residual:
+        residual = rng.integers(-(2**21), 2**21, size=acc.shape)
+        residual.flat[:8] = [2**31 - 1, -(2**31)] * 4  # saturation reached both ways
+        args["residual"] = residual
+    if epilogue.quantize_bits:
+        qs = 24
+        args["quant"] = [int(1.5 * 2 ** (qs - 20 + epilogue.quantize_bits)), 1 << (qs - 1), qs]
+    return {k: np.asarray(v, np.int32 if k == "residual" else np.int64) for k, v in args.items()}
+
+
+@pytest.mark.parametrize("family", ["bitserial", "int8"])
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e.label)
+def test_fused_epilogue_equals_the_numpy_steps(family, epilogue):
+    import tvm
+
+    conv = K.ConvShape(24, 20, (7, 9), (3, 3), padding=(1, 1))
+    dense = K.DenseShape(150, 37)
+    rng = rng_for("epilogue", family, epilogue.label)
+    w_bits, a_bits = (2, 3) if family == "bitserial" else (8, 8)
+    for shape in (conv, dense):
+        is_dense = isinstance(shape, K.DenseShape)
+        if family == "bitserial":
+            build = K.bitserial_dense_primfunc if is_dense else K.bitserial_conv2d_primfunc
+            func = build(shape, w_bits, a_bits, epilogue=epilogue)
+        else:
+            build = K.int8_dense_primfunc if is_dense else K.int8_conv2d_primfunc
+            func = build(shape, epilogue=epilogue)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.host_target())
+        x = random_activations(rng, shape.input_shape(), a_bits)
+        q = random_weights(rng, shape.weight_shape(), w_bits)
+        acc = K.dense_reference(x, q) if is_dense else K.conv2d_reference(x, q, shape)
+        extra = _epilogue_args(epilogue, rng, acc)
+        lanes = K.vector_isa()
+        w = (K.pack_weights(q, w_bits, lanes=lanes.uint64_lanes) if family == "bitserial"
+             else K.pack_int8_weights(q, isa=lanes))
+        out = np.zeros(acc.shape, dtype=epilogue.out_dtype)
+        tensors = [tvm.runtime.tensor(a) for a in (x, w, *extra.values(), out)]
+        lib["main"](*tensors)
+        expected = K.epilogue_reference(epilogue, acc, 1, **extra)
+        np.testing.assert_array_equal(tensors[-1].numpy(), expected)
+        if epilogue.quantize_bits:  # the test reaches both ends of the level range
+            assert expected.min() == 0 and expected.max() == 2**epilogue.quantize_bits - 1
+        else:
+            assert (expected > 0).any() and ((expected == 0) if epilogue.relu else (expected < 0)).any()
+        if epilogue.residual and not epilogue.quantize_bits:
+            assert expected.max() == 2**31 - 1  # the saturating add

@@ -49,7 +49,7 @@ class FakeAccuracy:
         return 99.0 - loss
 
 
-def fake_latency(network, w_bits, a_bits=None):
+def fake_latency(network, w_bits, a_bits=None, kernels="bitserial"):
     """Bit-serial-like cost: sum of w*a planes over the 8x8 reference (activations 8 when not searched)."""
     a_bits = a_bits or [8] * len(w_bits)
     return sum(w * a for w, a in zip(w_bits, a_bits)) / (64.0 * len(w_bits))
@@ -84,15 +84,27 @@ def test_sq_backend_is_the_formula():
 def test_cpu_backend_uses_injected_latency_and_memoises():
     calls = []
 
-    def latency(network, w_bits, a_bits=None):
-        calls.append((network, tuple(w_bits), a_bits))
+    def latency(network, w_bits, a_bits=None, kernels="bitserial"):
+        calls.append((network, tuple(w_bits), a_bits, kernels))
         return fake_latency(network, w_bits, a_bits)
 
     cost = CpuLatencyCost("lenet", latency_ratio=latency)
     assert cost.ratio((8, 8, 8, 8, 8)) == pytest.approx(1.0)
     assert cost.ratio((4, 4, 4, 4, 4)) == pytest.approx(0.5)
     assert cost.ratio((4, 4, 4, 4, 4)) == pytest.approx(0.5)
-    assert calls == [("lenet", (8,) * 5, None), ("lenet", (4,) * 5, None)]
+    # the default prices what compile ships (auto); the paper's comparison is one option away
+    assert calls == [("lenet", (8,) * 5, None, "auto"), ("lenet", (4,) * 5, None, "auto")]
+    assert "auto" in cost.describe()
+    paper = CpuLatencyCost("lenet", latency_ratio=latency, kernels="bitserial")
+    paper.ratio((2,) * 5)
+    assert calls[-1][-1] == "bitserial"
+    with pytest.raises(ReleqError, match="--cpu-kernels"):
+        CpuLatencyCost("lenet", kernels="int4")
+
+
+def test_runs_from_before_auto_resume_with_their_bitserial_pricing():
+    assert SearchConfig.from_dict({"network": "lenet", "measure": "cpu"}).cpu_kernels == "bitserial"
+    assert SearchConfig(network="lenet").cpu_kernels == "auto"
 
 
 def test_stripes_backend_ratio_is_one_at_8_bits_and_falls_with_weight_bits():
@@ -410,7 +422,8 @@ def test_search_efficiency_asks_the_oracle_once_per_ppo_episode():
 
 
 def test_search_efficiency_same_budget_for_every_method(tmp_path):
-    from releq_tvm.search.efficiency import compare_search_methods, write_efficiency_csv
+    from releq_tvm.report.search_efficiency import efficiency_png, write_efficiency_csv
+    from releq_tvm.search.efficiency import compare_search_methods
 
     config = SearchConfig(network="lenet", accuracy="none")
     rows = compare_search_methods("lenet", exhaustive_set=(4, 8), config=config, echo=lambda s: None)
@@ -428,8 +441,6 @@ def test_search_efficiency_same_budget_for_every_method(tmp_path):
     assert "network,method,bit_set" in text
     # results/README.md drafts its entry from that header
     from releq_tvm.report.provenance import drafted_section
-
-    from releq_tvm.search.efficiency import efficiency_png
 
     # every method's trace holds its evaluated points in order; the best is the trace's top reward
     for r in rows:

@@ -14,5 +14,6 @@ from releq_tvm.compile.integer import (  # noqa: F401
     quantize_network,
 )
 from releq_tvm.compile.latency_table import LatencyTable, cpu_cost_ratio  # noqa: F401
-from releq_tvm.compile.measure import TimingConfig, measure_network, write_fidelity_csv  # noqa: F401
+from releq_tvm.compile.measure import measure_network, write_fidelity_csv  # noqa: F401
 from releq_tvm.compile.target import resolve_target  # noqa: F401
+from releq_tvm.compile.timing import TimingConfig  # noqa: F401

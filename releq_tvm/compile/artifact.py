@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,10 +34,10 @@ from releq_tvm.errors import ReleqError
 from releq_tvm.quant import quantize_activation_int
 
 from releq_tvm.compile.integer import INPUT_RANGE, IntegerNetwork
-from releq_tvm.compile.lower import build_relax_module, network_params
+from releq_tvm.compile.lower import build_network, layer_kernels
 from releq_tvm.compile.target import machine_info, resolve_target
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: fused epilogues (l{i}_in_quant, per-channel 1-D requantization), per-layer kernels
 LIBRARY = "net.so"
 PARAMS = "params.npz"
 MANIFEST = "manifest.json"
@@ -130,24 +131,26 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_manifest(net: IntegerNetwork, backend: str, batch: int, target, param_names: list[str]) -> dict:
-    """Everything needed to use the library besides the arrays (JSON-able)."""
+def build_manifest(net: IntegerNetwork, kernels: str, families: Sequence[str], batch: int, target,
+                   param_names: list[str]) -> dict:
+    """Everything needed to use the library besides the arrays (JSON-able). ``kernels`` is the policy
+    asked for (``bitserial``, ``int8``, ``auto``), ``families`` what each layer runs."""
     layers = []
-    for lq in net.layers:
+    for lq, family in zip(net.layers, families):
         s = lq.spec
         layers.append({
             "index": s.index, "name": s.name, "kind": s.kind,
             "in_channels": s.in_channels, "out_channels": s.out_channels, "kernel": list(s.kernel),
             "stride": list(s.stride), "padding": list(s.padding), "groups": s.groups,
             "in_size": list(s.in_size), "out_size": list(s.out_size), "macs": s.macs,
-            "w_bits": lq.w_bits, "a_bits": lq.a_bits,
+            "w_bits": lq.w_bits, "a_bits": lq.a_bits, "family": family,
             "weight_step": lq.weight_step, "act_range": lq.act_range, "act_step": lq.act_step,
             "batch_norm": net.graph.batch_norms[s.index],
         })
     return {
         "format": MANIFEST_FORMAT,
         "network": net.network,
-        "backend": backend,
+        "kernels": kernels,
         "w_bits": list(net.w_bits),
         "a_bits": list(net.a_bits),
         "batch": batch,
@@ -169,13 +172,24 @@ def build_manifest(net: IntegerNetwork, backend: str, batch: int, target, param_
     }
 
 
-def compile_network(net: IntegerNetwork, backend: str = "bitserial", batch: int = 1, target=None) -> CompiledNetwork:
-    """Lower ``net`` to Relax with ``backend`` kernels and compile it for ``target`` (host by default)."""
+def compile_network(net: IntegerNetwork, kernels: str | Sequence[str] = "bitserial", batch: int = 1, target=None,
+                    table=None) -> CompiledNetwork:
+    """Lower ``net`` to Relax and compile it for ``target`` (host by default).
+
+    ``kernels``: ``bitserial`` (every layer bit-serial at its bits), ``int8`` (every layer int8),
+    ``auto`` (per layer the faster of the two, from ``table``, default: this machine's latency
+    table, measuring what is missing) or one family per layer. The manifest lists each layer's.
+    """
     target = resolve_target(target)
-    mod, names = build_relax_module(net, backend, batch, target)
-    ex = tvm.compile(mod, target=target)
-    params = network_params(net, backend, target)
-    return CompiledNetwork(build_manifest(net, backend, batch, target, names), params, ex)
+    policy = kernels if isinstance(kernels, str) else "per-layer"
+    if kernels == "auto":
+        from releq_tvm.compile.latency_table import LatencyTable, choose_kernels, default_table
+
+        table = table or (default_table(target) if batch == 1 else LatencyTable(target, batch=batch))
+        kernels = choose_kernels([lq.spec for lq in net.layers], net.w_bits, net.a_bits, table)
+    families = layer_kernels(net, kernels)
+    ex, params = build_network(net, families, batch, target)
+    return CompiledNetwork(build_manifest(net, policy, families, batch, target, list(params)), params, ex)
 
 
 def load_compiled(directory: str | Path, device=None) -> CompiledNetwork:

@@ -319,6 +319,17 @@ def quantize_network(
 # the numpy reference
 
 
+def random_integer_network(network: str, w_bits, a_bits=None, seed: int = 0):
+    """The integer network with seeded random weights and two noise calibration images.
+
+    For timing only: latency does not depend on the weight values, and this skips loading
+    checkpoints and datasets.
+    """
+    spec = get_network_spec(network)
+    calib = torch.rand((2, *spec.input_shape), generator=torch.Generator().manual_seed(seed))
+    return quantize_network(network, w_bits, a_bits, model=create_network(network, seed=seed), calibration=calib)
+
+
 def _rshift_round_clip(x: np.ndarray, mult, offset, shift, lo: int, hi: int) -> np.ndarray:
     y = (x.astype(np.int64) * mult + offset) >> shift
     return np.clip(y, lo, hi)

@@ -25,13 +25,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from releq_tvm.bits import parse_bits
 from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS, cache_dir
 from releq_tvm.io import atomic_write_text
 from releq_tvm.networks import LayerSpec, get_network_spec, layer_table
 
-from releq_tvm.compile.measure import Runner, TimingConfig, measure_layer
+from releq_tvm.compile.integer import random_integer_network
+from releq_tvm.compile.layers import build_layer, layer_arguments, measure_layer
+from releq_tvm.compile.lower import build_network
 from releq_tvm.compile.target import kernels_fingerprint, machine_info, machine_key, resolve_target
+from releq_tvm.compile.timing import Runner, TimingConfig, interleaved_timing, kernel_sampler, vm_sampler
 
 #: Bump when the meaning of a stored number changes (kernel protocol, timing protocol).
 TABLE_FORMAT = 1
@@ -136,13 +141,24 @@ class LatencyTable:
             entry = self.measure(layer, w_bits, a_bits, backend)
         return float(entry["us"])
 
+    def kernel_choice(self, layer: LayerSpec, w_bits: int, a_bits: int) -> str:
+        """The faster kernel family for one layer at its bits: ``bitserial`` or ``int8`` (exact at any
+        bits up to 8); ties go to int8. Both latencies are measured on first request."""
+        bits = self.latency_us(layer, w_bits, a_bits, "bitserial")
+        return "bitserial" if bits < self.latency_us(layer, w_bits, a_bits, "int8") else "int8"
+
     def network_layers_us(self, network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,
                           backend: str = "bitserial") -> list[float]:
-        """Per-layer latencies (us) of ``network`` at the given bits, in layer-table order."""
+        """Per-layer latencies (us) of ``network`` at the given bits, in layer-table order.
+
+        ``backend`` ``auto`` gives each layer the latency of :meth:`kernel_choice`'s kernel.
+        """
         rows = layer_table(network)
         w = parse_bits(list(w_bits), len(rows), network)
         a = parse_bits(list(a_bits) if a_bits is not None else [DEFAULT_ACT_BITS] * len(rows), len(rows), network,
                        what="--act-bits")
+        if backend == "auto":
+            return [self.latency_us(row, wb, ab, self.kernel_choice(row, wb, ab)) for row, wb, ab in zip(rows, w, a)]
         return [self.latency_us(row, wb, ab, backend) for row, wb, ab in zip(rows, w, a)]
 
     # -- the rest of the network ---------------------------------------------------------------
@@ -163,13 +179,6 @@ class LatencyTable:
         The 8-bit layer entries are refreshed too, so the stored layers and the stored fixed
         time come from the same rounds.
         """
-        import numpy as np
-
-        from releq_tvm.compile.artifact import compile_network
-        from releq_tvm.compile.measure import (
-            build_layer, interleaved_timing, kernel_sampler, layer_arguments, random_integer_network, vm_sampler,
-        )
-
         runner = self.runner or Runner()
         rows = layer_table(network)
         samplers, compile_s = {}, {}
@@ -182,10 +191,10 @@ class LatencyTable:
                 args = layer_arguments(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
                 samplers[key] = kernel_sampler(runner, runner.load(ex), args, self.timing)
         net = random_integer_network(network, [BITS_MAX] * len(rows))
-        compiled = compile_network(net, "bitserial", self.batch, self.target)
+        executable, params = build_network(net, "bitserial", self.batch, self.target)
         x = np.random.default_rng(0).integers(0, 2**net.input_bits, size=(self.batch, *net.input_shape), dtype=np.uint8)
-        args = [runner.tensor(x)] + [runner.tensor(a) for a in compiled.params.values()]
-        samplers["network"] = vm_sampler(runner, runner.vm(compiled.executable), args, self.timing)
+        args = [runner.tensor(x)] + [runner.tensor(a) for a in params.values()]
+        samplers["network"] = vm_sampler(runner, runner.vm(executable), args, self.timing)
         self.builds += len(samplers)
         timings = interleaved_timing(samplers, self.timing)
         for key, seconds in compile_s.items():
@@ -204,13 +213,21 @@ class LatencyTable:
         return entry
 
     def cost_ratio(self, network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,
-                   include_fixed: bool = True) -> float:
-        """(sum of layer latencies at the bits + fixed) / (the same at all 8 bits)."""
+                   include_fixed: bool = True, kernels: str = "bitserial") -> float:
+        """(sum of layer latencies at the bits + fixed) / (the same at all 8 bits), both built with
+        ``kernels`` (``bitserial``: the paper's comparison; ``auto``: what compile ships, whose
+        all-8-bit build is the int8 one)."""
         n = len(layer_table(network))
         fixed = self.fixed_us(network) if include_fixed else 0.0
-        cost = sum(self.network_layers_us(network, w_bits, a_bits)) + fixed
-        ref = sum(self.network_layers_us(network, [BITS_MAX] * n, [BITS_MAX] * n)) + fixed
+        cost = sum(self.network_layers_us(network, w_bits, a_bits, kernels)) + fixed
+        ref = sum(self.network_layers_us(network, [BITS_MAX] * n, [BITS_MAX] * n, kernels)) + fixed
         return cost / ref
+
+
+def choose_kernels(network_layers: Sequence[LayerSpec], w_bits: Sequence[int], a_bits: Sequence[int],
+                   table: LatencyTable) -> tuple[str, ...]:
+    """``auto``: per layer, the faster of the bit-serial kernel at its bits and the int8 kernel."""
+    return tuple(table.kernel_choice(row, wb, ab) for row, wb, ab in zip(network_layers, w_bits, a_bits))
 
 
 _DEFAULT_TABLES: dict[str, LatencyTable] = {}
@@ -226,13 +243,15 @@ def default_table(target=None) -> LatencyTable:
 
 
 def cpu_cost_ratio(network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,
-                   table: LatencyTable | None = None, include_fixed: bool = True) -> float:
+                   table: LatencyTable | None = None, include_fixed: bool = True, kernels: str = "bitserial") -> float:
     """Predicted CPU latency of ``network`` at ``w_bits`` / ``a_bits`` over the same at all 8 bits.
 
     Sum of measured per-layer bit-serial latencies (plus, with ``include_fixed``, the network's
     measured non-conv time on both sides). Missing (shape, bits) entries are measured on
     demand and cached; ``a_bits`` defaults to 8 for every layer. Pure apart from that cache:
-    the same arguments on the same machine give the same number.
+    the same arguments on the same machine give the same number. ``kernels`` ``auto`` prices what
+    ``compile --kernels auto`` builds (each layer's faster kernel) against the same policy at 8 bits.
     """
     get_network_spec(network)  # one-line error for an unknown name
-    return (table if table is not None else default_table()).cost_ratio(network, w_bits, a_bits, include_fixed=include_fixed)
+    table = table if table is not None else default_table()
+    return table.cost_ratio(network, w_bits, a_bits, include_fixed=include_fixed, kernels=kernels)

@@ -15,6 +15,8 @@ PrimFuncs are marked opaque so the fusion pass never merges them with elementwis
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -24,10 +26,25 @@ from releq_tvm.compile.integer import INT32_MAX, INT32_MIN, IntegerNetwork, Laye
 from releq_tvm.errors import ReleqError
 from releq_tvm.networks import LayerSpec
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
+from releq_tvm.kernels.epilogue import PLAIN, Epilogue, quantize_primfunc
 from releq_tvm.kernels.target import vector_isa
 
-#: Kernel families a network can be built with.
+#: Kernel families a layer can be built with.
 BACKENDS = ("bitserial", "int8")
+#: What ``--kernels`` accepts: one family for every layer, or ``auto`` (the faster per layer,
+#: from the latency table: :func:`releq_tvm.compile.latency_table.choose_kernels`).
+KERNEL_CHOICES = BACKENDS + ("auto",)
+
+
+def layer_kernels(net: IntegerNetwork, kernels: str | Sequence[str]) -> tuple[str, ...]:
+    """One kernel family per layer: ``kernels`` for all of them, or checked per layer."""
+    n = len(net.layers)
+    families = (kernels,) * n if isinstance(kernels, str) else tuple(kernels)
+    bad = [k for k in families if k not in BACKENDS]
+    if bad or len(families) != n:
+        what = f"unknown kernel family {bad[0]!r}" if bad else f"{len(families)} kernel families for {n} layers"
+        raise ReleqError(f"{what}; pass one of {', '.join(BACKENDS)} per layer (auto is resolved by compile_network)")
+    return families
 #: TVM's op-pattern code for an opaque function (never fused).
 _OPAQUE = 8
 
@@ -47,19 +64,22 @@ def _int8_kernels():
     return module
 
 
-def kernel_primfunc(backend: str, shape: ConvShape | DenseShape, w_bits: int, a_bits: int, target) -> tvm.tirx.PrimFunc:
-    """The scheduled PrimFunc ``main(data uint8, weights, out int32)`` of one layer, planned for
-    ``target``'s vector unit (the weights must be packed for the same target: :func:`packed_weights`)."""
+def kernel_primfunc(backend: str, shape: ConvShape | DenseShape, w_bits: int, a_bits: int, target,
+                    epilogue: Epilogue = PLAIN) -> tvm.tirx.PrimFunc:
+    """The scheduled PrimFunc ``main(data uint8, weights, *epilogue args, out)`` of one layer, planned
+    for ``target``'s vector unit (the weights must be packed for the same target: :func:`packed_weights`)."""
     isa = vector_isa(target)
     if backend == "bitserial":
         from releq_tvm.kernels.bitserial import bitserial_conv2d_primfunc, bitserial_dense_primfunc
 
         if isinstance(shape, DenseShape):
-            return bitserial_dense_primfunc(shape, w_bits, a_bits, isa=isa)
-        return bitserial_conv2d_primfunc(shape, w_bits, a_bits, isa=isa)
+            return bitserial_dense_primfunc(shape, w_bits, a_bits, isa=isa, epilogue=epilogue)
+        return bitserial_conv2d_primfunc(shape, w_bits, a_bits, isa=isa, epilogue=epilogue)
     if backend == "int8":
         k = _int8_kernels()
-        return k.int8_dense_primfunc(shape, isa=isa) if isinstance(shape, DenseShape) else k.int8_conv2d_primfunc(shape, isa=isa)
+        if isinstance(shape, DenseShape):
+            return k.int8_dense_primfunc(shape, isa=isa, epilogue=epilogue)
+        return k.int8_conv2d_primfunc(shape, isa=isa, epilogue=epilogue)
     raise ReleqError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
@@ -75,20 +95,23 @@ def packed_weights(backend: str, q: np.ndarray, w_bits: int, shape: ConvShape | 
     return _int8_kernels().pack_int8_weights(q, groups=groups, isa=isa)
 
 
-def network_params(net: IntegerNetwork, backend: str, target) -> "OrderedDict[str, np.ndarray]":
-    """The arrays ``main`` takes after the input, by name, in call order (weights packed for ``target``)."""
+def network_params(net: IntegerNetwork, kernels: str | Sequence[str], target) -> "OrderedDict[str, np.ndarray]":
+    """The arrays ``main`` takes after the input, by name, in call order (weights packed for ``target``
+    and each layer's kernel family, :func:`layer_kernels`).
+
+    Per layer ``i``: ``l{i}_weight``; ``l{i}_mult``, ``l{i}_offset``, ``l{i}_shift`` (int64, one per
+    output channel: the requantization); ``l{i}_in_quant`` (int64 ``[Qm, round, Qs]``, the input
+    quantizer) unless the layer reads the network input.
+    """
     params: OrderedDict[str, np.ndarray] = OrderedDict()
-    for lq in net.layers:
+    for lq, family in zip(net.layers, layer_kernels(net, kernels)):
         i = lq.spec.index
-        per_channel = (1, -1) if lq.spec.kind == "dense" else (1, -1, 1, 1)
-        params[f"l{i}_weight"] = packed_weights(backend, lq.q, lq.w_bits, layer_shape(lq.spec, 1), target)
-        params[f"l{i}_mult"] = lq.mult.reshape(per_channel)
-        params[f"l{i}_offset"] = lq.offset.reshape(per_channel)
-        params[f"l{i}_shift"] = lq.shift.reshape(per_channel)
+        params[f"l{i}_weight"] = packed_weights(family, lq.q, lq.w_bits, layer_shape(lq.spec, 1), target)
+        params[f"l{i}_mult"] = np.asarray(lq.mult, np.int64).reshape(-1)
+        params[f"l{i}_offset"] = np.asarray(lq.offset, np.int64).reshape(-1)
+        params[f"l{i}_shift"] = np.asarray(lq.shift, np.int64).reshape(-1)
         if not lq.reads_input:
-            params[f"l{i}_in_mult"] = np.array([lq.in_mult], np.int64)
-            params[f"l{i}_in_round"] = np.array([lq.in_round()], np.int64)
-            params[f"l{i}_in_shift"] = np.array([lq.in_shift], np.int64)
+            params[f"l{i}_in_quant"] = np.array([lq.in_mult, lq.in_round(), lq.in_shift], np.int64)
     return params
 
 
@@ -96,27 +119,108 @@ def _kernel_bits(backend: str, lq: LayerQuant) -> tuple[int, int]:
     return (lq.w_bits, lq.a_bits) if backend == "bitserial" else (8, 8)
 
 
-def build_relax_module(net: IntegerNetwork, backend: str, batch: int, target) -> tuple[tvm.IRModule, list[str]]:
+@dataclass(frozen=True)
+class FusedLayer:
+    """What one weight layer's kernel computes beyond its sum (see :func:`plan_fusion`)."""
+
+    epilogue: Epilogue
+    #: graph values the kernel's output stands for: the layer, and the add / relu fused into it
+    covers: tuple[str, ...]
+    #: the other operand of a fused residual add
+    residual: str | None
+    #: the layer whose input quantizer the kernel applies (its output is that layer's uint8 input)
+    quantize_for: int | None
+
+
+def plan_fusion(net: IntegerNetwork) -> dict[str, FusedLayer]:
+    """Per layer op, the epilogue its kernel runs: requantization always; then a residual add whose
+    other operand is already computed; then a ReLU; then the next layer's input quantizer when the
+    value's only path leads, through max-pooling and flatten alone, to exactly one weight layer.
+
+    Quantizing before max-pooling is exact: the quantizer is monotone non-decreasing (``Qm > 0``),
+    so it commutes with max, and it maps everything at or below zero to level 0 (as ReLU then
+    quantizing would). Values read by more than one op (a residual shortcut), by an average pool
+    or as the network output stay int32.
+    """
+    ops = net.graph.ops
+    order = {op.name: k for k, op in enumerate(ops)}
+    users: dict[str, list] = {op.name: [] for op in ops}
+    for op in ops:
+        for name in op.inputs:
+            users[name].append(op)
+    layers = {lq.spec.index: lq for lq in net.layers}
+
+    def only_user(name: str, kind: str):
+        found = users[name]
+        return found[0] if len(found) == 1 and found[0].kind == kind and name != net.graph.output else None
+
+    plan: dict[str, FusedLayer] = {}
+    for op in ops:
+        if op.kind != "layer":
+            continue
+        covers, residual, relu = [op.name], None, False
+        add = only_user(op.name, "add")
+        if add is not None:
+            other = [name for name in add.inputs if name != op.name]
+            if len(other) == 1 and order[other[0]] < order[op.name]:
+                covers.append(add.name)
+                residual = other[0]
+        relu_op = only_user(covers[-1], "relu")
+        if relu_op is not None:
+            covers.append(relu_op.name)
+            relu = True
+        quantize_for, tail = None, covers[-1]
+        while tail != net.graph.output and len(users[tail]) == 1:
+            nxt = users[tail][0]
+            if nxt.kind == "layer":
+                consumer = layers[nxt.attrs["index"]]
+                quantize_for = None if consumer.reads_input else consumer.spec.index
+                break
+            if nxt.kind not in ("maxpool", "flatten"):
+                break
+            tail = nxt.name
+        bits = layers[quantize_for].a_bits if quantize_for is not None else None
+        epilogue = Epilogue(requantize=True, residual=residual is not None, relu=relu, quantize_bits=bits)
+        plan[op.name] = FusedLayer(epilogue, tuple(covers), residual, quantize_for)
+    return plan
+
+
+def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch: int, target) -> tuple[tvm.IRModule, list[str]]:
     """The Relax IRModule of ``net`` for ``target`` and the parameter names ``main`` takes after the input.
 
     ``main(x: uint8 (batch, C, H, W), *params) -> int32 (batch, classes)``; the output is the
-    fixed-point logits (``* 2^-F`` gives the real ones).
+    fixed-point logits (``* 2^-F`` gives the real ones). Each weight layer is one kernel call
+    whose output stage runs the requantization and what :func:`plan_fusion` fused into it; an
+    input that stays int32 is quantized by a vectorised kernel of its own
+    (:func:`releq_tvm.kernels.epilogue.quantize_primfunc`). No int64 tensor reaches memory.
     """
-    params = network_params(net, backend, target)
+    params = network_params(net, kernels, target)
+    families = dict(zip((lq.spec.index for lq in net.layers), layer_kernels(net, kernels)))
+    fusion = plan_fusion(net)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((batch, *net.input_shape), "uint8"))
     pvars = OrderedDict((name, relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))) for name, arr in params.items())
     layers = {lq.spec.index: lq for lq in net.layers}
+    funcs: dict[tuple, relax.GlobalVar] = {}
 
-    kernels: dict[tuple, relax.GlobalVar] = {}
-    for lq in net.layers:
+    def kernel(lq: LayerQuant, epilogue: Epilogue) -> relax.GlobalVar:
         shape = layer_shape(lq.spec, batch)
-        wb, ab = _kernel_bits(backend, lq)
-        key = (shape, wb, ab)
-        if key not in kernels:
-            name = f"{backend}_{lq.spec.kind}{len(kernels)}_w{wb}a{ab}"
-            func = kernel_primfunc(backend, shape, wb, ab, target).with_attrs({"op_pattern": _OPAQUE, "global_symbol": name})
-            kernels[key] = bb.add_func(func, name)
+        family = families[lq.spec.index]
+        wb, ab = _kernel_bits(family, lq)
+        key = ("layer", family, shape, wb, ab, epilogue)
+        if key not in funcs:
+            name = f"{family}_{lq.spec.kind}{len(funcs)}_w{wb}a{ab}_{epilogue.label}"
+            func = kernel_primfunc(family, shape, wb, ab, target, epilogue)
+            funcs[key] = bb.add_func(func.with_attrs({"op_pattern": _OPAQUE, "global_symbol": name}), name)
+        return funcs[key]
+
+    def quantizer(shape: tuple[int, ...], bits: int) -> relax.GlobalVar:
+        key = ("quantize", shape, bits)
+        if key not in funcs:
+            name = f"quantize{len(funcs)}_a{bits}"
+            func = quantize_primfunc(shape, bits)
+            funcs[key] = bb.add_func(func.with_attrs({"op_pattern": _OPAQUE, "global_symbol": name}), name)
+        return funcs[key]
 
     def i64(value):
         return relax.const(value, "int64")
@@ -127,32 +231,47 @@ def build_relax_module(net: IntegerNetwork, backend: str, batch: int, target) ->
     with bb.function("main", [x, *pvars.values()]):
         with bb.dataflow():
             values: dict[str, relax.Expr] = {}
+            #: values that already hold a layer's uint8 input: name -> that layer's index
+            quantized: dict[str, int] = {}
+            fused_away: set[str] = set()
             for op in net.graph.ops:
                 if op.kind == "input":
                     values[op.name] = x
+                    continue
+                if op.name in fused_away:
                     continue
                 src = [values[name] for name in op.inputs]
                 if op.kind == "layer":
                     lq = layers[op.attrs["index"]]
                     i = lq.spec.index
                     a = src[0]
-                    if not lq.reads_input:
-                        t = relax.op.multiply(relax.op.astype(a, "int64"), pvars[f"l{i}_in_mult"])
-                        t = relax.op.right_shift(relax.op.add(t, pvars[f"l{i}_in_round"]), pvars[f"l{i}_in_shift"])
-                        a = bb.emit(clip_cast(t, 0, 2**lq.a_bits - 1, "uint8"), f"l{i}_x")
+                    if not lq.reads_input and quantized.get(op.inputs[0]) != i:
+                        in_shape = layer_shape(lq.spec, batch)
+                        shape = in_shape.input_shape() if isinstance(in_shape, DenseShape) else in_shape.input_shape("NCHW")
+                        a = bb.emit(relax.call_tir(quantizer(shape, lq.a_bits), [a, pvars[f"l{i}_in_quant"]],
+                                                   relax.TensorType(shape, "uint8")), f"l{i}_x")
+                    fused = fusion[op.name]
+                    args = [a, pvars[f"l{i}_weight"], pvars[f"l{i}_mult"], pvars[f"l{i}_offset"], pvars[f"l{i}_shift"]]
+                    if fused.residual is not None:
+                        args.append(values[fused.residual])
+                    if fused.quantize_for is not None:
+                        args.append(pvars[f"l{fused.quantize_for}_in_quant"])
                     shape = layer_shape(lq.spec, batch)
                     out_shape = shape.output_shape() if isinstance(shape, DenseShape) else shape.output_shape("NCHW")
-                    wb, ab = _kernel_bits(backend, lq)
-                    acc = bb.emit(
-                        relax.call_tir(kernels[(shape, wb, ab)], [a, pvars[f"l{i}_weight"]], relax.TensorType(out_shape, "int32")),
-                        f"l{i}_acc",
+                    out = bb.emit(
+                        relax.call_tir(kernel(lq, fused.epilogue), args, relax.TensorType(out_shape, fused.epilogue.out_dtype)),
+                        op.name,
                     )
-                    t = relax.op.multiply(relax.op.astype(acc, "int64"), pvars[f"l{i}_mult"])
-                    t = relax.op.right_shift(relax.op.add(t, pvars[f"l{i}_offset"]), pvars[f"l{i}_shift"])
-                    value = clip_cast(t, INT32_MIN, INT32_MAX, "int32")
-                elif op.kind == "relu":
+                    for name in fused.covers:
+                        values[name] = out
+                        if fused.quantize_for is not None:
+                            quantized[name] = fused.quantize_for
+                    fused_away.update(fused.covers[1:])
+                    continue
+                if op.kind == "relu":
                     value = relax.op.maximum(src[0], relax.const(0, "int32"))
                 elif op.kind == "maxpool":
+                    # on uint8 levels when the producer fused the next quantizer (exact: see plan_fusion)
                     value = relax.op.nn.max_pool2d(src[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])
                 elif op.kind == "avgpool":
                     value = _uniform_avgpool(src[0], op, batch, i64)
@@ -163,10 +282,21 @@ def build_relax_module(net: IntegerNetwork, backend: str, batch: int, target) ->
                     value = relax.op.reshape(src[0], (batch, *op.shape))
                 else:
                     raise AssertionError(op.kind)
+                if op.kind in ("maxpool", "flatten") and op.inputs[0] in quantized:
+                    quantized[op.name] = quantized[op.inputs[0]]
                 values[op.name] = bb.emit(value, op.name)
             out = bb.emit_output(values[net.graph.output])
         bb.emit_func_output(out)
     return bb.get(), list(params)
+
+
+def build_network(net: IntegerNetwork, kernels: str | Sequence[str], batch: int,
+                  target) -> tuple[tvm.runtime.Executable, "OrderedDict[str, np.ndarray]"]:
+    """Compile ``net`` for ``target`` with ``kernels`` (one family for every layer, or one per layer;
+    ``auto`` is resolved by the caller): the Relax VM executable and the arrays ``main`` takes
+    after the input, by name, in call order (:func:`network_params`)."""
+    mod, _ = build_relax_module(net, kernels, batch, target)
+    return tvm.compile(mod, target=target), network_params(net, kernels, target)
 
 
 def _uniform_avgpool(v, op, batch: int, i64):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 
 import tvm
 
 from releq_tvm.errors import ReleqError
+from releq_tvm.kernels.target import tvm_threads
 from releq_tvm.machine import cpu_model
 
 
@@ -80,15 +82,13 @@ def target_dict(target: tvm.target.Target) -> dict:
 
 def machine_info(target: tvm.target.Target) -> dict:
     """What a measured latency depends on: CPU model, LLVM CPU name, TVM version, core count."""
-    import os
 
     return {
         "cpu_model": cpu_model(),
         "target": target_dict(target),
         "tvm": tvm.__version__,
         "cores": os.cpu_count(),
-        # parallel kernels use this many runtime threads (TVM_NUM_THREADS overrides the core count)
-        "threads": int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1),
+        "threads": tvm_threads(),
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from releq_tvm.bits import format_bits
 from releq_tvm.report.accuracy import AccuracyConfig, AccuracyOracle
-from releq_tvm.report.choices import BitChoice, admm_choice, choose_bits, published_choice
+from releq_tvm.report.choices import BitChoice, admm_choice, choose_bits, primary_runs, published_choice
 from releq_tvm.report.cpu_report import MeasureFn
 from releq_tvm.report.output import StagedOutput
 from releq_tvm.report.pareto import DEFAULT_PARETO_BITS, PARETO_NETWORKS, SeparableCost
@@ -184,14 +184,13 @@ def _bitwidths(out: StagedOutput, prov: Provenance, choices, oracle, say) -> Non
 
 
 def _pareto(out: StagedOutput, prov: Provenance, net: str, choice: BitChoice, oracle, opts, say) -> None:
+    from releq_tvm.networks import get_network_spec
     from releq_tvm.report.pareto import PARETO_COLUMNS, pareto_png, pareto_result, pareto_rows
 
     placed = {f"choice ({'published' if choice.source == 'published' else 'search'})": choice}
-    if choice.source != "published":
-        try:
-            placed["published"] = published_choice(net)
-        except Exception:  # a network without published bits simply has no such marker
-            pass
+    # a network without published bits simply has no such marker
+    if choice.source != "published" and get_network_spec(net).published_bits is not None:
+        placed["published"] = published_choice(net)
     admm = admm_choice(net)
     if admm is not None:
         placed["ADMM"] = admm
@@ -294,7 +293,6 @@ def _search_diagnostics(out: StagedOutput, prov: Provenance, runs, say) -> None:
         convergence_png,
         convergence_rows,
     )
-    from releq_tvm.report.runs import primary_runs
 
     for net, run in primary_runs(runs).items():
         say(f"search: convergence of {net} from {run.path}")

@@ -49,16 +49,24 @@ def admm_choice(network: str) -> BitChoice | None:
     return None if bits is None else BitChoice(network, tuple(bits), None, "admm")
 
 
+def primary_runs(runs: Sequence) -> dict:
+    """The run that stands for each network among ``runs`` (:class:`releq_tvm.report.runs.SearchRun`,
+    by network name): default reward and clip if any (else any), last given wins."""
+    out: dict = {}
+    for run in runs:
+        current = out.get(run.network)
+        if current is None or run.is_default_setting() or not current.is_default_setting():
+            out[run.network] = run
+    return out
+
+
 def choose_bits(networks: Sequence[str], runs: Sequence, use_published: bool = True) -> dict[str, BitChoice]:
     """The bits of every network in ``networks``.
 
     A network with search runs among ``runs`` (:class:`releq_tvm.report.runs.SearchRun`) takes
-    the choice of its *primary* run (see :func:`releq_tvm.report.runs.primary_runs`); the others
-    take their published bits when ``use_published``. A network left without bits is an error
-    that names the fix.
+    the choice of its *primary* run (see :func:`primary_runs`); the others take their published
+    bits when ``use_published``. A network left without bits is an error that names the fix.
     """
-    from releq_tvm.report.runs import primary_runs
-
     primary = primary_runs(runs)
     out: dict[str, BitChoice] = {}
     for net in networks:

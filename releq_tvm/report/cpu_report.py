@@ -31,13 +31,16 @@ class CpuLatency:
 
     ``mixed_ms``: bit-serial build at the chosen bits; ``bitserial8_ms``: the same build with
     every layer at 8/8 bits (the reference of the speedup); ``int8_ms``: plain int8 kernels;
-    ``fp32_ms``: the float model through TVM's default CPU pipeline. None: not measured.
+    ``fp32_ms``: the float model through TVM's default CPU pipeline (untuned); ``auto_ms``: the
+    deployable build at the chosen bits (each layer the faster of bit-serial and int8). None: not
+    measured.
     """
 
     mixed_ms: float
     bitserial8_ms: float
     int8_ms: float | None = None
     fp32_ms: float | None = None
+    auto_ms: float | None = None
     repeats: int | None = None
     spread: str = ""  # how the medians spread (e.g. IQRs), for the notes
     measured: str = ""  # when (UTC, ISO 8601)
@@ -58,10 +61,12 @@ FIG8_COLUMNS = (
     "latency_fp32_ms",
     "speedup_vs_int8",
     "speedup_vs_fp32",
+    "latency_auto_ms",
+    "auto_speedup_vs_int8",
     "repeats",
     "measured_utc",
 )
-FIG8_RATIO_COLUMNS = ("speedup", "speedup_vs_int8", "speedup_vs_fp32")
+FIG8_RATIO_COLUMNS = ("speedup", "speedup_vs_int8", "speedup_vs_fp32", "auto_speedup_vs_int8")
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -85,6 +90,8 @@ def cpu_row(choice: BitChoice, measure: MeasureFn) -> dict:
         "latency_fp32_ms": lat.fp32_ms,
         "speedup_vs_int8": _ratio(lat.int8_ms, lat.mixed_ms),
         "speedup_vs_fp32": _ratio(lat.fp32_ms, lat.mixed_ms),
+        "latency_auto_ms": lat.auto_ms,
+        "auto_speedup_vs_int8": _ratio(lat.int8_ms, lat.auto_ms),
         "repeats": lat.repeats,
         "measured_utc": lat.measured,
     }
@@ -115,10 +122,11 @@ def fig8_png(rows: Sequence[Mapping], machine: str) -> bytes:
         ax2,
         [r["network"] for r in nets],
         {
-            "fp32 (TVM default)": [r.get("latency_fp32_ms") for r in nets],
+            "fp32 (TVM untuned)": [r.get("latency_fp32_ms") for r in nets],
             "int8": [r.get("latency_int8_ms") for r in nets],
             "bit-serial 8/8": [r.get("latency_8bit_bitserial_ms") for r in nets],
             "bit-serial mixed": [r.get("latency_mixed_ms") for r in nets],
+            "auto mixed (deployable)": [r.get("latency_auto_ms") for r in nets],
         },
         fmt=None,
         reference=None,
@@ -146,8 +154,8 @@ def memoized(measure: MeasureFn) -> MeasureFn:
 def tvm_measure(repeats: int = 7, progress: Callable[[str], None] | None = None) -> MeasureFn:
     """The real measure function: :func:`releq_tvm.compile.measure_network` on this CPU.
 
-    Each call compiles and times the whole network four ways (chosen bits, all 8-bit bit-serial,
-    int8, fp32) at batch 1; ``repeats`` timed samples each, medians reported.
+    Each call compiles and times the whole network five ways (chosen bits bit-serial and auto, all
+    8-bit bit-serial, int8, fp32) at batch 1; ``repeats`` timed samples each, medians reported.
     """
 
     def measure(network: str, w_bits: tuple[int, ...], a_bits: tuple[int, ...] | None) -> CpuLatency:
@@ -163,6 +171,7 @@ def tvm_measure(repeats: int = 7, progress: Callable[[str], None] | None = None)
             bitserial8_ms=whole["bitserial8"]["median_ms"],
             int8_ms=whole.get("int8", {}).get("median_ms"),
             fp32_ms=whole.get("fp32", {}).get("median_ms"),
+            auto_ms=whole.get("auto", {}).get("median_ms"),
             repeats=result["timing"]["repeats"],
             spread=spread,
         )

@@ -237,16 +237,6 @@ def discover_runs(paths: Iterable[str | Path]) -> list[SearchRun]:
     return runs
 
 
-def primary_runs(runs: Sequence[SearchRun]) -> dict[str, SearchRun]:
-    """The run that stands for each network: default reward and clip if any (else any), last given wins."""
-    out: dict[str, SearchRun] = {}
-    for run in runs:
-        current = out.get(run.network)
-        if current is None or run.is_default_setting() or not current.is_default_setting():
-            out[run.network] = run
-    return out
-
-
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     """Trailing moving average: entry i is the mean of the last ``min(window, i + 1)`` values."""
     x = np.asarray(values, dtype=np.float64)

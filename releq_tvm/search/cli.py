@@ -23,6 +23,9 @@ def _action_set(ctx, param, value):
               help="Cost in state and reward: SQ formula, measured TVM CPU latency ratio, or Stripes simulator ratio.")
 @click.option("--metric", type=click.Choice(["cycles", "energy"]), default=_DEFAULT.metric, show_default=True,
               help="Stripes ratio: cycles (1/speedup) or energy.")
+@click.option("--cpu-kernels", type=click.Choice(["auto", "bitserial"]), default=_DEFAULT.cpu_kernels, show_default=True,
+              help="--measure cpu prices the auto build (per layer the faster of bit-serial and int8, over int8) "
+                   "or pure bit-serial over bit-serial at 8 bits.")
 @click.option("--reward", type=click.Choice(["asymmetric", "sa_over_sq", "sa_minus_sq", "hardware"]),
               default=_DEFAULT.reward, show_default=True, help="hardware: METHOD.md section 4 (with --acc-limit).")
 @click.option("--acc-limit", type=float, default=None, help="Accuracy limit in percent for --reward hardware.")
@@ -69,7 +72,7 @@ def _action_set(ctx, param, value):
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --run-dir.")
 @checkpoint_option
 @data_dir_option
-def search_cmd(network, measure, metric, reward, acc_limit, reward_a, reward_b, reward_th, max_loss, sq_form, action_set, search_activations, act_action_set,
+def search_cmd(network, measure, metric, cpu_kernels, reward, acc_limit, reward_a, reward_b, reward_th, max_loss, sq_form, action_set, search_activations, act_action_set,
                latency_target, no_weight_std, accuracy, finetune_mode, short_steps, long_steps, val_images, episodes, final_episodes,
                no_early_stop, clip_range, seed, threads, cache_path, run_dir, resume, overwrite, checkpoint, data_dir) -> None:
     """Search per-layer bitwidths of NET with ReLeQ (RecurrentPPO); files go to --run-dir.
@@ -87,6 +90,7 @@ def search_cmd(network, measure, metric, reward, acc_limit, reward_a, reward_b, 
         network=network,
         measure=measure,
         metric=metric,
+        cpu_kernels=cpu_kernels,
         reward=reward,
         acc_limit=acc_limit,
         reward_a=reward_a,
@@ -149,7 +153,8 @@ def search_efficiency_cmd(network, budget, methods, exhaustive_set, measure, rew
     """Compare PPO, random search and exhaustive enumeration on NET at the same configuration budget."""
     import sys
 
-    from releq_tvm.search.efficiency import compare_search_methods, write_efficiency_csv
+    from releq_tvm.report.search_efficiency import efficiency_png, write_efficiency_csv
+    from releq_tvm.search.efficiency import compare_search_methods
 
     config = SearchConfig(network=network, measure=measure, reward=reward, accuracy=accuracy, short_steps=short_steps,
                           seed=seed, threads=threads,
@@ -160,7 +165,6 @@ def search_efficiency_cmd(network, budget, methods, exhaustive_set, measure, rew
     from pathlib import Path
 
     from releq_tvm.io import atomic_write_bytes
-    from releq_tvm.search.efficiency import efficiency_png
 
     write_efficiency_csv(rows, out, " ".join(["releq-tvm"] + sys.argv[1:]), config)
     png = Path(out).with_suffix(".png")

@@ -7,7 +7,7 @@ convergence test, the size of the val subset the reward is measured on).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from releq_tvm.config import DEFAULT_ACTION_SET, DEFAULTS
 
@@ -21,6 +21,10 @@ class SearchConfig:
     measure: str = "none"
     #: Stripes metric when ``measure == "stripes"``: ``cycles`` or ``energy``.
     metric: str = "cycles"
+    #: What ``measure == "cpu"`` prices: ``auto`` (what compile ships: per layer the faster of
+    #: bit-serial and int8, over the int8 build) or ``bitserial`` (bit-serial over bit-serial at 8
+    #: bits, the paper's comparison; what the results/ search runs of 2026-12-02 used).
+    cpu_kernels: str = "auto"
     #: ``asymmetric`` (default), ``sa_over_sq``, ``sa_minus_sq``, ``hardware`` (METHOD.md section 4).
     reward: str = "asymmetric"
     reward_a: float = DEFAULTS.reward.a
@@ -113,8 +117,6 @@ class SearchConfig:
     #: Save the agent every this many episodes (1: a kill loses at most the episode in flight).
     checkpoint_every: int = 1
 
-    extra: dict = field(default_factory=dict)
-
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -123,6 +125,7 @@ class SearchConfig:
         """Rebuild from config.json (tuples come back as lists; unknown keys are ignored)."""
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs.setdefault("cpu_kernels", "bitserial")  # runs written before auto existed priced bit-serial
         for name in ("action_set", "act_action_set", "policy_layers", "value_layers", "long_lrs"):
             if name in kwargs and kwargs[name] is not None:
                 kwargs[name] = tuple(kwargs[name])

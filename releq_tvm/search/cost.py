@@ -84,8 +84,15 @@ class SQCost(_Memo):
         return f"SQ = sum (n_w*{self.e_mem_over_e_mac:g} + n_mac) * bits / same at 8 bits"
 
 
+#: What ``--measure cpu`` prices: ``auto`` (what ``compile`` ships: each layer the faster of its
+#: bit-serial kernel and int8, against the int8 build) or ``bitserial`` (the paper's comparison:
+#: pure bit-serial against bit-serial at 8 bits).
+CPU_KERNELS = ("auto", "bitserial")
+
+
 class CpuLatencyCost(_Memo):
-    """``--measure cpu``: measured bit-serial CPU latency over the same network built at 8 bits.
+    """``--measure cpu``: measured CPU latency over the same network built at 8 bits (``kernels``:
+    see :data:`CPU_KERNELS`).
 
     ``latency_ratio`` defaults to :func:`releq_tvm.compile.cpu_cost_ratio` (the on-disk
     latency table; missing entries are built and timed on first use). Tests inject a fake.
@@ -94,9 +101,12 @@ class CpuLatencyCost(_Memo):
     name = "cpu"
     uses_activations = True
 
-    def __init__(self, network: str, latency_ratio: Callable[..., float] | None = None):
+    def __init__(self, network: str, latency_ratio: Callable[..., float] | None = None, kernels: str = "auto"):
         super().__init__()
+        if kernels not in CPU_KERNELS:
+            raise ReleqError(f"unknown --cpu-kernels {kernels!r}; use one of {', '.join(CPU_KERNELS)}")
         self.network = network
+        self.kernels = kernels
         self._fn = latency_ratio
 
     def _function(self) -> Callable[..., float]:
@@ -105,9 +115,12 @@ class CpuLatencyCost(_Memo):
         return self._fn
 
     def _compute(self, w_bits, a_bits):
-        return self._function()(self.network, list(w_bits), None if a_bits is None else list(a_bits))
+        return self._function()(self.network, list(w_bits), None if a_bits is None else list(a_bits), kernels=self.kernels)
 
     def describe(self) -> str:
+        if self.kernels == "auto":
+            return (f"measured TVM CPU latency of {self.network} built auto (each layer the faster of bit-serial at "
+                    "its bits and int8) / the same at 8-bit weights and activations (the int8 build)")
         return f"measured TVM bit-serial CPU latency of {self.network} / latency at 8-bit weights and activations"
 
 
@@ -157,12 +170,13 @@ def make_cost_backend(
     table,
     sq_form: str = "cost",
     metric: str = "cycles",
+    cpu_kernels: str = "auto",
 ) -> CostBackend:
     """The backend for ``--measure``; cpu and stripes import their stage on first use."""
     if measure == "none":
         return SQCost(table, form=sq_form)
     if measure == "cpu":
-        return CpuLatencyCost(network)
+        return CpuLatencyCost(network, kernels=cpu_kernels)
     if measure == "stripes":
         return StripesCost(table, metric=metric)
     raise ReleqError(f"unknown --measure {measure!r}; use one of {', '.join(MEASURES)}")

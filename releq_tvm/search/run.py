@@ -168,7 +168,8 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
             cache = AccuracyCache(config.cache_path or (cache_dir() / "accuracy.sqlite"))
             oracle = FinetunedAccuracy(model, spec.input_shape, train, val, settings, cache)
     if cost is None:
-        cost = make_cost_backend(config.measure, config.network, table, sq_form=config.sq_form, metric=config.metric)
+        cost = make_cost_backend(config.measure, config.network, table, sq_form=config.sq_form, metric=config.metric,
+                                 cpu_kernels=config.cpu_kernels)
     acc_limit = None if config.acc_limit is None else config.acc_limit / 100.0
     th = effective_th(config, oracle)
     if th != config.reward_th:

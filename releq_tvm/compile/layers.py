@@ -1,0 +1,113 @@
+"""One layer's kernel built and timed alone: bit-serial, int8 (``releq_tvm.kernels``) or fp32 (Relax).
+
+The latency table (:mod:`releq_tvm.compile.latency_table`) stores what :func:`measure_layer`
+returns. Inputs are seeded random levels: no kernel has data-dependent control flow, so the
+values do not change the time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from releq_tvm.networks import LayerSpec
+
+from releq_tvm.compile.lower import kernel_primfunc, layer_shape, packed_weights
+from releq_tvm.compile.timing import Runner, TimingConfig, time_kernel, time_vm
+from releq_tvm.kernels.shapes import ConvShape, DenseShape
+
+
+def random_levels(shape, bits: int, rng: np.random.Generator) -> np.ndarray:
+    """Seeded unsigned ``bits``-bit activation levels (uint8) of ``shape``."""
+    return rng.integers(0, 2**bits, size=shape, dtype=np.uint8)
+
+
+def _random_weight_levels(shape: ConvShape | DenseShape, w_bits: int, rng) -> np.ndarray:
+    m = 1 if w_bits == 1 else 2 ** (w_bits - 1) - 1
+    q = rng.integers(-m, m + 1, size=shape.weight_shape())
+    if w_bits == 1:
+        q = np.where(q >= 0, 1, -1)
+    return q.astype(np.int32)
+
+
+def build_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target) -> tvm.runtime.Executable:
+    """Compile one layer's kernel (``bitserial`` / ``int8`` PrimFunc, or an fp32 Relax conv/dense)."""
+    shape = layer_shape(layer, batch)
+    if backend == "fp32":
+        return tvm.compile(_fp32_layer_module(layer, batch), target=target)
+    wb, ab = (w_bits, a_bits) if backend == "bitserial" else (8, 8)
+    func = kernel_primfunc(backend, shape, wb, ab, target).with_attr("global_symbol", "main")
+    return tvm.compile(tvm.IRModule({"main": func}), target=target)
+
+
+def layer_arguments(runner: Runner, backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target,
+                    seed: int = 0):
+    """Seeded inputs (and the output buffer, for kernels) of :func:`build_layer`'s function for ``target``."""
+    rng = np.random.default_rng(seed)
+    shape = layer_shape(layer, batch)
+    if backend == "fp32":
+        x = rng.random(_fp32_input_shape(layer, batch), dtype=np.float32)
+        w = rng.standard_normal(_fp32_weight_shape(layer), dtype=np.float32)
+        args = [runner.tensor(x), runner.tensor(w)]
+        if layer.has_bias:
+            args.append(runner.tensor(rng.standard_normal(layer.out_channels, dtype=np.float32)))
+        return args
+    wb, ab = (w_bits, a_bits) if backend == "bitserial" else (8, 8)
+    x = random_levels(shape.input_shape() if isinstance(shape, DenseShape) else shape.input_shape("NCHW"), ab, rng)
+    w = packed_weights(backend, _random_weight_levels(shape, wb, rng), wb, shape, target)
+    out_shape = shape.output_shape() if isinstance(shape, DenseShape) else shape.output_shape("NCHW")
+    return [runner.tensor(x), runner.tensor(w), runner.empty(out_shape, "int32")]
+
+
+def _fp32_input_shape(layer: LayerSpec, batch: int):
+    return (batch, layer.in_channels) if layer.kind == "dense" else (batch, layer.in_channels, *layer.in_size)
+
+
+def _fp32_weight_shape(layer: LayerSpec):
+    if layer.kind == "dense":
+        return (layer.in_channels, layer.out_channels)  # pre-transposed, as the frontend's linear lowers
+    return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel)
+
+
+def _fp32_layer_module(layer: LayerSpec, batch: int) -> tvm.IRModule:
+    """The Relax ops ``from_exported_program`` emits for one Conv2d / Linear (float32)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(_fp32_input_shape(layer, batch), "float32"))
+    w = relax.Var("w", relax.TensorType(_fp32_weight_shape(layer), "float32"))
+    params = [x, w]
+    b = None
+    if layer.has_bias:
+        b = relax.Var("b", relax.TensorType((layer.out_channels,), "float32"))
+        params.append(b)
+    with bb.function("main", params):
+        with bb.dataflow():
+            if layer.kind == "dense":
+                y = relax.op.matmul(x, w)
+                if b is not None:
+                    y = relax.op.add(y, b)
+            else:
+                y = relax.op.nn.conv2d(x, w, strides=layer.stride, padding=layer.padding, groups=layer.groups)
+                if b is not None:
+                    y = relax.op.add(y, relax.op.reshape(b, (1, layer.out_channels, 1, 1)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def measure_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target,
+                  config: TimingConfig = TimingConfig(), runner: Runner | None = None) -> dict:
+    """Build and time one layer; returns :func:`summarize`'s dict plus ``compile_s``."""
+    runner = runner or Runner()
+    start = time.perf_counter()
+    ex = build_layer(backend, layer, w_bits, a_bits, batch, target)
+    compile_s = time.perf_counter() - start
+    args = layer_arguments(runner, backend, layer, w_bits, a_bits, batch, target)
+    if backend == "fp32":
+        timing = time_vm(runner, runner.vm(ex), args, config)
+    else:
+        timing = time_kernel(runner, runner.load(ex), args, config)
+    timing["compile_s"] = compile_s
+    return timing

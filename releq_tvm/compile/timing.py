@@ -1,0 +1,139 @@
+"""The timing protocol behind every latency this package reports, locally or over TVM RPC.
+
+A function runs ``warmup`` times untimed, then TVM's ``time_evaluator`` takes ``repeats``
+samples, each the mean of as many calls as fill ``min_repeat_ms`` (at least one); we report the
+median of the samples and their spread (interquartile range, min, max), in milliseconds. When
+several builds are compared they are timed in interleaved rounds (:func:`interleaved_timing`),
+one sample of each per round, so load from other jobs on a shared machine falls on all of them
+alike.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from releq_tvm.errors import ReleqError
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How each measurement is taken (see the module docstring)."""
+
+    repeats: int = 7
+    min_repeat_ms: int = 20
+    warmup: int = 2
+
+
+def summarize(seconds) -> dict:
+    """Median and spread of timing samples (seconds in, milliseconds out)."""
+    ms = np.asarray(list(seconds), dtype=np.float64) * 1e3
+    q1, med, q3 = np.percentile(ms, [25, 50, 75])
+    return {
+        "median_ms": float(med),
+        "iqr_ms": float(q3 - q1),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "repeats": int(ms.size),
+    }
+
+
+class Runner:
+    """Where timed code runs: this process (``tvm.cpu()``) or a TVM RPC server (``HOST:PORT``)."""
+
+    def __init__(self, rpc: str | None = None):
+        self.rpc = rpc
+        self.session = None
+        if rpc:
+            host, _, port = rpc.rpartition(":")
+            if not host or not port.isdigit():
+                raise ReleqError(f"--rpc {rpc!r} must look like HOST:PORT, e.g. 127.0.0.1:9090")
+            from tvm import rpc as tvm_rpc
+
+            try:
+                self.session = tvm_rpc.connect(host, int(port))
+            except Exception as exc:  # TVM raises its own error types for refused connections
+                raise ReleqError(f"cannot reach the TVM RPC server at {rpc} ({str(exc).splitlines()[-1][:120]}); "
+                                 "start one with `python -m tvm.exec.rpc_server --port PORT`") from None
+            self.device = self.session.cpu()
+        else:
+            self.device = tvm.cpu()
+        self._tmp = tempfile.TemporaryDirectory(prefix="releq-tvm-rpc-") if rpc else None
+        self._uploads = 0
+
+    @property
+    def where(self) -> str:
+        return f"rpc://{self.rpc}" if self.rpc else "local"
+
+    def tensor(self, array: np.ndarray):
+        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+
+    def empty(self, shape, dtype: str):
+        return tvm.runtime.empty(tuple(shape), dtype, self.device)
+
+    def load(self, ex: tvm.runtime.Executable):
+        """The runtime module of ``ex`` on this runner (exported and uploaded for RPC)."""
+        if self.session is None:
+            return ex.jit()
+        self._uploads += 1
+        path = os.path.join(self._tmp.name, f"m{self._uploads}.so")
+        ex.export_library(path)
+        self.session.upload(path)
+        return self.session.load_module(os.path.basename(path))
+
+    def vm(self, ex: tvm.runtime.Executable) -> relax.VirtualMachine:
+        return relax.VirtualMachine(self.load(ex) if self.session is not None else ex, self.device)
+
+
+def time_vm(runner: Runner, vm: relax.VirtualMachine, args, config: TimingConfig) -> dict:
+    """Median/spread of ``vm["main"](*args)`` in ms."""
+    for _ in range(config.warmup):
+        vm["main"](*args)
+    f = vm.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=config.min_repeat_ms)
+    return summarize(f(*args).results)
+
+
+def time_kernel(runner: Runner, module, args, config: TimingConfig) -> dict:
+    """Median/spread of one compiled PrimFunc ``main(*args)`` in ms."""
+    fn = module["main"]
+    for _ in range(config.warmup):
+        fn(*args)
+    f = module.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=config.min_repeat_ms)
+    return summarize(f(*args).results)
+
+
+def vm_sampler(runner: Runner, vm: relax.VirtualMachine, args, config: TimingConfig):
+    """A function returning one timing sample (seconds) of ``vm["main"](*args)``."""
+    f = vm.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=config.min_repeat_ms)
+    return lambda: f(*args).results[0]
+
+
+def kernel_sampler(runner: Runner, module, args, config: TimingConfig):
+    """A function returning one timing sample (seconds) of a compiled PrimFunc ``main(*args)``."""
+    f = module.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=config.min_repeat_ms)
+    return lambda: f(*args).results[0]
+
+
+def interleaved_timing(samplers: dict, config: TimingConfig, progress=None) -> dict[str, dict]:
+    """Time several functions in rounds: each round takes one sample of every function.
+
+    On a machine shared with other jobs, load comes and goes over seconds; timing A fully and
+    then B would charge a burst to one of them only. Interleaving spreads it over all, so the
+    ratios between them (layer sums against whole networks, bits against 8 bits) stay fair.
+    Returns :func:`summarize` per name.
+    """
+    for _ in range(config.warmup):
+        for sample in samplers.values():
+            sample()
+    samples: dict[str, list[float]] = {name: [] for name in samplers}
+    for r in range(config.repeats):
+        if progress is not None:
+            progress(f"timing round {r + 1}/{config.repeats} ({len(samplers)} functions)")
+        for name, sample in samplers.items():
+            samples[name].append(sample())
+    return {name: summarize(values) for name, values in samples.items()}
