@@ -68,5 +68,6 @@ def vectorize_output(sch, out_block) -> None:
     stores are vector stores.
     """
     loops = sch.get_loops(out_block)
-    if loops and int(sch.get(loops[-1]).extent) > 1:
+    extent = int(sch.get(loops[-1]).extent) if loops else 1
+    if extent > 1 and extent & (extent - 1) == 0:  # other widths split into ragged vectors
         sch.vectorize(loops[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 
@@ -10,6 +11,21 @@ from torch import nn
 
 from releq_tvm.data import TensorDataset
 from releq_tvm.quant import apply_bits
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a model's state_dict: names, shapes and values.
+
+    The one digest of a model's weights: every cache keyed by a model (the search's fine-tuned
+    accuracies, the report's accuracies) uses it, so one model has one key everywhere.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 1000) -> float:

@@ -113,7 +113,7 @@ def _timing_ms(ms: float) -> dict:
 def test_auto_build_takes_the_faster_kernel_per_layer_and_stays_exact(tmp_path, mnist_images):
     """auto reads both families' latencies from the table; a mixed build is still bit-exact."""
     net = quantize_network("lenet", LENET_BITS, (8, 2, 2, 4, 1))
-    table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING)
+    table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING)
     bits_ms = [0.010, 0.001, 0.002, 0.003, 0.004]
     int8_ms = [0.005, 0.004, 0.001, 0.003, 0.008]
     for row, lq, b, i in zip(layer_table("lenet"), net.layers, bits_ms, int8_ms):
@@ -282,45 +282,51 @@ def test_unsupported_operation_is_a_one_line_error():
 
 
 def test_latency_table_measures_once_and_caches_on_disk(tmp_path, monkeypatch):
+    import releq_tvm.compile.latency_table as latency_module
+    from releq_tvm.store import Store
+
     monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path))
     rows = layer_table("lenet")
     table = LatencyTable(timing=FAST_TIMING)
-    # keyed by CPU model and TVM version: both are in the (file-name-safe) name and in the stored machine
+    # the one store file; the namespace is keyed by CPU model and TVM version (both in it, file-name-safe)
     import tvm
 
-    assert table.path.parent == tmp_path / "latency"
-    assert table.path.name == machine_key(table.target) + ".json"
-    assert tvm.__version__ in table.path.name and file_safe(table.machine["cpu_model"]) in table.path.name
+    assert table.path == tmp_path / "cache.sqlite"
+    assert table.namespace.startswith(f"latency/{machine_key(table.target)}/")
+    assert tvm.__version__ in table.namespace and file_safe(table.machine["cpu_model"]) in table.namespace
     first = table.latency_us(rows[4], 2, 8)
     assert first > 0 and table.builds == 1
     assert table.latency_us(rows[4], 2, 8) == first and table.builds == 1  # no rebuild
     fresh = LatencyTable(timing=FAST_TIMING)  # a new process would read the same file
     assert fresh.latency_us(rows[4], 2, 8) == first and fresh.builds == 0
-    stored = json.loads(table.path.read_text())
-    assert layer_key(rows[4], 2, 8) in stored["entries"] and stored["machine"]["tvm"] == tvm.__version__
+    store = Store(table.path)  # what another process opening the file sees
+    assert store.get(table.namespace, layer_key(rows[4], 2, 8))["us"] == first
+    assert store.get(LatencyTable.MACHINES, table.namespace)["machine"]["tvm"] == tvm.__version__
     # a table measured with another TVM (or CPU) is never reused
-    stored["machine"]["tvm"] = "0.0.0"
-    table.path.write_text(json.dumps(stored))
-    assert len(LatencyTable(timing=FAST_TIMING)) == 0
+    real_info = latency_module.machine_info
+    monkeypatch.setattr(latency_module, "machine_info", lambda target: dict(real_info(target), tvm="0.0.0"))
+    other = LatencyTable(timing=FAST_TIMING)
+    assert other.namespace != table.namespace and len(other) == 0
+    assert layer_key(rows[4], 2, 8) not in other and other.entry(layer_key(rows[4], 2, 8)) is None
 
 
 @pytest.mark.parametrize(
     "model",
     ["Intel(R) Xeon(R) Processor", "AMD EPYC 7B13 64-Core Processor", "Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz"],
 )
-def test_latency_table_file_name_is_safe_for_any_cpu_name(model, tmp_path, monkeypatch):
+def test_latency_table_namespace_is_safe_for_any_cpu_name(model, tmp_path, monkeypatch):
     import releq_tvm.compile.target as target_module
 
     monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path))
     monkeypatch.setattr(target_module, "cpu_model", lambda: model)
     table = LatencyTable(path=None, timing=FAST_TIMING)
     assert table.machine["cpu_model"] == model
-    assert file_safe(model) in table.path.name
-    assert all(ch.isalnum() or ch in "._-" for ch in table.path.name)
+    assert file_safe(model) in table.namespace
+    assert all(ch.isalnum() or ch in "._-/" for ch in table.namespace)
 
 
 def test_cpu_cost_ratio_is_one_at_8_bits_and_lower_at_fewer(tmp_path):
-    table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING)
+    table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING)
     assert cpu_cost_ratio("lenet", [8] * 5, table=table, include_fixed=False) == 1.0
     builds = table.builds
     assert builds == 5  # one kernel per layer
@@ -419,7 +425,7 @@ def test_lenet_mnist_accuracy_matches_fake_quant(bits):
 def test_measure_network_lenet_reports_every_build(tmp_path):
     from releq_tvm.compile import measure_network, write_fidelity_csv
 
-    table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING)
+    table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING)
     result = measure_network("lenet", LENET_BITS, repeats=3, table=table)
     assert len(result["layers"]) == 5
     for row in result["layers"]:
@@ -461,7 +467,7 @@ def test_rpc_measurement_against_a_local_server(tmp_path):
         while "bind to" not in log.read_text() and time.time() < deadline:
             time.sleep(0.5)
         runner = Runner(f"127.0.0.1:{port}")
-        table = LatencyTable(path=tmp_path / "t.json", timing=FAST_TIMING, runner=runner)
+        table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING, runner=runner)
         assert table.latency_us(layer_table("lenet")[4], 2, 8) > 0
         assert table.machine["rpc"] == f"127.0.0.1:{port}"
         net = quantize_network("lenet", LENET_BITS)

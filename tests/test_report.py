@@ -383,6 +383,7 @@ def test_accuracy_protocols_on_lenet(tmp_path):
 
     from releq_tvm.data import TensorDataset, load_dataset
     from releq_tvm.quant import apply_bits
+    from releq_tvm.store import Store
     from releq_tvm.train import evaluate, finetune_bits, load_model
 
     config = AccuracyConfig(val_images=300, finetune_steps=3, train_missing=False)
@@ -396,7 +397,8 @@ def test_accuracy_protocols_on_lenet(tmp_path):
     assert score((8, 8, 8, 8, 8)) > expected  # the same model copy, re-quantized in place
     assert score(bits) == pytest.approx(expected)
     score.flush()
-    assert any("no fine-tune, first 300 val images" in k for k in json.loads((tmp_path / "accuracy.json").read_text()))
+    stored = Store(tmp_path / "cache.sqlite").items(AccuracyOracle.NAMESPACE)  # what another process reads
+    assert any("no fine-tune, first 300 val images" in k for k in stored)
     assert oracle.missing_reason("lenet4").startswith("no trained checkpoint of lenet4")
     assert "--data-dir" in oracle.missing_reason("simplenet")
 

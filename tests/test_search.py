@@ -257,7 +257,8 @@ def test_accuracy_cache_survives_reopening(tmp_path):
 
 def test_finetuned_accuracy_hits_the_cache_on_second_lookup(tmp_path):
     from releq_tvm.data import load_dataset
-    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings, model_hash
+    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings
+    from releq_tvm.train import model_hash
     from releq_tvm.train import load_model
 
     model = load_model("lenet")

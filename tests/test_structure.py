@@ -26,7 +26,7 @@ SOURCE_FOLDERS = {"releq_tvm": "releq_tvm", "kernels": "releq_tvm.kernels", "net
 RANK = {
     "networks": 0,  # leaf packages
     "kernels": 0,
-    "base": 1,  # config, errors, bits, io, machine, data: what every stage shares
+    "base": 1,  # config, errors, bits, io, machine, data, store: what every stage shares
     "quant": 2,
     "search": 3,
     "compile": 4,  # the cost backends
@@ -44,6 +44,7 @@ TOP_LEVEL_STAGES = {
     "io": "base",
     "machine": "base",
     "data": "base",
+    "store": "base",  # the one on-disk cache (namespace, key) -> JSON
     "train": "quant",  # the fine-tune loop behind quant's accuracy (short and long fine-tunes)
     "peers": "report",  # our builds against other engines, written under results/
     "cli": "cli",

@@ -2,11 +2,13 @@
 
 :class:`LatencyTable` maps (layer shape, weight bits, activation bits, backend) to a measured
 latency in microseconds. An entry is measured the first time it is asked for (one kernel
-build, well under a second, plus a few milliseconds of timing), then served from a JSON file
-under ``releq_tvm.config.cache_dir()/latency/``. The file name is the machine key (CPU model,
-LLVM CPU, TVM version), and the machine description (plus a hash of the kernel sources) is
-stored in the file and checked on load, so a table measured elsewhere, with another TVM or
-with other kernel code, is never used.
+build, well under a second, plus a few milliseconds of timing), then served from the one cache
+store (:mod:`releq_tvm.store`). The namespace is the machine key (CPU model, LLVM CPU, TVM
+version, threads) plus a digest of the machine description and a hash of the kernel sources,
+so a table measured elsewhere, with another TVM or with other kernel code, is never used. Each
+entry is its own write, so processes measuring at the same time never lose each other's
+entries. Tables of the old format (JSON files under ``cache_dir()/latency/``) are not read:
+their entries are measured again.
 
 Besides the layers, a network spends time in what is not a conv / dense: input quantizers,
 requantization, pooling, residual adds. :meth:`LatencyTable.fixed_us` measures it once per
@@ -19,6 +21,7 @@ kernels). :func:`cpu_cost_ratio` adds it to both sides of the ratio by default.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import threading
 import time
@@ -28,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from releq_tvm.bits import parse_bits
-from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS, cache_dir
-from releq_tvm.io import atomic_write_text
+from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS
 from releq_tvm.networks import LayerSpec, get_network_spec, layer_table
+from releq_tvm.store import Store, open_store
 
 from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import build_layer, layer_arguments, measure_layer
@@ -63,9 +66,15 @@ def layer_key(layer: LayerSpec, w_bits: int, a_bits: int, backend: str = "bitser
 class LatencyTable:
     """Per-layer latencies (microseconds) of this machine, measured lazily and cached on disk.
 
-    ``target`` defaults to the host CPU; ``path`` to ``cache_dir()/latency/<machine key>.json``.
-    ``builds`` counts the kernels this object compiled (0 when everything came from the cache).
+    ``target`` defaults to the host CPU; ``path`` is the cache store file (None: the shared
+    ``cache_dir()/cache.sqlite``). The entries live in the store's :attr:`namespace`, which
+    names the machine key and a digest of the full machine description (so another machine,
+    TVM or kernel code reads another namespace and measures afresh). ``builds`` counts the
+    kernels this object compiled (0 when everything came from the cache).
     """
+
+    #: The store namespace holding the machine description of every latency namespace.
+    MACHINES = "latency/machines"
 
     def __init__(self, target=None, path: str | Path | None = None, timing: TimingConfig = TimingConfig(),
                  batch: int = 1, runner: Runner | None = None):
@@ -75,31 +84,35 @@ class LatencyTable:
         if runner is not None and runner.rpc:
             self.machine = dict(self.machine, rpc=runner.rpc)
         key = machine_key(self.target) + (f"-rpc_{runner.rpc.replace(':', '_')}" if runner and runner.rpc else "")
-        self.path = Path(path) if path is not None else cache_dir() / "latency" / f"{key}.json"
+        description = {"format": TABLE_FORMAT, "machine": self.machine}
+        digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
+        self.namespace = f"latency/{key}/{digest}"
+        self._disk = Store(path) if path is not None else open_store()
+        self.path = self._disk.path
         self.timing = timing
         self.batch = batch
         self.runner = runner
         self.builds = 0
         self._lock = threading.Lock()
-        self._entries: dict[str, dict] = self._load()
+        self._description = description
+        self._entries: dict[str, dict] = self._disk.items(self.namespace)
 
     # -- storage -------------------------------------------------------------------------------
-    def _load(self) -> dict[str, dict]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-        if data.get("format") != TABLE_FORMAT or data.get("machine") != self.machine:
-            return {}  # measured on another machine / TVM / protocol: never reuse
-        return dict(data.get("entries", {}))
+    def _lookup(self, key: str) -> dict | None:
+        """The entry under ``key``: from memory, else from the store (another process may have measured it)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._disk.get(self.namespace, key)
+            if entry is not None:
+                self._entries[key] = entry
+        return entry
 
-    def _save(self) -> None:
-        # merge with entries another process may have written meanwhile, then replace atomically
-        merged = self._load()
-        merged.update(self._entries)
-        self._entries = merged
-        payload = {"format": TABLE_FORMAT, "machine": self.machine, "entries": dict(sorted(merged.items()))}
-        atomic_write_text(self.path, json.dumps(payload, indent=1) + "\n")
+    def _save(self, key: str, entry: dict) -> None:
+        with self._lock:
+            if not self._entries:  # say, for humans reading the store, what this namespace was measured on
+                self._disk.put(self.MACHINES, self.namespace, self._description)
+            self._entries[key] = entry
+            self._disk.put(self.namespace, key, entry)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -108,7 +121,7 @@ class LatencyTable:
         return key in self._entries
 
     def entry(self, key: str) -> dict | None:
-        return self._entries.get(key)
+        return self._lookup(key)
 
     # -- layers --------------------------------------------------------------------------------
     def measure(self, layer: LayerSpec, w_bits: int, a_bits: int, backend: str = "bitserial") -> dict:
@@ -129,14 +142,12 @@ class LatencyTable:
             "compile_s": round(compile_s, 3),
             "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        with self._lock:
-            self._entries[key] = entry
-            self._save()
+        self._save(key, entry)
         return entry
 
     def latency_us(self, layer: LayerSpec, w_bits: int, a_bits: int = DEFAULT_ACT_BITS, backend: str = "bitserial") -> float:
         """Median latency of one layer in microseconds (measured on first request, then cached)."""
-        entry = self._entries.get(layer_key(layer, w_bits, a_bits, backend, self.batch))
+        entry = self._lookup(layer_key(layer, w_bits, a_bits, backend, self.batch))
         if entry is None:
             entry = self.measure(layer, w_bits, a_bits, backend)
         return float(entry["us"])
@@ -168,7 +179,7 @@ class LatencyTable:
         The whole 8-bit bit-serial network minus the sum of its 8-bit layers (floored at 0).
         """
         key = f"network|{network} n{self.batch}|fixed"
-        entry = self._entries.get(key)
+        entry = self._lookup(key)
         if entry is None:
             entry = self.measure_network_fixed(network)
         return float(entry["us"])
@@ -207,9 +218,7 @@ class LatencyTable:
             "layers_8bit_us": layers_us,
             "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        with self._lock:
-            self._entries[f"network|{network} n{self.batch}|fixed"] = entry
-            self._save()
+        self._save(f"network|{network} n{self.batch}|fixed", entry)
         return entry
 
     def cost_ratio(self, network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,

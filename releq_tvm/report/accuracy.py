@@ -16,22 +16,23 @@ Models: the shipped checkpoint, or ``--checkpoint NET=FILE``. An MNIST network w
 cached under ``cache_dir()/report/``. Other datasets need ``--data-dir`` and a checkpoint;
 without them the accuracy cells stay empty and the reason is written next to them.
 
-Results are cached in ``cache_dir()/report/accuracy.json``, keyed by a digest of the float
-weights and every protocol number, so a changed checkpoint or protocol is never served stale.
+Results are cached in the one cache store (:mod:`releq_tvm.store`, namespace
+``report/accuracy``), keyed by the model's weight digest (:func:`releq_tvm.train.model_hash`) and
+every protocol number, so a changed checkpoint or protocol is never served stale. The old
+``report/accuracy.json`` is not read: its accuracies are measured again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from releq_tvm.config import DEFAULTS, cache_dir
 from releq_tvm.errors import ReleqError
-from releq_tvm.io import atomic_write_bytes, atomic_write_text
+from releq_tvm.io import atomic_write_bytes
+from releq_tvm.store import Store, open_store
 
 #: Recipe of the shipped LeNet-5 checkpoint (networks/checkpoints/lenet.json), reused for
 #: MNIST networks that ship none.
@@ -56,7 +57,13 @@ class AccuracyConfig:
 
 
 class AccuracyOracle:
-    """Measured accuracies (percent) of the registered networks, cached on disk."""
+    """Measured accuracies (percent) of the registered networks, cached on disk.
+
+    ``cache_path``: a folder for this oracle's store (``cache.sqlite``) and trained checkpoints;
+    None: the shared store and ``cache_dir()/report/``.
+    """
+
+    NAMESPACE = "report/accuracy"
 
     def __init__(
         self,
@@ -66,28 +73,26 @@ class AccuracyOracle:
     ):
         self.config = config
         self.root = Path(cache_path) if cache_path is not None else cache_dir() / "report"
-        self.cache_file = self.root / "accuracy.json"
+        self.store = Store(self.root / "cache.sqlite") if cache_path is not None else open_store()
         self.progress = progress or (lambda msg: None)
-        self._cache: dict[str, float] = self._load()
+        self._cache: dict[str, float] = {k: float(v) for k, v in self.store.items(self.NAMESPACE).items()}
+        self._unsaved: dict[str, float] = {}
         self._models: dict[str, tuple[object, str, str]] = {}
         self._data: dict[tuple[str, str], object] = {}
 
     # -- cache --------------------------------------------------------------------------------
-    def _load(self) -> dict[str, float]:
-        try:
-            return {k: float(v) for k, v in json.loads(self.cache_file.read_text(encoding="utf-8")).items()}
-        except (FileNotFoundError, json.JSONDecodeError, AttributeError, ValueError):
-            return {}
-
     def _store(self, key: str, value: float) -> None:
         self._cache[key] = value
-        self.flush()
+        self.store.put(self.NAMESPACE, key, value)
+
+    def _remember(self, key: str, value: float) -> None:
+        """Keep ``value`` now, write it with the next :meth:`flush` (cheap points, written in batches)."""
+        self._cache[key] = self._unsaved[key] = value
 
     def flush(self) -> None:
-        """Write the cache file (merged with entries another process may have added meanwhile)."""
-        merged = self._load()
-        merged.update(self._cache)
-        atomic_write_text(self.cache_file, json.dumps(dict(sorted(merged.items())), indent=1) + "\n")
+        """Write the values kept by :meth:`_remember` (one transaction)."""
+        self.store.put_many(self.NAMESPACE, self._unsaved)
+        self._unsaved = {}
 
     # -- what is available --------------------------------------------------------------------
     def missing_reason(self, network: str) -> str | None:
@@ -131,7 +136,7 @@ class AccuracyOracle:
         import torch
 
         from releq_tvm.networks import checkpoint_path, create_network, get_network_spec
-        from releq_tvm.train import load_model, train_steps
+        from releq_tvm.train import load_model, model_hash, train_steps
 
         reason = self.missing_reason(network)
         if reason is not None:
@@ -158,7 +163,7 @@ class AccuracyOracle:
                 f"(as `releq-tvm train {network} --steps {TRAIN_STEPS} --lr {TRAIN_LR:g} --seed {seed}`)"
             )
         model.eval()
-        return model, _state_digest(model), origin
+        return model, model_hash(model), origin
 
     # -- the two protocols --------------------------------------------------------------------
     def full_precision(self, network: str) -> float:
@@ -252,7 +257,7 @@ class ParetoScorer:
                                       self.oracle.data(self.network, "train"), self.finetune_steps,
                                       lr=c.finetune_lr, batch_size=c.finetune_batch, seed=c.seed)
             value = evaluate(model, self.subset)
-            self.oracle._cache[key] = value
+            self.oracle._remember(key, value)
             self._new += 1
             if self._new % 100 == 0:  # a long enumeration survives an interruption
                 self.oracle.flush()
@@ -262,12 +267,3 @@ class ParetoScorer:
         if self._new:
             self.oracle.flush()
             self._new = 0
-
-
-def _state_digest(model) -> str:
-    """Short digest of the float weights: the cache key of every accuracy of this model."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -34,7 +34,7 @@ class ReportOptions:
     fresh_cpu: bool = False  # re-measure instead of reusing cached CPU latencies
     accuracy: bool = True
     accuracy_config: AccuracyConfig = field(default_factory=AccuracyConfig)
-    accuracy_cache: str | Path | None = None  # accuracy and CPU caches (None: cache_dir()/report)
+    accuracy_cache: str | Path | None = None  # folder of the accuracy and CPU caches (None: the shared store)
     pareto_bits: tuple[int, ...] = DEFAULT_PARETO_BITS
     pareto_networks: Sequence[str] = PARETO_NETWORKS
     threads: int | None = None  # torch intra-op threads for training and evaluation (None: torch default)
@@ -126,14 +126,14 @@ def _fig9(out: StagedOutput, prov: Provenance, choices) -> None:
 
 def _cpu_measure(opts: ReportOptions, say) -> MeasureFn:
     """The injected measure function as is, or TVM's behind the on-disk cache (and a per-run memo)."""
-    from releq_tvm.config import cache_dir
     from releq_tvm.report.cpu_report import disk_cached, host_machine_key, memoized, tvm_measure
 
     if opts.cpu_measure is not None:
         return memoized(opts.cpu_measure)
     real = tvm_measure(repeats=opts.cpu_repeats, progress=lambda m: say(f"cpu:   {m}"))
-    root = Path(opts.accuracy_cache) if opts.accuracy_cache is not None else cache_dir() / "report"
-    return memoized(disk_cached(real, root / "cpu_latency.json", host_machine_key(), opts.cpu_repeats, opts.fresh_cpu))
+    # the accuracy cache folder, when given, holds this report's store (as AccuracyOracle's)
+    store = Path(opts.accuracy_cache) / "cache.sqlite" if opts.accuracy_cache is not None else None
+    return memoized(disk_cached(real, store, host_machine_key(), opts.cpu_repeats, opts.fresh_cpu))
 
 
 def _fig8(out: StagedOutput, prov: Provenance, choices, measure: MeasureFn, say) -> None:

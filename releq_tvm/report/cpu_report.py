@@ -5,8 +5,8 @@ CpuLatency``. The default, :func:`tvm_measure`, builds and times the whole netwo
 :mod:`releq_tvm.compile`; tests inject a fake, so no TVM build runs in the default test suite.
 
 Measuring every network takes tens of minutes on a small machine, so :func:`disk_cached`
-keeps each measurement (with its date) in ``cache_dir()/report/cpu_latency.json``, keyed by the
-machine (CPU model, LLVM CPU, TVM version, threads), the network, the bits and the repeats; the
+keeps each measurement (with its date) in the one cache store (namespace ``report/cpu_latency``
+of ``cache_dir()/cache.sqlite``), keyed by the machine (CPU model, LLVM CPU, TVM version, threads), the network, the bits and the repeats; the
 ``measured_utc`` column of fig8 says when each number was taken. ``--fresh-cpu`` re-measures.
 """
 
@@ -206,34 +206,31 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def disk_cached(measure: MeasureFn, path, machine: str, repeats: int, fresh: bool = False) -> MeasureFn:
-    """``measure`` with an on-disk cache at ``path`` (JSON), keyed by ``machine``, network, bits, repeats.
+#: The store namespace of the CPU latencies the report measured.
+CPU_LATENCY_NAMESPACE = "report/cpu_latency"
 
-    ``fresh``: measure everything again (and overwrite the cached entries).
+
+def disk_cached(measure: MeasureFn, path, machine: str, repeats: int, fresh: bool = False) -> MeasureFn:
+    """``measure`` with an on-disk cache, keyed by ``machine``, network, bits, repeats.
+
+    ``path``: the cache store file (None: the shared ``cache_dir()/cache.sqlite``); entries live
+    in its ``report/cpu_latency`` namespace, one write each. The old ``cpu_latency.json`` is not
+    read: its networks are measured again. ``fresh``: measure everything again (and overwrite
+    the cached entries).
     """
     import dataclasses
-    import json
-    from pathlib import Path
 
-    from releq_tvm.io import atomic_write_text
+    from releq_tvm.store import Store, open_store
 
-    path = Path(path)
-
-    def load() -> dict:
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+    store = Store(path) if path is not None else open_store()
 
     def wrapped(network, w_bits, a_bits):
         key = f"{machine}|{network}|w {format_bits(w_bits)}|a {format_bits(a_bits) if a_bits else '8'}|repeats {repeats}"
-        entry = None if fresh else load().get(key)
+        entry = None if fresh else store.get(CPU_LATENCY_NAMESPACE, key)
         if entry is not None:
             return CpuLatency(**entry)
         lat = measure(network, w_bits, a_bits)
-        data = load()  # merge: another report may have written meanwhile
-        data[key] = dataclasses.asdict(lat)
-        atomic_write_text(path, json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+        store.put(CPU_LATENCY_NAMESPACE, key, dataclasses.asdict(lat))
         return lat
 
     return wrapped

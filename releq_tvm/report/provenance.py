@@ -96,7 +96,7 @@ project venv:
 
 - Means over networks (`GEOMEAN` rows) are geometric means: the quantities are ratios.
 - CPU numbers need no data; they are measured once per machine, bits and repeats and cached
-  (`cpu_latency.json` in the cache dir, `~/.cache/releq-tvm/report/` by default;
+  (namespace `report/cpu_latency` of the cache store, `~/.cache/releq-tvm/cache.sqlite` by default;
   `--fresh-cpu` re-measures; each row says when it was measured). `--skip-cpu` leaves the
   CPU files as they are.
 - Accuracies are measured here: MNIST networks always (LeNet-5 from its shipped checkpoint,

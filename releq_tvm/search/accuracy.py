@@ -6,11 +6,11 @@ SHORT fine-tune (``short_steps`` Adam steps on the train split) of the float mod
 ``bits``. The test split is never used by the search; only :func:`long_finetune`, after the
 search, reports test accuracy.
 
-Every result is stored in an sqlite file keyed by the configuration and by everything that
-changes the number (network, checkpoint hash, fine-tune settings, val subset), so a
-configuration is fine-tuned once per settings, across episodes, runs and search methods. Each
-insert is its own committed transaction (WAL, synchronous=FULL), so a killed run loses at most
-the evaluation in flight.
+Every result is stored in the one cache store (:mod:`releq_tvm.store`) keyed by the
+configuration and by everything that changes the number (network, checkpoint hash, fine-tune
+settings, val subset), so a configuration is fine-tuned once per settings, across episodes, runs
+and search methods. Each insert is its own committed transaction, so a killed run loses at most
+the evaluation in flight, and runs sharing the file never lose each other's results.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from torch import nn
 
 from releq_tvm.config import BITS_MAX
 from releq_tvm.quant.quantizers import QUANTIZER_VERSION
+from releq_tvm.store import Store, open_store
 
 Bits = tuple[int, ...]
 
@@ -37,37 +37,22 @@ def _bits_text(bits: Sequence[int] | None) -> str:
     return "" if bits is None else ",".join(str(int(b)) for b in bits)
 
 
-def model_hash(model: nn.Module) -> str:
-    """sha256 (first 16 hex digits) of a model's state_dict: names, shapes and values."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class AccuracyCache:
-    """On-disk accuracy per (settings, weight bits, activation bits); sqlite, one commit per insert."""
+    """On-disk accuracy per (settings, weight bits, activation bits), in the one cache store.
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # timeout: several searches (e.g. the efficiency comparison) may share one cache file.
-        self._db = sqlite3.connect(str(self.path), timeout=60.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._db:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, json TEXT NOT NULL)"
-            )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS accuracy ("
-                " key TEXT NOT NULL, w_bits TEXT NOT NULL, a_bits TEXT NOT NULL,"
-                " accuracy REAL NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL,"
-                " PRIMARY KEY (key, w_bits, a_bits))"
-            )
+    ``path``: the store file (None: ``cache_dir()/cache.sqlite``, shared by every run). Settings
+    live in the namespace ``accuracy/settings`` (for humans reading the file), the accuracies of
+    one settings key in ``accuracy/<key>``, keyed by ``w <bits>|a <bits>``. Accuracy files of the
+    old format (``accuracy.sqlite``) are not read: their configurations are fine-tuned again.
+    """
+
+    SETTINGS = "accuracy/settings"
+
+    def __init__(self, path: str | Path | None = None):
+        # a path of its own gets its own connection (closed by close()); the default store is shared
+        self._owned = path is not None
+        self.store = Store(path) if path is not None else open_store()
+        self.path = self.store.path
 
     @staticmethod
     def settings_key(settings: dict) -> str:
@@ -77,33 +62,31 @@ class AccuracyCache:
     def register(self, settings: dict) -> str:
         """Store ``settings`` (for humans reading the file) and return its key."""
         key = self.settings_key(settings)
-        with self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO settings (key, json) VALUES (?, ?)", (key, json.dumps(settings, sort_keys=True))
-            )
+        if self.store.get(self.SETTINGS, key) is None:
+            self.store.put(self.SETTINGS, key, settings)
         return key
 
+    @staticmethod
+    def _entry_key(w_bits: Sequence[int], a_bits: Sequence[int] | None) -> str:
+        return f"w {_bits_text(w_bits)}|a {_bits_text(a_bits)}"
+
     def get(self, key: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float | None:
-        row = self._db.execute(
-            "SELECT accuracy FROM accuracy WHERE key = ? AND w_bits = ? AND a_bits = ?",
-            (key, _bits_text(w_bits), _bits_text(a_bits)),
-        ).fetchone()
-        return None if row is None else float(row[0])
+        entry = self.store.get(f"accuracy/{key}", self._entry_key(w_bits, a_bits))
+        return None if entry is None else float(entry["accuracy"])
 
     def put(self, key: str, w_bits: Sequence[int], a_bits: Sequence[int] | None, accuracy: float, seconds: float) -> None:
-        with self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO accuracy (key, w_bits, a_bits, accuracy, seconds, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (key, _bits_text(w_bits), _bits_text(a_bits), float(accuracy), float(seconds), time.time()),
-            )
+        entry = {"accuracy": float(accuracy), "seconds": float(seconds), "created": time.time()}
+        self.store.put(f"accuracy/{key}", self._entry_key(w_bits, a_bits), entry)
 
     def count(self, key: str | None = None) -> int:
-        if key is None:
-            return int(self._db.execute("SELECT COUNT(*) FROM accuracy").fetchone()[0])
-        return int(self._db.execute("SELECT COUNT(*) FROM accuracy WHERE key = ?", (key,)).fetchone()[0])
+        """Accuracies stored under settings ``key`` (None: under every settings key)."""
+        if key is not None:
+            return self.store.count(f"accuracy/{key}")
+        return sum(self.store.count(ns) for ns in self.store.namespaces("accuracy/") if ns != self.SETTINGS)
 
     def close(self) -> None:
-        self._db.close()
+        if self._owned:
+            self.store.close()
 
 
 class ActivationQuantizerHooks:

@@ -65,7 +65,7 @@ def _action_set(ctx, param, value):
 @click.option("--seed", type=int, default=DEFAULTS.ppo.seed, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=_DEFAULT.threads, show_default=True, help="torch threads.")
 @click.option("--cache", "cache_path", type=click.Path(dir_okay=False), default=None,
-              help="Accuracy cache file (default: <cache dir>/accuracy.sqlite, shared by all runs).")
+              help="Accuracy cache store file (default: <cache dir>/cache.sqlite, shared by all runs).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Where the run's files go (default runs/search/<net>-<measure>-<reward>).")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last checkpoint.")

@@ -107,7 +107,7 @@ class SearchConfig:
 
     checkpoint: str | None = None
     data_dir: str | None = None
-    #: sqlite accuracy cache (None: <cache dir>/accuracy.sqlite, shared by every run).
+    #: accuracy cache store file (None: <cache dir>/cache.sqlite, the one store shared by every run).
     cache_path: str | None = None
     run_dir: str | None = None
     #: torch intra-op threads (None: torch's default). One by default: the agent's LSTM and a

@@ -116,10 +116,11 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
     ``oracle`` / ``cost`` replace the real ones (tests inject fakes; no data or TVM needed).
     """
     from releq_tvm.networks import MissingCheckpointError, create_network, get_network_spec, layer_table
-    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings, NoAccuracy, model_hash
+    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings, NoAccuracy
     from releq_tvm.search.cost import make_cost_backend
     from releq_tvm.search.env import ReleqEnv
     from releq_tvm.search.reward import make_reward
+    from releq_tvm.train import model_hash
 
     validate_config(config)
     if config.threads:
@@ -163,9 +164,7 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
                 train_images=config.train_images,
                 calibration_images=config.calibration_images,
             )
-            from releq_tvm.config import cache_dir
-
-            cache = AccuracyCache(config.cache_path or (cache_dir() / "accuracy.sqlite"))
+            cache = AccuracyCache(config.cache_path)  # None: the shared store, cache_dir()/cache.sqlite
             oracle = FinetunedAccuracy(model, spec.input_shape, train, val, settings, cache)
     if cost is None:
         cost = make_cost_backend(config.measure, config.network, table, sq_form=config.sq_form, metric=config.metric,
