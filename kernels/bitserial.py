@@ -128,14 +128,25 @@ def _choose_tiles(mode: str, out_w: int, tile: int, layout: str, isa: VectorIsa)
 
 
 def plan_conv2d(shape: ConvShape, w_bits: int, a_bits: int, layout: str = "NCHW",
-                parallel: bool | None = None, isa: VectorIsa | None = None) -> BitserialPlan:
+                parallel: bool | None = None, isa: VectorIsa | None = None,
+                pos_tile: int | None = None) -> BitserialPlan:
     """The tiling of a bit-serial conv2d for ``isa`` (default: this host's, :func:`vector_isa`);
-    ``parallel=None`` uses all cores only for big layers."""
+    ``parallel=None`` uses all cores only for big layers.
+
+    ``pos_tile`` overrides the output columns per register tile (channel and folded modes; the
+    register tile is then ``pos_tile`` x the weight tile's registers, so keep it within
+    :func:`accumulator_budget` or the accumulators spill).
+    """
     check_layout(layout)
     isa = isa or vector_isa()
     w_bits, a_bits = check_bits(w_bits, "w_bits"), check_bits(a_bits, "a_bits")
     weights = conv_weight_layout(shape, w_bits, isa.uint64_lanes)
     pos, vec, ow_pad = _choose_tiles(weights.mode, shape.out_size[1], weights.tile, layout, isa)
+    if pos_tile is not None:
+        if weights.mode == "window" or int(pos_tile) < 1:
+            raise ValueError(f"pos_tile must be a positive column count, and only channel/folded layouts take one "
+                             f"(this layer packs {weights.mode!r}); got {pos_tile!r}")
+        pos, ow_pad = int(pos_tile), round_up(shape.out_size[1], int(pos_tile))
     if parallel is None:
         parallel = shape.macs * w_bits * a_bits >= PARALLEL_MIN_BINARY_MACS
     return BitserialPlan(shape, w_bits, a_bits, layout, weights, pos, vec, ow_pad, bool(parallel), isa)
@@ -480,7 +491,7 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
 
 def bitserial_conv2d_primfunc(shape: ConvShape, w_bits: int, a_bits: int, layout: str = "NCHW",
                               parallel: bool | None = None, isa: VectorIsa | None = None,
-                              epilogue: Epilogue = PLAIN) -> tvm.tirx.PrimFunc:
+                              epilogue: Epilogue = PLAIN, pos_tile: int | None = None) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weight_planes, out)`` computing a bit-serial conv2d.
 
     Arguments (destination-passing, as ``relax.call_tir`` expects):
@@ -497,7 +508,7 @@ def bitserial_conv2d_primfunc(shape: ConvShape, w_bits: int, a_bits: int, layout
     (``relax.BlockBuilder.add_func(func, "conv3")``) or with
     ``func.with_attr("global_symbol", name)`` before building it alone.
     """
-    plan = plan_conv2d(shape, w_bits, a_bits, layout, parallel, isa)
+    plan = plan_conv2d(shape, w_bits, a_bits, layout, parallel, isa, pos_tile)
     return without_global_symbol(schedule_bitserial(te.create_prim_func(conv2d_tensors(plan, epilogue)), plan))
 
 

@@ -886,3 +886,26 @@ def test_fused_epilogue_equals_the_numpy_steps(family, epilogue):
             assert (expected > 0).any() and ((expected == 0) if epilogue.relu else (expected < 0)).any()
         if epilogue.residual and not epilogue.quantize_bits:
             assert expected.max() == 2**31 - 1  # the saturating add
+
+
+@pytest.mark.parametrize("pos_tile", [1, 3, 8])
+def test_bitserial_tile_override_keeps_results_exact(pos_tile):
+    import tvm
+
+    shape = K.ConvShape(40, 36, (7, 9), (3, 3), padding=(1, 1))
+    plan = K.plan_conv2d(shape, 2, 2, pos_tile=pos_tile)
+    assert plan.pos_tile == pos_tile and plan.out_w_pad % pos_tile == 0 and plan.out_w_pad >= 9
+    func = K.bitserial_conv2d_primfunc(shape, 2, 2, pos_tile=pos_tile)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.host_target())
+    rng = rng_for("tiles", pos_tile)
+    x = random_activations(rng, shape.input_shape(), 2)
+    q = random_weights(rng, shape.weight_shape(), 2)
+    out = np.zeros(shape.output_shape(), np.int32)
+    tensors = [tvm.runtime.tensor(a) for a in (x, K.pack_weights(q, 2, lanes=HOST_LANES), out)]
+    lib["main"](*tensors)
+    np.testing.assert_array_equal(tensors[-1].numpy(), K.conv2d_reference(x, q, shape))
+
+
+def test_tile_override_is_refused_for_window_layouts():
+    with pytest.raises(ValueError, match="window"):
+        K.plan_conv2d(K.ConvShape(8, 8, (9, 9), (3, 3), groups=8), 2, 2, pos_tile=4)
