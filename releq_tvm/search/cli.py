@@ -140,6 +140,8 @@ def search_cmd(network, measure, metric, cpu_kernels, reward, acc_limit, reward_
 @click.option("--exhaustive-set", default="2,4,8", show_default=True, callback=_action_set,
               help="The smaller bit set exhaustive enumeration covers.")
 @click.option("--measure", type=click.Choice(["none", "cpu", "stripes"]), default="none", show_default=True)
+@click.option("--cpu-kernels", type=click.Choice(["auto", "bitserial"]), default=_DEFAULT.cpu_kernels, show_default=True,
+              help="What --measure cpu prices (as for search).")
 @click.option("--reward", type=click.Choice(["asymmetric", "sa_over_sq", "sa_minus_sq"]), default="asymmetric", show_default=True)
 @click.option("--accuracy", type=click.Choice(["finetune", "none"]), default="finetune", show_default=True)
 @click.option("--short-steps", type=click.IntRange(0), default=_DEFAULT.short_steps, show_default=True)
@@ -148,16 +150,16 @@ def search_cmd(network, measure, metric, cpu_kernels, reward, acc_limit, reward_
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="results/search_efficiency.csv", show_default=True)
 @checkpoint_option
 @data_dir_option
-def search_efficiency_cmd(network, budget, methods, exhaustive_set, measure, reward, accuracy, short_steps, seed, threads,
-                          out, checkpoint, data_dir) -> None:
+def search_efficiency_cmd(network, budget, methods, exhaustive_set, measure, cpu_kernels, reward, accuracy, short_steps, seed,
+                          threads, out, checkpoint, data_dir) -> None:
     """Compare PPO, random search and exhaustive enumeration on NET at the same configuration budget."""
     import sys
 
     from releq_tvm.report.search_efficiency import efficiency_png, write_efficiency_csv
     from releq_tvm.search.efficiency import compare_search_methods
 
-    config = SearchConfig(network=network, measure=measure, reward=reward, accuracy=accuracy, short_steps=short_steps,
-                          seed=seed, threads=threads,
+    config = SearchConfig(network=network, measure=measure, cpu_kernels=cpu_kernels, reward=reward, accuracy=accuracy,
+                          short_steps=short_steps, seed=seed, threads=threads,
                           checkpoint=checkpoint, data_dir=data_dir)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     rows = compare_search_methods(network, budget=budget, methods=names, exhaustive_set=exhaustive_set,
