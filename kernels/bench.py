@@ -71,11 +71,6 @@ class Peak:
     gmacs_int8_per_s_per_core: float = 0.0
 
 
-def _threads() -> int:
-    """Threads TVM's pool runs parallel loops on (:func:`tvm_threads`)."""
-    return tvm_threads()
-
-
 #: What each peak loop runs, by kind and ISA, for the provenance sidecar.
 _PEAK_INSTRUCTIONS = {
     ("popcount", "avx512-vpopcntdq"): "vpandq + vpopcntq on zmm (8 x uint64)",
@@ -184,7 +179,7 @@ def measure_popcount_peak(target=None, threads: int | None = None, repeat: int =
     machine every disturbance only makes a sample slower.
     """
     target = make_target(target)
-    threads = threads or _threads()
+    threads = threads or tvm_threads()
     rates = {}
     for kind in ("popcount", "int8"):
         for n in sorted({1, threads}):
@@ -331,7 +326,7 @@ def bench_kernels(
     Returns the rows.
     """
     target = make_target(target)
-    threads = _threads()
+    threads = tvm_threads()
     say = progress or (lambda message: None)
     peak = None
     if measure_peak:

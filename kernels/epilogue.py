@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 from tvm import te, tirx
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -139,7 +140,7 @@ def epilogue_reference(epilogue: Epilogue, acc: np.ndarray, channel_axis: int, m
 QUANTIZE_PARALLEL_MIN = 1 << 16
 
 
-def quantize_primfunc(shape: tuple[int, ...], bits: int) -> "tvm.tirx.PrimFunc":
+def quantize_primfunc(shape: tuple[int, ...], bits: int) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(v int32 shape, quant int64 (3,), out uint8 shape)``: a layer's input
     quantizer ``clip((v * qm + qround) >> qshift, 0, 2^bits - 1)`` on its own, for an int32 tensor
     that several consumers read (where it cannot be fused into the producer's epilogue).
@@ -147,8 +148,6 @@ def quantize_primfunc(shape: tuple[int, ...], bits: int) -> "tvm.tirx.PrimFunc":
     Vectorised over the flattened tensor (16 lanes), parallel above :data:`QUANTIZE_PARALLEL_MIN`
     elements.
     """
-    import tvm
-
     if not 1 <= int(bits) <= 8:
         raise ValueError(f"bits must lie in 1..8; got {bits!r}")
     v = te.placeholder(tuple(shape), "int32", name="v")

@@ -29,11 +29,11 @@ from releq_tvm.kernels.shapes import ConvShape, DenseShape
 from releq_tvm.kernels.epilogue import PLAIN, Epilogue, quantize_primfunc
 from releq_tvm.kernels.target import vector_isa
 
-#: Kernel families a layer can be built with.
+#: Kernel families a layer can be built with (``auto``, the faster per layer, is resolved from the
+#: latency table by :func:`releq_tvm.compile.artifact.compile_network`).
 BACKENDS = ("bitserial", "int8")
-#: What ``--kernels`` accepts: one family for every layer, or ``auto`` (the faster per layer,
-#: from the latency table: :func:`releq_tvm.compile.latency_table.choose_kernels`).
-KERNEL_CHOICES = BACKENDS + ("auto",)
+#: TVM's op-pattern code for an opaque function (never fused).
+_OPAQUE = 8
 
 
 def layer_kernels(net: IntegerNetwork, kernels: str | Sequence[str]) -> tuple[str, ...]:
@@ -45,8 +45,6 @@ def layer_kernels(net: IntegerNetwork, kernels: str | Sequence[str]) -> tuple[st
         what = f"unknown kernel family {bad[0]!r}" if bad else f"{len(families)} kernel families for {n} layers"
         raise ReleqError(f"{what}; pass one of {', '.join(BACKENDS)} per layer (auto is resolved by compile_network)")
     return families
-#: TVM's op-pattern code for an opaque function (never fused).
-_OPAQUE = 8
 
 
 def layer_shape(s: LayerSpec, batch: int) -> ConvShape | DenseShape:
@@ -185,8 +183,10 @@ def plan_fusion(net: IntegerNetwork) -> dict[str, FusedLayer]:
     return plan
 
 
-def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch: int, target) -> tuple[tvm.IRModule, list[str]]:
-    """The Relax IRModule of ``net`` for ``target`` and the parameter names ``main`` takes after the input.
+def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch: int,
+                       target) -> tuple[tvm.IRModule, "OrderedDict[str, np.ndarray]"]:
+    """The Relax IRModule of ``net`` for ``target`` and the arrays ``main`` takes after the input, by
+    name, in call order (:func:`network_params`).
 
     ``main(x: uint8 (batch, C, H, W), *params) -> int32 (batch, classes)``; the output is the
     fixed-point logits (``* 2^-F`` gives the real ones). Each weight layer is one kernel call
@@ -245,19 +245,19 @@ def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch:
                     lq = layers[op.attrs["index"]]
                     i = lq.spec.index
                     a = src[0]
+                    shape = layer_shape(lq.spec, batch)
+                    dense = isinstance(shape, DenseShape)
                     if not lq.reads_input and quantized.get(op.inputs[0]) != i:
-                        in_shape = layer_shape(lq.spec, batch)
-                        shape = in_shape.input_shape() if isinstance(in_shape, DenseShape) else in_shape.input_shape("NCHW")
-                        a = bb.emit(relax.call_tir(quantizer(shape, lq.a_bits), [a, pvars[f"l{i}_in_quant"]],
-                                                   relax.TensorType(shape, "uint8")), f"l{i}_x")
+                        in_shape = shape.input_shape() if dense else shape.input_shape("NCHW")
+                        a = bb.emit(relax.call_tir(quantizer(in_shape, lq.a_bits), [a, pvars[f"l{i}_in_quant"]],
+                                                   relax.TensorType(in_shape, "uint8")), f"l{i}_x")
                     fused = fusion[op.name]
                     args = [a, pvars[f"l{i}_weight"], pvars[f"l{i}_mult"], pvars[f"l{i}_offset"], pvars[f"l{i}_shift"]]
                     if fused.residual is not None:
                         args.append(values[fused.residual])
                     if fused.quantize_for is not None:
                         args.append(pvars[f"l{fused.quantize_for}_in_quant"])
-                    shape = layer_shape(lq.spec, batch)
-                    out_shape = shape.output_shape() if isinstance(shape, DenseShape) else shape.output_shape("NCHW")
+                    out_shape = shape.output_shape() if dense else shape.output_shape("NCHW")
                     out = bb.emit(
                         relax.call_tir(kernel(lq, fused.epilogue), args, relax.TensorType(out_shape, fused.epilogue.out_dtype)),
                         op.name,
@@ -287,7 +287,7 @@ def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch:
                 values[op.name] = bb.emit(value, op.name)
             out = bb.emit_output(values[net.graph.output])
         bb.emit_func_output(out)
-    return bb.get(), list(params)
+    return bb.get(), params
 
 
 def build_network(net: IntegerNetwork, kernels: str | Sequence[str], batch: int,
@@ -295,8 +295,8 @@ def build_network(net: IntegerNetwork, kernels: str | Sequence[str], batch: int,
     """Compile ``net`` for ``target`` with ``kernels`` (one family for every layer, or one per layer;
     ``auto`` is resolved by the caller): the Relax VM executable and the arrays ``main`` takes
     after the input, by name, in call order (:func:`network_params`)."""
-    mod, _ = build_relax_module(net, kernels, batch, target)
-    return tvm.compile(mod, target=target), network_params(net, kernels, target)
+    mod, params = build_relax_module(net, kernels, batch, target)
+    return tvm.compile(mod, target=target), params
 
 
 def _uniform_avgpool(v, op, batch: int, i64):

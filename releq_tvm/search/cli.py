@@ -7,6 +7,7 @@ import click
 from releq_tvm.cli_options import checkpoint_option, data_dir_option, network_argument
 from releq_tvm.config import DEFAULTS
 from releq_tvm.search.config import SearchConfig
+from releq_tvm.search.cost import CPU_KERNELS
 
 _DEFAULT = SearchConfig(network="")
 
@@ -23,7 +24,7 @@ def _action_set(ctx, param, value):
               help="Cost in state and reward: SQ formula, measured TVM CPU latency ratio, or Stripes simulator ratio.")
 @click.option("--metric", type=click.Choice(["cycles", "energy"]), default=_DEFAULT.metric, show_default=True,
               help="Stripes ratio: cycles (1/speedup) or energy.")
-@click.option("--cpu-kernels", type=click.Choice(["auto", "bitserial"]), default=_DEFAULT.cpu_kernels, show_default=True,
+@click.option("--cpu-kernels", type=click.Choice(CPU_KERNELS), default=_DEFAULT.cpu_kernels, show_default=True,
               help="--measure cpu prices the auto build (per layer the faster of bit-serial and int8, over int8) "
                    "or pure bit-serial over bit-serial at 8 bits.")
 @click.option("--reward", type=click.Choice(["asymmetric", "sa_over_sq", "sa_minus_sq", "hardware"]),
@@ -140,7 +141,7 @@ def search_cmd(network, measure, metric, cpu_kernels, reward, acc_limit, reward_
 @click.option("--exhaustive-set", default="2,4,8", show_default=True, callback=_action_set,
               help="The smaller bit set exhaustive enumeration covers.")
 @click.option("--measure", type=click.Choice(["none", "cpu", "stripes"]), default="none", show_default=True)
-@click.option("--cpu-kernels", type=click.Choice(["auto", "bitserial"]), default=_DEFAULT.cpu_kernels, show_default=True,
+@click.option("--cpu-kernels", type=click.Choice(CPU_KERNELS), default=_DEFAULT.cpu_kernels, show_default=True,
               help="What --measure cpu prices (as for search).")
 @click.option("--reward", type=click.Choice(["asymmetric", "sa_over_sq", "sa_minus_sq"]), default="asymmetric", show_default=True)
 @click.option("--accuracy", type=click.Choice(["finetune", "none"]), default="finetune", show_default=True)
