@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from releq_tvm.cli_options import bits_option, checkpoint_option
-from releq_tvm.peers import DEFAULT_NETWORKS, DEFAULT_THREADS, PeersConfig
+from releq_tvm.peers import DEFAULT_NETWORKS, DEFAULT_THREADS, PEERS_TIMING, PeersConfig
 from releq_tvm.sim.bench import bench_cli as _sim_bench
 
 
@@ -30,7 +30,7 @@ def bench_kernels_cmd(out_path: str) -> None:
 @click.option("--act-bits", "act_bits_text", default=None, help="Activation bits per layer (default 8 everywhere).")
 @click.option("--threads", "threads_text", default=",".join(map(str, DEFAULT_THREADS)), show_default=True,
               help="Thread counts, comma-separated.")
-@click.option("--rounds", type=click.IntRange(1), default=PeersConfig.rounds, show_default=True,
+@click.option("--rounds", type=click.IntRange(1), default=PEERS_TIMING.repeats, show_default=True,
               help="Interleaved timing rounds.")
 @click.option("--accuracy-images", type=click.IntRange(0), default=PeersConfig.accuracy_images, show_default=True,
               help="MNIST test images for each engine's accuracy (MNIST networks with trained weights; 0 skips).")
@@ -45,6 +45,7 @@ def bench_peers_cmd(networks, bits_text, act_bits_text, threads_text, rounds, ac
     Batch 1, one process, interleaved rounds, median and IQR per engine and thread count; NET
     defaults to lenet resnet20. Needs the peers extra: `pip install 'releq-tvm[peers]'`.
     """
+    import dataclasses
     from pathlib import Path
 
     from releq_tvm import peers
@@ -52,7 +53,7 @@ def bench_peers_cmd(networks, bits_text, act_bits_text, threads_text, rounds, ac
     peers.import_peer_engines()  # one line on what to install, before any build
     networks = networks or DEFAULT_NETWORKS
     threads = peers.parse_threads(threads_text)
-    config = peers.PeersConfig(rounds=rounds, accuracy_images=accuracy_images)
+    config = peers.PeersConfig(timing=dataclasses.replace(PEERS_TIMING, repeats=rounds), accuracy_images=accuracy_images)
 
     def say(message: str) -> None:
         click.echo(f"  .. {message}", err=True)

@@ -19,17 +19,16 @@
 The float weights are the compile stage's (:func:`releq_tvm.compile.integer.load_network_model`:
 the shipped checkpoint, else seeded random weights), so every engine computes the same network.
 
-Timing protocol (:func:`time_interleaved`): every engine gets ``warmup_calls`` untimed calls and
-a number of back-to-back calls per round that lasts about ``round_ms`` at its fastest warm-up
-call; then ``rounds`` rounds, each running every engine once, the order rotated by one engine
-per round. A round's time is the mean over its calls. Before them come an idle pause of
-``settle_ms`` (so the previous engine's worker threads stop spinning: several thread pools share
-the cores of one process, which a deployment of one engine would not see) and ``rewarm_ms`` of
-untimed calls (at least one: the first calls after idling wake this engine's threads and run
-slow). Each engine reports the median and interquartile range over
-rounds, in milliseconds. The timed call is the engine's own inference call on an input already in its
-format: a float32 array for the peers, uint8 input levels in a TVM tensor for ours (the host-side
-input quantizer is outside, a few microseconds).
+Timing: the package's one protocol (:mod:`releq_tvm.compile.timing`) with :data:`PEERS_TIMING`:
+``rounds`` interleaved rounds in rotated order; in each, every engine's sample is the mean over
+back-to-back calls lasting about 5 ms (:class:`~releq_tvm.compile.timing.CallSampler`), after an
+idle pause of 50 ms (so the previous engine's worker threads stop spinning: several thread pools
+share the cores of one process, which a deployment of one engine would not see) and 2 ms of
+untimed calls (the first calls after idling wake this engine's threads and run slow). Each
+engine reports the median and interquartile range over rounds, in milliseconds. The timed call
+is the engine's own inference call on an input already in its format: a float32 array for the
+peers, uint8 input levels in a TVM tensor for ours (the host-side input quantizer is outside, a
+few microseconds).
 
 Threads: per thread count every peer gets a fresh session at that count (onnxruntime
 ``intra_op_num_threads``, ``inter_op_num_threads`` 1, sequential execution; OpenVINO
@@ -52,7 +51,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +60,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from releq_tvm.bits import format_bits, parse_bits
+from releq_tvm.timing import CallSampler, TimingConfig, interleaved_timing, timing_note
 from releq_tvm.config import BITS_MAX
 from releq_tvm.errors import ReleqError
 
@@ -109,19 +108,17 @@ PEERS_COLUMNS = (
 )
 
 
+#: The timing of engines side by side (module docstring). settle_ms: onnxruntime's idle workers
+#: at 2 threads slow the next engine for 20-50 ms (measured here); rewarm_ms: the first calls after
+#: idling run slow (1.1-1.3 ms against 0.22 ms for torch fp32 at 2 threads, measured here).
+PEERS_TIMING = TimingConfig(repeats=30, min_repeat_ms=5.0, warmup=0, settle_ms=50.0, rewarm_ms=2.0, calibration_calls=5)
+
+
 @dataclass(frozen=True)
 class PeersConfig:
     """How the comparison is run (see the module docstring); times in milliseconds."""
 
-    rounds: int = 30
-    warmup_calls: int = 5
-    round_ms: float = 5.0
-    #: idle pause before each engine's block, so the previous engine's threads stop spinning
-    #: (measured here: onnxruntime's idle workers at 2 threads slow the next engine for 20-50 ms)
-    settle_ms: float = 50.0
-    #: untimed back-to-back calls for this long (at least one) after the pause: the first calls
-    #: after idling run slow (1.1-1.3 ms against 0.22 ms for torch fp32 at 2 threads, measured here)
-    rewarm_ms: float = 2.0
+    timing: TimingConfig = field(default_factory=lambda: PEERS_TIMING)
     calibration_images: int = 64  # QDQ calibration (ORT's CalibrationDataReader)
     accuracy_images: int = 2000  # first N MNIST test images; 0 skips accuracy
     seed: int = 0
@@ -366,23 +363,51 @@ def _our_engine(name: str, build: OurBuild, x: np.ndarray) -> Engine:
     return Engine(name, infer, lambda: main(levels, *args), [vm, args])
 
 
+def _peer_makers(models: PeerModels, model: torch.nn.Module, threads: int, x: np.ndarray) -> dict[str, Callable[[], Engine]]:
+    return {
+        "torch_fp32": lambda: _torch_engine(model, x),
+        "ort_fp32": lambda: _ort_engine("ort_fp32", models.onnx_fp32, threads, x),
+        "ort_int8": lambda: _ort_engine("ort_int8", models.onnx_int8, threads, x),
+        "openvino_fp32": lambda: _openvino_engine("openvino_fp32", models.openvino_fp32, threads, x),
+        "openvino_int8": lambda: _openvino_engine("openvino_int8", models.openvino_int8, threads, x),
+    }
+
+
+def _seeded_input(input_shape) -> np.ndarray:
+    import torch
+
+    return torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(0)).numpy()
+
+
 def open_engines(builds: PeerBuilds, threads: int, engines: Sequence[str] = ENGINES) -> dict[str, Engine]:
     """The engines of ``builds`` at ``threads`` threads (fresh peer sessions; torch's thread count
     set). TVM's pool is resized separately (:func:`set_tvm_threads`): it is global to the thread."""
     import torch
 
-    x = torch.rand((1, *builds.input_shape), generator=torch.Generator().manual_seed(0)).numpy()
+    x = _seeded_input(builds.input_shape)
     torch.set_num_threads(threads)
-    p = builds.peers
-    makers = {
-        "torch_fp32": lambda: _torch_engine(builds.model, x),
-        "ort_fp32": lambda: _ort_engine("ort_fp32", p.onnx_fp32, threads, x),
-        "ort_int8": lambda: _ort_engine("ort_int8", p.onnx_int8, threads, x),
-        "openvino_fp32": lambda: _openvino_engine("openvino_fp32", p.openvino_fp32, threads, x),
-        "openvino_int8": lambda: _openvino_engine("openvino_int8", p.openvino_int8, threads, x),
-    }
+    makers = _peer_makers(builds.peers, builds.model, threads, x)
     makers.update({name: (lambda name=name: _our_engine(name, builds.ours[name], x)) for name in builds.ours})
     return {name: makers[name]() for name in engines if name in makers}
+
+
+#: The peers fig8 times beside our builds (``releq-tvm report``): onnxruntime fp32 stands beside
+#: TVM's untuned fp32, and the two int8 engines a user would deploy.
+FIG8_PEERS = ("ort_fp32", "ort_int8", "openvino_int8")
+
+
+def peer_engines(network: str, model: torch.nn.Module, threads: int, engines: Sequence[str] = FIG8_PEERS,
+                 config: PeersConfig = PeersConfig()) -> dict[str, Engine]:
+    """Peer ``engines`` of ``network``'s float ``model`` at batch 1 and ``threads`` threads, ready
+    to be timed beside our builds (QDQ calibrated as for ``bench peers``)."""
+    from releq_tvm.compile.integer import calibration_images
+    from releq_tvm.networks import get_network_spec
+
+    input_shape = tuple(get_network_spec(network).input_shape)
+    images, images_text = calibration_images(network, count=config.calibration_images, seed=config.seed)
+    makers = _peer_makers(build_peer_models(model.eval(), input_shape, images, images_text), model, threads,
+                          _seeded_input(input_shape))
+    return {name: makers[name]() for name in engines}
 
 
 def _tvm_thread_funcs():
@@ -402,41 +427,10 @@ def set_tvm_threads(threads: int) -> bool:
 # timing and accuracy
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], config: PeersConfig = PeersConfig(),
-                     progress=None) -> dict[str, dict]:
-    """Median / IQR (ms) of each call over interleaved, rotated rounds (module docstring).
-
-    Returns :func:`releq_tvm.compile.timing.summarize`'s dict plus ``calls_per_round``.
-    """
-    from releq_tvm.compile.timing import summarize
-
-    names = list(calls)
-    per_round: dict[str, int] = {}
-    for name in names:
-        seconds = []
-        for _ in range(max(1, config.warmup_calls)):
-            start = time.perf_counter()
-            calls[name]()
-            seconds.append(time.perf_counter() - start)
-        one = min(seconds)  # the fastest call: a burst of load during warm-up must not shrink the rounds
-        per_round[name] = max(1, math.ceil(config.round_ms / 1e3 / max(one, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(config.rounds):
-        if progress is not None and (r + 1) % 10 == 0:
-            progress(f"round {r + 1}/{config.rounds}")
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            call, count = calls[name], per_round[name]
-            time.sleep(config.settle_ms / 1e3)
-            start = time.perf_counter()
-            call()  # untimed: wakes this engine's threads after the pause
-            while time.perf_counter() - start < config.rewarm_ms / 1e3:
-                call()
-            start = time.perf_counter()
-            for _ in range(count):
-                call()
-            samples[name].append((time.perf_counter() - start) / count)
-    return {name: {**summarize(samples[name]), "calls_per_round": per_round[name]} for name in names}
+def time_engines(engines: dict[str, Engine], config: PeersConfig, progress=None) -> dict[str, dict]:
+    """Median / IQR (ms) of each engine's call, side by side (the module docstring's protocol)."""
+    samplers = {name: CallSampler(e.call, config.timing) for name, e in engines.items()}
+    return interleaved_timing(samplers, config.timing, progress)
 
 
 def accuracy_data(builds: PeerBuilds, count: int):
@@ -495,9 +489,9 @@ def measure_peers(builds: PeerBuilds, threads: Sequence[int] = (1,), config: Pee
         rows = []
         for k in threads:
             if set_tvm_threads(k):
-                say(f"{builds.network}: {config.rounds} interleaved rounds at {k} thread(s)")
+                say(f"{builds.network}: {config.timing.repeats} interleaved rounds at {k} thread(s)")
                 opened = open_engines(builds, k, engines)
-                timings = time_interleaved({name: e.call for name, e in opened.items()}, config, say)
+                timings = time_engines(opened, config, say)
                 process = "this process"
             elif not allow_child:
                 raise ReleqError(f"TVM's runtime pool has {int(num_threads())} thread(s), fewer than {k}; "
@@ -525,7 +519,7 @@ def _rows(builds: PeerBuilds, threads: int, timings: dict, accuracy: dict, proce
         "latency_ms_median": t["median_ms"], "latency_ms_iqr": t["iqr_ms"],
         "ratio_to_ours_int8": ratio(name, "ours_int8"), "ratio_to_ort_int8": ratio(name, "ort_int8"),
         "accuracy": accuracy.get(name), "accuracy_images": len(data[1]) if data is not None else None,
-        "rounds": t["repeats"], "calls_per_round": t["calls_per_round"], "process": process, "weights": builds.weights,
+        "rounds": t["repeats"], "calls_per_round": t["calls_per_sample"], "process": process, "weights": builds.weights,
     } for name, t in timings.items()]
 
 
@@ -535,7 +529,7 @@ def child_command(builds: PeerBuilds, threads: int, config: PeersConfig, json_pa
 
     cmd = [sys.executable, "-m", "releq_tvm", "bench", "peers", builds.network,
            "--bits", format_bits(builds.w_bits), "--act-bits", format_bits(builds.a_bits),
-           "--threads", str(threads), "--rounds", str(config.rounds), "--accuracy-images", "0",
+           "--threads", str(threads), "--rounds", str(config.timing.repeats), "--accuracy-images", "0",
            "--target", describe_target(builds.target), "--child-json", str(json_path)]
     if builds.checkpoint:
         cmd += ["--checkpoint", builds.checkpoint]
@@ -559,7 +553,7 @@ def write_child_timings(rows: list[dict], path) -> None:
     from releq_tvm.io import atomic_write_text
 
     timings = {r["engine"]: {"median_ms": r["latency_ms_median"], "iqr_ms": r["latency_ms_iqr"], "repeats": r["rounds"],
-                             "calls_per_round": r["calls_per_round"]} for r in rows}
+                             "calls_per_sample": r["calls_per_round"]} for r in rows}
     atomic_write_text(path, json.dumps(timings))
 
 
@@ -568,7 +562,7 @@ def write_child_timings(rows: list[dict], path) -> None:
 
 
 def peers_command(networks: Sequence[str], bits=None, act_bits=None, threads: Sequence[int] = DEFAULT_THREADS,
-                  rounds: int = PeersConfig.rounds, out: str = "results/peers.csv") -> str:
+                  rounds: int = PEERS_TIMING.repeats, out: str = "results/peers.csv") -> str:
     """The explicit command that remakes a peers CSV (written into its header)."""
     parts = ["releq-tvm", "bench", "peers", *networks]
     if bits is not None:
@@ -604,10 +598,7 @@ def peers_notes(config: PeersConfig, target, network_notes: Sequence[str] = ()) 
         "batch 1; ONNX opset 17 (TorchScript exporter); QDQ = onnxruntime quantize_static, per-channel QInt8 weights, "
         "QUInt8 activations, MinMax calibration; OpenVINO: PERFORMANCE_HINT LATENCY, INFERENCE_PRECISION_HINT f32, "
         "int8 from the same QDQ model; ours: releq_tvm.compile.compile_network",
-        f"timing: one process, {config.warmup_calls} untimed warm-up calls per engine, then rounds in rotated order; "
-        f"a round's time = mean over back-to-back calls lasting ~{config.round_ms:g} ms, after a {config.settle_ms:g} ms "
-        f"idle pause (the previous engine's threads stop spinning) and {config.rewarm_ms:g} ms of untimed calls; "
-        "median and iqr over rounds, ms; ratio_to_X = median / X's median at the same threads (above 1: slower)",
+        f"timing: {timing_note(config.timing)}; ratio_to_X = median / X's median at the same threads (above 1: slower)",
         "threads: onnxruntime intra_op (inter_op 1, sequential), OpenVINO INFERENCE_NUM_THREADS, "
         "torch.set_num_threads, TVM runtime pool (TVM_NUM_THREADS, resized in place)",
         f"accuracy: top-1 % on the first {config.accuracy_images} MNIST test images, one image per call, for MNIST "
@@ -692,7 +683,7 @@ def run_peers(networks: Sequence[str] = DEFAULT_NETWORKS, bits=None, act_bits=No
         rows += measure_peers(builds, threads, config, progress=progress)
         notes.append(network_note(builds, (load_before, os.getloadavg()[0])))
         del builds  # the next network's builds need the memory more
-    command = command or peers_command(networks, bits, act_bits, threads, config.rounds, out)
+    command = command or peers_command(networks, bits, act_bits, threads, config.timing.repeats, out)
     write_peers_csv(rows, out, command, peers_notes(config, target, notes))
     atomic_write_bytes(Path(out).with_suffix(".png"), peers_png(rows))
     return rows

@@ -40,6 +40,7 @@ from releq_tvm.compile.target import file_safe, machine_key
 from releq_tvm.data import load_dataset
 from releq_tvm.errors import ReleqError
 from releq_tvm.networks import get_network_spec, layer_table, list_networks
+from releq_tvm.report.tables import read_csv
 
 LENET_BITS = (8, 2, 2, 3, 2)
 FAST_TIMING = TimingConfig(repeats=3, min_repeat_ms=2, warmup=1)
@@ -423,24 +424,70 @@ def test_lenet_mnist_accuracy_matches_fake_quant(bits):
 
 @pytest.mark.slow
 def test_measure_network_lenet_reports_every_build(tmp_path):
-    from releq_tvm.compile import measure_network, write_fidelity_csv
+    from releq_tvm.compile import measure_network
+    from releq_tvm.report.fidelity import write_fidelity_csv
 
     table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING)
-    result = measure_network("lenet", LENET_BITS, repeats=3, table=table)
-    assert len(result["layers"]) == 5
-    for row in result["layers"]:
-        for label in ("bits", "bitserial8", "int8", "fp32"):
-            assert row[f"{label}_ms"] > 0
-    for label in ("bits", "bitserial8", "int8", "fp32"):
-        assert result["network_ms"][label]["median_ms"] > 0
-    assert result["fidelity"]["cost_ratio_measured"] > 0
+    calls = []
+    result = measure_network("lenet", LENET_BITS, repeats=3, table=table, extra={"other": lambda: calls.append(1)})
+    assert len(result.layers) == 5
+    for layer in result.layers:
+        assert all(layer.ms[label] > 0 for label in ("bits", "bitserial8", "int8", "fp32"))
+        assert layer.auto_kernel in ("bitserial", "int8")
+    assert all(result.network_ms[label] > 0 for label in ("bits", "bitserial8", "auto", "int8", "fp32", "other"))
+    assert calls and result.cost_ratio_measured > 0
     write_fidelity_csv([result], tmp_path / "fidelity.csv")
-    import csv
-
-    with open(tmp_path / "fidelity.csv", newline="") as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    header, rows = read_csv(tmp_path / "fidelity.csv")
     assert len(rows) == 1 and rows[0]["network"] == "lenet" and rows[0]["w_bits"] == "8,2,2,3,2"
-    assert float(rows[0]["network_bits_ms"]) == pytest.approx(result["network_ms"]["bits"]["median_ms"], rel=1e-5)
+    assert float(rows[0]["network_bits_ms"]) == pytest.approx(result.network_ms["bits"], rel=1e-5)
+
+
+def _comparison(network="lenet", bits_ms=2.0):
+    """A NetworkComparison with hand-picked numbers (two layers), for the arithmetic tests."""
+    from releq_tvm.compile.measure import LayerTimes, NetworkComparison
+
+    layers = [
+        LayerTimes(0, "conv1", "conv", "conv i1 o6", 100, 8, 8, {"bits": 1.0, "bitserial8": 2.0, "int8": 0.5},
+                   {"bits": 0.1, "bitserial8": 0.1, "int8": 0.1}, "int8"),
+        LayerTimes(1, "fc", "dense", "dense i8 o2", 16, 2, 8, {"bits": 0.25, "bitserial8": 1.0, "int8": 0.5},
+                   {"bits": 0.1, "bitserial8": 0.1, "int8": 0.1}, "bitserial"),
+    ]
+    return NetworkComparison(
+        network=network, w_bits=(8, 2), a_bits=(8, 8), batch=1, layers=layers,
+        network_ms={"bits": bits_ms, "bitserial8": 4.0, "int8": 1.5, "auto": 1.0},
+        network_iqr_ms={"bits": 0.1, "bitserial8": 0.1, "int8": 0.1, "auto": 0.1},
+        sum_of_layers_ms={"bits": 1.25, "bitserial8": 3.0, "int8": 1.0, "auto": 0.75},
+        compile_s={}, timing=FAST_TIMING, where="local",
+        machine={"cpu_model": "Test CPU", "target": {"kind": "llvm"}, "tvm": "0.27", "threads": 1},
+    )
+
+
+def test_network_comparison_ratios_are_the_hand_computed_ones():
+    m = _comparison()
+    assert m.layers[0].auto_ms == 0.5 and m.layers[1].auto_ms == 0.25 and m.layers[1].speedup_vs_8bit == 4.0
+    assert m.fixed_ms == 1.0  # 4.0 - 3.0
+    assert m.cost_ratio_predicted == pytest.approx((1.25 + 1.0) / (3.0 + 1.0))
+    assert m.cost_ratio_measured == pytest.approx(0.5)
+    assert m.cost_ratio_error_pct == pytest.approx(100 * (0.5625 - 0.5) / 0.5)
+    assert m.speedup("bitserial8") == 2.0 and m.speedup("int8", "auto") == 1.5 and m.speedup("fp32") is None
+    assert m.sum_over_network("auto") == 0.75
+    data = m.to_dict()
+    assert data["fidelity"]["fixed_ms"] == 1.0 and data["speedups"]["auto_over_int8"] == 1.5
+    assert data["layers"][1]["auto_ms"] == 0.25 and data["timing"]["repeats"] == FAST_TIMING.repeats
+
+
+def test_fidelity_csv_has_provenance_and_update_replaces_only_the_same_network(tmp_path):
+    from releq_tvm.report.fidelity import write_fidelity_csv
+
+    path = tmp_path / "fidelity.csv"
+    write_fidelity_csv([_comparison("lenet"), _comparison("lenet4")], path)
+    write_fidelity_csv([_comparison("lenet", bits_ms=3.0)], path, update=True)
+    header, rows = read_csv(path)
+    assert [h.split(":")[0] for h in header[:4]] == ["command", "machine", "versions", "made"]
+    assert sorted(r["network"] for r in rows) == ["lenet", "lenet4"]
+    lenet = next(r for r in rows if r["network"] == "lenet")
+    assert float(lenet["network_bits_ms"]) == 3.0 and float(lenet["cost_ratio_measured"]) == 0.75
+    assert lenet["cpu_model"] == "Test CPU" and lenet["network_int8_ms"] == "1.5" and lenet["network_fp32_ms"] == ""
 
 
 def _free_port() -> int:

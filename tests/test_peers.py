@@ -9,6 +9,7 @@ message a user then sees.
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from releq_tvm.compile import integer_forward
 from releq_tvm.data import load_dataset
 from releq_tvm.errors import ReleqError
 from releq_tvm.report.tables import read_csv
+from releq_tvm.timing import CallSampler, TimingConfig, interleaved_timing
 
-TINY = peers.PeersConfig(rounds=2, warmup_calls=2, round_ms=1.0, settle_ms=0.0, rewarm_ms=0.0,
+TINY = peers.PeersConfig(TimingConfig(repeats=2, min_repeat_ms=1.0, warmup=0, calibration_calls=2),
                          calibration_images=32, accuracy_images=200)
 
 
@@ -127,11 +129,20 @@ def test_our_builds_equal_the_integer_model(lenet_builds, engines, mnist_test):
 def test_interleaved_rounds_rotate_and_report_medians():
     order = []
     calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    config = peers.PeersConfig(rounds=3, warmup_calls=1, round_ms=0.0, settle_ms=0.0, rewarm_ms=0.0)
-    timings = peers.time_interleaved(calls, config)
-    # warm-up a, b, c; then per round one untimed + one timed call of each, starting one later each round
-    assert "".join(order) == "abc" + "aabbcc" + "bbccaa" + "ccaabb"
-    assert all(t["repeats"] == 3 and t["calls_per_round"] == 1 and t["median_ms"] >= 0 for t in timings.values())
+    config = TimingConfig(repeats=3, min_repeat_ms=0.0, warmup=1, rewarm_ms=1e-6, calibration_calls=1)
+    timings = interleaved_timing({name: CallSampler(call, config) for name, call in calls.items()}, config)
+    # calibration a, b, c; then per round one untimed (rewarm) + one timed call of each, starting
+    # one later each round; the first round is the untimed warm-up
+    assert "".join(order) == "abc" + "aabbcc" + "bbccaa" + "ccaabb" + "aabbcc"
+    assert all(t["repeats"] == 3 and t["calls_per_sample"] == 1 and t["median_ms"] >= 0 for t in timings.values())
+
+
+def test_call_sampler_fills_min_repeat_ms():
+    calls = []
+    sampler = CallSampler(lambda: (calls.append(1), time.sleep(0.001)), TimingConfig(min_repeat_ms=5.0, calibration_calls=2))
+    assert 2 <= sampler.count <= 5  # 5 ms of calls that take a little over 1 ms each
+    seconds = sampler()
+    assert len(calls) == 2 + sampler.count and seconds >= 0.001
 
 
 def test_threads_and_bits_are_checked_in_one_line():

@@ -37,12 +37,13 @@ from releq_tvm.report.tables import geometric_mean, read_csv
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 #: Fake CPU latencies (ms): mixed, 8-bit bit-serial, int8, fp32 per network.
-FAKE_LATENCY = {"lenet": (2.0, 4.0, 3.0, 6.0), "lenet4": (1.0, 8.0, 2.0, 4.0)}
+FAKE_LATENCY = {"lenet": (2.0, 4.0, 3.0, 6.0, 1.5, 2.25), "lenet4": (1.0, 8.0, 2.0, 4.0, 0.5, 2.0)}
 
 
 def fake_measure(network, w_bits, a_bits):
-    mixed, eight, int8, fp32 = FAKE_LATENCY[network]
-    return CpuLatency(mixed_ms=mixed, bitserial8_ms=eight, int8_ms=int8, fp32_ms=fp32, repeats=3)
+    mixed, eight, int8, fp32, auto, ort_int8 = FAKE_LATENCY[network]
+    return CpuLatency(mixed_ms=mixed, bitserial8_ms=eight, int8_ms=int8, fp32_ms=fp32, auto_ms=auto,
+                      ort_int8_ms=ort_int8, repeats=3)
 
 
 def fake_pareto_cost(network, bit_set):
@@ -87,7 +88,12 @@ def test_fig8_mean_row_is_geometric_mean_of_two_networks():
     # geometric mean of 2x and 8x is 4x (the arithmetic mean would be 5x)
     assert rows[2]["speedup"] == pytest.approx(math.sqrt(2.0 * 8.0)) == pytest.approx(4.0)
     assert rows[2]["speedup_vs_int8"] == pytest.approx(math.sqrt(1.5 * 2.0))
-    assert rows[2]["speedup_vs_fp32"] == pytest.approx(math.sqrt(3.0 * 4.0))
+    assert rows[2]["speedup_vs_fp32_tvm_untuned"] == pytest.approx(math.sqrt(3.0 * 4.0))
+    # auto against our int8 (3.0 / 1.5, 2.0 / 0.5) and onnxruntime int8 (2.25 / 1.5, 2.0 / 0.5)
+    assert rows[2]["auto_speedup_vs_int8"] == pytest.approx(math.sqrt(2.0 * 4.0))
+    assert rows[0]["auto_speedup_vs_ort_int8"] == pytest.approx(1.5)
+    assert rows[2]["auto_speedup_vs_ort_int8"] == pytest.approx(math.sqrt(1.5 * 4.0))
+    assert rows[0]["latency_openvino_int8_ms"] is None and rows[2]["auto_speedup_vs_openvino_int8"] is None
     assert rows[0]["a_bits"] == "8,8,8,8,8"
 
 

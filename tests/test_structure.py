@@ -45,6 +45,7 @@ TOP_LEVEL_STAGES = {
     "machine": "base",
     "data": "base",
     "store": "base",  # the one on-disk cache (namespace, key) -> JSON
+    "timing": "base",  # the one timing protocol (compile's kernels and networks, report's peers)
     "train": "quant",  # the fine-tune loop behind quant's accuracy (short and long fine-tunes)
     "peers": "report",  # our builds against other engines, written under results/
     "cli": "cli",

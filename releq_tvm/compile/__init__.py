@@ -2,7 +2,7 @@
 
 * :func:`quantize_network` / :func:`integer_forward` - the integer network and its numpy reference;
 * :func:`compile_network` / :func:`load_compiled` - the Relax build, exported as ``net.so`` + params;
-* :func:`measure_network` / :func:`write_fidelity_csv` - per-layer and whole-network latency;
+* :func:`measure_network` -> :class:`NetworkComparison` - per-layer and whole-network latency;
 * :class:`LatencyTable` / :func:`cpu_cost_ratio` - the cached per-layer latency the search queries.
 """
 
@@ -14,6 +14,6 @@ from releq_tvm.compile.integer import (  # noqa: F401
     quantize_network,
 )
 from releq_tvm.compile.latency_table import LatencyTable, cpu_cost_ratio  # noqa: F401
-from releq_tvm.compile.measure import measure_network, write_fidelity_csv  # noqa: F401
+from releq_tvm.compile.measure import NetworkComparison, measure_network  # noqa: F401
 from releq_tvm.compile.target import resolve_target  # noqa: F401
-from releq_tvm.compile.timing import TimingConfig  # noqa: F401
+from releq_tvm.timing import TimingConfig  # noqa: F401

@@ -92,24 +92,26 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
                                             baselines=baselines, runner=runner, compiled=reuse,
                                             model=net.model, progress=say)
         if fidelity_csv:
-            from releq_tvm.compile.measure import write_fidelity_csv
+            from releq_tvm.report.fidelity import write_fidelity_csv
 
             write_fidelity_csv([result["measure"]], fidelity_csv, update=True)
     result["seconds"] = time.perf_counter() - started
     if as_json:
+        if measure:
+            result["measure"] = result["measure"].to_dict()
         click.echo(json.dumps(result, indent=1))
     else:
         _print_report(result)
 
 
-def _short(row: dict) -> str:
-    """``conv 6->16 5x5/1 14x14`` from a measured layer row (its shape label)."""
-    tokens = row["shape"].split()[1:]
+def _short(row) -> str:
+    """``conv 6->16 5x5/1 14x14`` from a measured layer (its shape label)."""
+    tokens = row.shape.split()[1:]
     size = next((t[2:] for t in tokens if t.startswith("in")), "")
     parts = {t[0]: t[1:] for t in tokens if not t.startswith("in")}
-    if row["kind"] == "dense":
+    if row.kind == "dense":
         return f"dense {parts['i']}->{parts['o']}"
-    return f"{row['kind']} {parts['i']}->{parts['o']} {parts['k']}/{parts['s'].split('x')[0]} {size}"
+    return f"{row.kind} {parts['i']}->{parts['o']} {parts['k']}/{parts['s'].split('x')[0]} {size}"
 
 
 def _print_report(result: dict) -> None:
@@ -119,18 +121,18 @@ def _print_report(result: dict) -> None:
     m = result.get("measure")
     if not m:
         return
-    has_base = "int8_ms" in m["layers"][0]
+    has_base = "int8" in m.layers[0].ms
     head = f"{'#':>3} {'layer':<34} {'w':>2} {'a':>2} {'bits ms':>9} {'8-bit ms':>9} {'speedup':>7}"
     if has_base:
         head += f" {'int8 ms':>9} {'fp32 ms':>9} {'auto':>9}"
     echo(head)
-    for row in m["layers"]:
-        line = (f"{row['index']:>3} {_short(row)[:34]:<34} {row['w_bits']:>2} {row['a_bits']:>2} "
-                f"{row['bits_ms']:>9.4f} {row['bitserial8_ms']:>9.4f} {row['speedup_vs_8bit']:>6.2f}x")
+    for row in m.layers:
+        line = (f"{row.index:>3} {_short(row)[:34]:<34} {row.w_bits:>2} {row.a_bits:>2} "
+                f"{row.ms['bits']:>9.4f} {row.ms['bitserial8']:>9.4f} {row.speedup_vs_8bit:>6.2f}x")
         if has_base:
-            line += f" {row['int8_ms']:>9.4f} {row['fp32_ms']:>9.4f} {row['auto_kernel']:>9}"
+            line += f" {row.ms['int8']:>9.4f} {row.ms['fp32']:>9.4f} {row.auto_kernel:>9}"
         echo(line)
-    sums = m["totals"]["sum_of_layers_ms"]
+    sums = m.sum_of_layers_ms
     line = (f"{'':>3} {'sum of layers':<34} {'':>2} {'':>2} {sums['bits']:>9.4f} {sums['bitserial8']:>9.4f} "
             f"{sums['bitserial8'] / sums['bits']:>6.2f}x")
     if has_base:
@@ -139,19 +141,18 @@ def _print_report(result: dict) -> None:
     echo("whole network (median ms, iqr):")
     for label, name in (("bits", "bit-serial at the bits"), ("auto", "auto at the bits"), ("bitserial8", "bit-serial all 8-bit"),
                         ("int8", "int8"), ("fp32", "fp32 (TVM untuned)")):
-        t = m["network_ms"].get(label)
-        if t:
-            echo(f"  {name:<28} {t['median_ms']:>9.4f} ms  (iqr {t['iqr_ms']:.4f}, {t['repeats']} repeats)")
-    tot, fid = m["totals"], m["fidelity"]
-    line = f"speedup over 8-bit bit-serial {tot['speedup_vs_8bit']:.2f}x"
-    if tot["speedup_vs_int8"] is not None:
-        line += f"; over int8 {tot['speedup_vs_int8']:.2f}x; over fp32 (TVM untuned) {tot['speedup_vs_fp32']:.2f}x"
+        if label in m.network_ms:
+            echo(f"  {name:<28} {m.network_ms[label]:>9.4f} ms  (iqr {m.network_iqr_ms[label]:.4f}, "
+                 f"{m.timing.repeats} repeats)")
+    line = f"speedup over 8-bit bit-serial {m.speedup('bitserial8'):.2f}x"
+    if "int8" in m.network_ms:
+        line += f"; over int8 {m.speedup('int8'):.2f}x; over fp32 (TVM untuned) {m.speedup('fp32'):.2f}x"
     echo(line)
-    if tot.get("auto_speedup_vs_int8") is not None:
-        echo(f"auto build over int8 {tot['auto_speedup_vs_int8']:.2f}x")
-    echo(f"cost ratio: predicted from layers {fid['cost_ratio_predicted']:.3f}, measured {fid['cost_ratio_measured']:.3f} "
-         f"({fid['cost_ratio_error_pct']:+.1f} %); sum of layers / network: bits {fid['bits']['sum_over_network']:.2f}, "
-         f"8-bit {fid['bitserial8']['sum_over_network']:.2f}")
-    mach = m["machine"]
-    echo(f"machine: {mach['cpu_model']} {json.dumps(mach['target'])} TVM {mach['tvm']}; timing {m['timing']['where']}")
+    if "auto" in m.network_ms:
+        echo(f"auto build over int8 {m.speedup('int8', 'auto'):.2f}x")
+    echo(f"cost ratio: predicted from layers {m.cost_ratio_predicted:.3f}, measured {m.cost_ratio_measured:.3f} "
+         f"({m.cost_ratio_error_pct:+.1f} %); sum of layers / network: bits {m.sum_over_network('bits'):.2f}, "
+         f"8-bit {m.sum_over_network('bitserial8'):.2f}")
+    mach = m.machine
+    echo(f"machine: {mach['cpu_model']} {json.dumps(mach['target'])} TVM {mach['tvm']}; timing {m.where}")
     sys.stdout.flush()

@@ -39,7 +39,8 @@ from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import build_layer, layer_arguments, measure_layer
 from releq_tvm.compile.lower import build_network
 from releq_tvm.compile.target import kernels_fingerprint, machine_info, machine_key, resolve_target
-from releq_tvm.compile.timing import Runner, TimingConfig, interleaved_timing, kernel_sampler, vm_sampler
+from releq_tvm.compile.timing import Runner, kernel_sampler, vm_sampler
+from releq_tvm.timing import TimingConfig, interleaved_timing
 
 #: Bump when the meaning of a stored number changes (kernel protocol, timing protocol).
 TABLE_FORMAT = 1

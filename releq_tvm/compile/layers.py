@@ -16,7 +16,8 @@ from tvm import relax
 from releq_tvm.networks import LayerSpec
 
 from releq_tvm.compile.lower import kernel_primfunc, layer_shape, packed_weights
-from releq_tvm.compile.timing import Runner, TimingConfig, time_kernel, time_vm
+from releq_tvm.compile.timing import Runner, time_kernel, time_vm
+from releq_tvm.timing import TimingConfig
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
 
 

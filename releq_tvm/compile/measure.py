@@ -1,6 +1,6 @@
 """Whole networks built and timed side by side (the network comparison), locally or over RPC.
 
-The timing protocol is :mod:`releq_tvm.compile.timing`'s; single layers are built and timed by
+The timing protocol is :mod:`releq_tvm.timing`'s (TVM's samplers: :mod:`releq_tvm.compile.timing`); single layers are built and timed by
 :mod:`releq_tvm.compile.layers`. When several builds are compared (:func:`measure_network`) they
 are timed in interleaved rounds, one sample of each per round, so load from other jobs on a
 shared machine falls on all of them alike. Inputs are seeded random levels: no kernel has
@@ -11,13 +11,20 @@ The builds compared:
 * ``bits``       the bit-serial build at the chosen per-layer bits;
 * ``bitserial8`` the same network with every layer at 8/8 bits (the reference of speedups);
 * ``int8``       the plain int8 kernels (``releq_tvm.kernels``), same integer network;
+* ``auto``       per layer the faster of bit-serial at its bits and int8 (what ``compile`` ships);
 * ``fp32``       the float torch model through ``torch.export`` -> ``from_exported_program`` ->
-                 ``tvm.compile`` with TVM's default (untuned) CPU pipeline.
+                 ``tvm.compile`` with TVM's default (untuned) CPU pipeline ("TVM untuned");
+* any ``extra`` engine the caller passes (the report passes onnxruntime and OpenVINO).
+
+The result is a :class:`NetworkComparison`; the report writes it to ``fidelity.csv``
+(:mod:`releq_tvm.report.fidelity`) and fig8.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -28,7 +35,8 @@ from releq_tvm.networks import get_network_spec
 from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import build_layer, layer_arguments
 from releq_tvm.compile.layers import random_levels as _random_levels
-from releq_tvm.compile.timing import Runner, TimingConfig, interleaved_timing, kernel_sampler, time_vm, vm_sampler
+from releq_tvm.compile.timing import Runner, kernel_sampler, time_vm, vm_sampler
+from releq_tvm.timing import CallSampler, TimingConfig, interleaved_timing
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,6 +67,96 @@ def time_integer_network(runner: Runner, ex, params: dict, input_shape, input_bi
 # the whole comparison: per layer and per network, four builds
 
 
+@dataclass
+class LayerTimes:
+    """One conv/dense layer of :class:`NetworkComparison`: its kernel's latency in each build."""
+
+    index: int
+    name: str
+    kind: str
+    shape: str
+    macs: int
+    w_bits: int
+    a_bits: int
+    ms: dict[str, float]  # build label ("bits", "bitserial8", "int8", "fp32") -> median, ms
+    iqr_ms: dict[str, float]
+    auto_kernel: str | None = None  # the family the auto build gave this layer
+
+    @property
+    def speedup_vs_8bit(self) -> float:
+        return self.ms["bitserial8"] / self.ms["bits"]
+
+    @property
+    def auto_ms(self) -> float | None:
+        return None if self.auto_kernel is None else self.ms["bits" if self.auto_kernel == "bitserial" else "int8"]
+
+
+@dataclass
+class NetworkComparison:
+    """What :func:`measure_network` measured: per-layer kernels and whole networks, side by side.
+
+    ``network_ms`` / ``network_iqr_ms`` hold one entry per whole-network build (``bits``,
+    ``bitserial8``, ``auto``, ``int8``, ``fp32`` and any ``extra`` engine), ``sum_of_layers_ms``
+    the sum of that build's standalone kernels. Times in milliseconds.
+    """
+
+    network: str
+    w_bits: tuple[int, ...]
+    a_bits: tuple[int, ...]
+    batch: int
+    layers: list[LayerTimes]
+    network_ms: dict[str, float]
+    network_iqr_ms: dict[str, float]
+    sum_of_layers_ms: dict[str, float]
+    compile_s: dict[str, float]
+    timing: TimingConfig
+    where: str
+    machine: dict
+
+    def speedup(self, over: str, build: str = "bits") -> float | None:
+        """Latency of ``over`` / latency of ``build`` (above 1: ``build`` is faster); None if either is missing."""
+        if over not in self.network_ms or build not in self.network_ms:
+            return None
+        return self.network_ms[over] / self.network_ms[build]
+
+    def sum_over_network(self, build: str) -> float:
+        """Sum of ``build``'s kernels / the whole ``build`` network (1: nothing outside the kernels)."""
+        return self.sum_of_layers_ms[build] / self.network_ms[build]
+
+    @property
+    def fixed_ms(self) -> float:
+        """Time of the 8-bit network outside its kernels (the latency table's fixed cost)."""
+        return max(0.0, self.network_ms["bitserial8"] - self.sum_of_layers_ms["bitserial8"])
+
+    @property
+    def cost_ratio_predicted(self) -> float:
+        """The search's cost ratio from kernels: (layers at the bits + fixed) / (layers at 8 + fixed)."""
+        return (self.sum_of_layers_ms["bits"] + self.fixed_ms) / (self.sum_of_layers_ms["bitserial8"] + self.fixed_ms)
+
+    @property
+    def cost_ratio_measured(self) -> float:
+        return self.network_ms["bits"] / self.network_ms["bitserial8"]
+
+    @property
+    def cost_ratio_error_pct(self) -> float:
+        return 100.0 * (self.cost_ratio_predicted - self.cost_ratio_measured) / self.cost_ratio_measured
+
+    def to_dict(self) -> dict:
+        """JSON-able: the fields plus the derived ratios (``compile --json``)."""
+        out = asdict(self)
+        out["timing"] = {**asdict(self.timing), "statistic": "median of rounds; iqr = interquartile range"}
+        for layer, data in zip(self.layers, out["layers"]):
+            data.update(speedup_vs_8bit=layer.speedup_vs_8bit, auto_ms=layer.auto_ms)
+        out["speedups"] = {over: self.speedup(over) for over in self.network_ms if over != "bits"}
+        out["speedups"]["auto_over_int8"] = self.speedup("int8", "auto")
+        out["fidelity"] = {
+            **{b: self.sum_over_network(b) for b in self.network_ms if b in self.sum_of_layers_ms},
+            "fixed_ms": self.fixed_ms, "cost_ratio_predicted": self.cost_ratio_predicted,
+            "cost_ratio_measured": self.cost_ratio_measured, "cost_ratio_error_pct": self.cost_ratio_error_pct,
+        }
+        return out
+
+
 def measure_network(
     network: str,
     w_bits,
@@ -71,22 +169,24 @@ def measure_network(
     table=None,
     compiled=None,
     model: torch.nn.Module | None = None,
+    extra: dict[str, Callable[[], object]] | None = None,
     progress=None,
-) -> dict:
+) -> NetworkComparison:
     """Latency of ``network`` at ``w_bits`` / ``a_bits`` against the all-8-bit bit-serial build, the
     ``auto`` build (each layer's faster kernel), the int8 build and fp32 (TVM untuned), per layer
     and for the whole network, all measured in this call.
 
-    Everything is built first and then timed in interleaved rounds (:func:`interleaved_timing`),
-    so per-layer and whole-network numbers, bits and 8 bits, see the same machine load. Per-layer
-    numbers are also written to the latency table, so the search sees the same values.
-    ``compiled`` reuses an existing build of the chosen bits; ``model`` supplies float weights
-    for the fp32 build (else seeded random weights: latency does not depend on the values).
-    ``baselines=False`` skips int8 and fp32. Times in milliseconds; see the module docstring for
-    the protocol. Returns a JSON-able dict with ``layers`` rows, ``network`` timings, ``totals``
-    and ``fidelity`` (how far the sum of per-layer latencies is from the measured network).
+    Everything is built first and then timed in interleaved rounds
+    (:func:`releq_tvm.timing.interleaved_timing`), so per-layer and whole-network numbers, bits
+    and 8 bits, see the same machine load. Per-layer numbers are also written to the latency
+    table, so the search sees the same values. ``compiled`` reuses an existing build of the
+    chosen bits; ``model`` supplies float weights for the fp32 build (else seeded random weights:
+    latency does not depend on the values). ``baselines=False`` skips auto, int8 and fp32.
+    ``extra``: more whole-network engines, name -> one batch-``batch`` inference call (another
+    engine's session on the same network), timed in the same rounds by
+    :class:`releq_tvm.timing.CallSampler`.
     """
-    from releq_tvm.bits import format_bits, parse_bits
+    from releq_tvm.bits import parse_bits
     from releq_tvm.compile.artifact import compile_network
     from releq_tvm.compile.latency_table import LatencyTable, layer_key, shape_label
     from releq_tvm.compile.target import machine_info, resolve_target
@@ -105,7 +205,7 @@ def measure_network(
     a = parse_bits(a_bits if a_bits is not None else [DEFAULT_ACT_BITS] * n, n, network, what="--act-bits")
     eight = (BITS_MAX,) * n
 
-    # build everything first, then time it all in interleaved rounds (see interleaved_timing)
+    # build everything first, then time it all in interleaved rounds
     backends = [("bits", "bitserial", w, a), ("bitserial8", "bitserial", eight, eight)]
     if baselines:
         backends += [("int8", "int8", eight, eight), ("fp32", "fp32", eight, eight)]
@@ -133,6 +233,7 @@ def measure_network(
     if baselines:
         # auto: each layer's faster kernel at the bits (int8 where bit-serial does not pay)
         builds += [("auto", "auto", w, a), ("int8", "int8", eight, eight)]
+    auto_kernels: list[str | None] = [None] * n
     for label, kernels, wb, ab in builds:
         start = time.perf_counter()
         if label == "bits" and compiled is not None:
@@ -154,6 +255,8 @@ def measure_network(
         compile_s["fp32"] = time.perf_counter() - start
         x = runner.tensor(rng.random((batch, *spec.input_shape), dtype=np.float32))
         samplers["network|fp32"] = vm_sampler(runner, runner.vm(ex), [x], config)
+    for name, call in (extra or {}).items():
+        samplers[f"network|{name}"] = CallSampler(call, config)
 
     timings = interleaved_timing(samplers, config, say)
     for key, compile_time in layer_compile_s.items():
@@ -161,136 +264,21 @@ def measure_network(
     per_layer = {label: [table.entry(key) for key in keys] for label, keys in layer_keys.items()}
     whole = {name.split("|", 1)[1]: t for name, t in timings.items() if name.startswith("network|")}
 
-    layers_out = []
-    for i, row in enumerate(rows):
-        out = {
-            "index": row.index, "name": row.name, "kind": row.kind, "shape": shape_label(row),
-            "macs": row.macs, "w_bits": w[i], "a_bits": a[i],
-        }
-        for label in per_layer:
-            out[f"{label}_ms"] = per_layer[label][i]["us"] / 1e3
-            out[f"{label}_iqr_ms"] = per_layer[label][i]["iqr_us"] / 1e3
-        out["speedup_vs_8bit"] = out["bitserial8_ms"] / out["bits_ms"]
-        if baselines:
-            out["auto_kernel"] = auto_kernels[i]
-            out["auto_ms"] = out["bits_ms"] if auto_kernels[i] == "bitserial" else out["int8_ms"]
-        layers_out.append(out)
-
+    layers = [
+        LayerTimes(
+            index=row.index, name=row.name, kind=row.kind, shape=shape_label(row), macs=row.macs, w_bits=w[i], a_bits=a[i],
+            ms={label: per_layer[label][i]["us"] / 1e3 for label in per_layer},
+            iqr_ms={label: per_layer[label][i]["iqr_us"] / 1e3 for label in per_layer},
+            auto_kernel=auto_kernels[i],
+        )
+        for i, row in enumerate(rows)
+    ]
     sums = {label: sum(e["us"] for e in entries) / 1e3 for label, entries in per_layer.items()}
     if baselines:
-        sums["auto"] = sum(row["auto_ms"] for row in layers_out)
-    fixed_ms = max(0.0, whole["bitserial8"]["median_ms"] - sums["bitserial8"])
-    predicted = (sums["bits"] + fixed_ms) / (sums["bitserial8"] + fixed_ms)
-    measured = whole["bits"]["median_ms"] / whole["bitserial8"]["median_ms"]
-    fidelity = {
-        label: {"sum_of_layers_ms": sums[label], "network_ms": whole[label]["median_ms"],
-                "sum_over_network": sums[label] / whole[label]["median_ms"]}
-        for label in whole if label in sums
-    }
-    return {
-        "network": network,
-        "w_bits": format_bits(w),
-        "a_bits": format_bits(a),
-        "batch": batch,
-        "layers": layers_out,
-        "network_ms": whole,
-        "totals": {
-            "sum_of_layers_ms": sums,
-            "fixed_ms": fixed_ms,
-            "speedup_vs_8bit": whole["bitserial8"]["median_ms"] / whole["bits"]["median_ms"],
-            "speedup_vs_int8": (whole["int8"]["median_ms"] / whole["bits"]["median_ms"]) if "int8" in whole else None,
-            "auto_speedup_vs_int8": (whole["int8"]["median_ms"] / whole["auto"]["median_ms"]) if "auto" in whole else None,
-            "speedup_vs_fp32": (whole["fp32"]["median_ms"] / whole["bits"]["median_ms"]) if "fp32" in whole else None,
-        },
-        "fidelity": {
-            **fidelity,
-            "cost_ratio_predicted": predicted,
-            "cost_ratio_measured": measured,
-            "cost_ratio_error_pct": 100.0 * (predicted - measured) / measured,
-        },
-        "compile_s": compile_s,
-        "timing": {"repeats": config.repeats, "min_repeat_ms": config.min_repeat_ms, "warmup": config.warmup,
-                   "statistic": "median of repeats; iqr = interquartile range", "where": runner.where},
-        "machine": machine_info(target),
-    }
-
-
-#: Columns of :func:`write_fidelity_csv`, in order.
-FIDELITY_COLUMNS = (
-    "network", "w_bits", "a_bits", "batch", "layers_bits_ms", "network_bits_ms", "layers_8bit_ms", "network_8bit_ms",
-    "fixed_ms", "sum_over_network_bits", "sum_over_network_8bit", "cost_ratio_predicted", "cost_ratio_measured",
-    "cost_ratio_error_pct", "speedup_vs_8bit", "network_int8_ms", "network_fp32_ms", "cpu_model", "target", "tvm",
-    "threads", "repeats", "where", "date",
-)
-#: The command that (re)makes one row of a fidelity CSV, written in its ``# command:`` header.
-FIDELITY_COMMAND = "releq-tvm compile NET --no-baselines --repeats 7 --fidelity-csv {path}  (one run per network row)"
-
-
-def fidelity_row(result: dict) -> dict:
-    """One CSV row of a :func:`measure_network` result."""
-    import datetime as _dt
-    import json as _json
-
-    f, t, m = result["fidelity"], result["totals"], result["machine"]
-    net = result["network_ms"]
-    return {
-        "network": result["network"], "w_bits": result["w_bits"], "a_bits": result["a_bits"], "batch": result["batch"],
-        "layers_bits_ms": t["sum_of_layers_ms"]["bits"], "network_bits_ms": net["bits"]["median_ms"],
-        "layers_8bit_ms": t["sum_of_layers_ms"]["bitserial8"], "network_8bit_ms": net["bitserial8"]["median_ms"],
-        "fixed_ms": t["fixed_ms"], "sum_over_network_bits": f["bits"]["sum_over_network"],
-        "sum_over_network_8bit": f["bitserial8"]["sum_over_network"],
-        "cost_ratio_predicted": f["cost_ratio_predicted"], "cost_ratio_measured": f["cost_ratio_measured"],
-        "cost_ratio_error_pct": f["cost_ratio_error_pct"], "speedup_vs_8bit": t["speedup_vs_8bit"],
-        "network_int8_ms": net.get("int8", {}).get("median_ms", ""), "network_fp32_ms": net.get("fp32", {}).get("median_ms", ""),
-        "cpu_model": m["cpu_model"], "target": _json.dumps(m["target"], sort_keys=True), "tvm": m["tvm"],
-        "threads": m.get("threads", ""), "repeats": result["timing"]["repeats"], "where": result["timing"]["where"],
-        "date": _dt.date.today().isoformat(),
-    }
-
-
-def write_fidelity_csv(results, path, update: bool = False, command: str | None = None) -> None:
-    """Write one row per :func:`measure_network` result (columns :data:`FIDELITY_COLUMNS`) atomically.
-
-    The file starts with ``# key: value`` provenance lines (read it with
-    ``pandas.read_csv(path, comment="#")``); every row also carries its machine, versions,
-    repeats and date. With ``update`` the rows already in ``path`` are kept, except those of
-    the same network, bits and batch, which the new results replace.
-    """
-    import csv
-    import datetime as _dt
-    import io as _io
-    import platform
-    import sys
-    from pathlib import Path
-
-    from releq_tvm.io import atomic_write_text
-
-    def ident(row) -> tuple:
-        return (row["network"], row["w_bits"], row["a_bits"], str(row["batch"]))
-
-    new_rows = [fidelity_row(result) for result in results]
-    rows = []
-    if update and Path(path).is_file():
-        with open(path, newline="", encoding="utf-8") as f:
-            replaced = {ident(r) for r in new_rows}
-            rows = [r for r in csv.DictReader(line for line in f if not line.startswith("#")) if ident(r) not in replaced]
-    machine = results[0]["machine"] if results else {}
-    buf = _io.StringIO()
-    for line in (
-        f"command: {command or FIDELITY_COMMAND.format(path=path)}",
-        f"machine: {platform.platform()}; cpu: {machine.get('cpu_model', '')}; cores: {machine.get('cores', '')}",
-        f"versions: python {sys.version.split()[0]}; tvm {machine.get('tvm', '')}; torch {torch.__version__}",
-        f"made: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
-        "note: per network, the sum of per-layer kernel latencies (standalone builds) against the measured whole "
-        "network, at the chosen bits and at all 8 bits; fixed_ms = network_8bit_ms - layers_8bit_ms; "
-        "cost_ratio_predicted = (layers_bits + fixed) / (layers_8bit + fixed) against cost_ratio_measured = "
-        "network_bits / network_8bit",
-    ):
-        buf.write(f"# {line}\n")
-    writer = csv.DictWriter(buf, fieldnames=FIDELITY_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    for row in new_rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+        sums["auto"] = sum(layer.auto_ms for layer in layers)
+    return NetworkComparison(
+        network=network, w_bits=w, a_bits=a, batch=batch, layers=layers,
+        network_ms={k: t["median_ms"] for k, t in whole.items()},
+        network_iqr_ms={k: t["iqr_ms"] for k, t in whole.items()},
+        sum_of_layers_ms=sums, compile_s=compile_s, timing=config, where=runner.where, machine=machine_info(target),
+    )

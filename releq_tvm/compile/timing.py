@@ -1,46 +1,20 @@
-"""The timing protocol behind every latency this package reports, locally or over TVM RPC.
+"""Where timed TVM code runs (this process or a TVM RPC server) and its samplers.
 
-A function runs ``warmup`` times untimed, then TVM's ``time_evaluator`` takes ``repeats``
-samples, each the mean of as many calls as fill ``min_repeat_ms`` (at least one); we report the
-median of the samples and their spread (interquartile range, min, max), in milliseconds. When
-several builds are compared they are timed in interleaved rounds (:func:`interleaved_timing`),
-one sample of each per round, so load from other jobs on a shared machine falls on all of them
-alike.
+The protocol itself (what a sample is, interleaved rounds, what is reported) is
+:mod:`releq_tvm.timing`'s, shared with the engines we compare against.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import relax
 
 from releq_tvm.errors import ReleqError
-
-
-@dataclass(frozen=True)
-class TimingConfig:
-    """How each measurement is taken (see the module docstring)."""
-
-    repeats: int = 7
-    min_repeat_ms: int = 20
-    warmup: int = 2
-
-
-def summarize(seconds) -> dict:
-    """Median and spread of timing samples (seconds in, milliseconds out)."""
-    ms = np.asarray(list(seconds), dtype=np.float64) * 1e3
-    q1, med, q3 = np.percentile(ms, [25, 50, 75])
-    return {
-        "median_ms": float(med),
-        "iqr_ms": float(q3 - q1),
-        "min_ms": float(ms.min()),
-        "max_ms": float(ms.max()),
-        "repeats": int(ms.size),
-    }
+from releq_tvm.timing import TimingConfig, summarize
 
 
 class Runner:
@@ -94,7 +68,7 @@ def time_vm(runner: Runner, vm: relax.VirtualMachine, args, config: TimingConfig
     """Median/spread of ``vm["main"](*args)`` in ms."""
     for _ in range(config.warmup):
         vm["main"](*args)
-    f = vm.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=config.min_repeat_ms)
+    f = vm.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=int(config.min_repeat_ms))
     return summarize(f(*args).results)
 
 
@@ -103,37 +77,19 @@ def time_kernel(runner: Runner, module, args, config: TimingConfig) -> dict:
     fn = module["main"]
     for _ in range(config.warmup):
         fn(*args)
-    f = module.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=config.min_repeat_ms)
+    f = module.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=int(config.min_repeat_ms))
     return summarize(f(*args).results)
 
 
 def vm_sampler(runner: Runner, vm: relax.VirtualMachine, args, config: TimingConfig):
     """A function returning one timing sample (seconds) of ``vm["main"](*args)``."""
-    f = vm.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=config.min_repeat_ms)
+    f = vm.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=int(config.min_repeat_ms))
     return lambda: f(*args).results[0]
 
 
 def kernel_sampler(runner: Runner, module, args, config: TimingConfig):
     """A function returning one timing sample (seconds) of a compiled PrimFunc ``main(*args)``."""
-    f = module.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=config.min_repeat_ms)
+    f = module.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=int(config.min_repeat_ms))
     return lambda: f(*args).results[0]
 
 
-def interleaved_timing(samplers: dict, config: TimingConfig, progress=None) -> dict[str, dict]:
-    """Time several functions in rounds: each round takes one sample of every function.
-
-    On a machine shared with other jobs, load comes and goes over seconds; timing A fully and
-    then B would charge a burst to one of them only. Interleaving spreads it over all, so the
-    ratios between them (layer sums against whole networks, bits against 8 bits) stay fair.
-    Returns :func:`summarize` per name.
-    """
-    for _ in range(config.warmup):
-        for sample in samplers.values():
-            sample()
-    samples: dict[str, list[float]] = {name: [] for name in samplers}
-    for r in range(config.repeats):
-        if progress is not None:
-            progress(f"timing round {r + 1}/{config.repeats} ({len(samplers)} functions)")
-        for name, sample in samplers.items():
-            samples[name].append(sample())
-    return {name: summarize(values) for name, values in samples.items()}

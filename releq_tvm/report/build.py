@@ -137,26 +137,15 @@ def _cpu_measure(opts: ReportOptions, say) -> MeasureFn:
 
 
 def _fig8(out: StagedOutput, prov: Provenance, choices, measure: MeasureFn, say) -> None:
-    from releq_tvm.report.cpu_report import FIG8_COLUMNS, fig8_png, fig8_rows
+    from releq_tvm.report.cpu_report import FIG8_COLUMNS, FIG8_NOTES, FIG8_README_LINES, fig8_png, fig8_rows
 
     rows = fig8_rows(choices, measure, say)
-    notes = [
-        "latency per image (batch 1) in ms, median of timed repeats on this CPU; "
-        "bit-serial builds: every conv/dense a TVM bit-serial kernel (w weight bits x a activation bits)",
-        "speedup = latency of the all-8-bit bit-serial build / latency at the chosen bits; "
-        "speedup_vs_int8/fp32 = int8/fp32 latency / latency at the chosen bits",
-        "measured_utc: when the row was measured (rows are cached per machine, bits and repeats; --fresh-cpu re-measures)",
-        "GEOMEAN row: geometric mean over the networks above",
-        *{n for c in choices.values() for n in c.notes},
-    ]
+    notes = [*FIG8_NOTES, *{n for c in choices.values() for n in c.notes}]
     out.write_text("fig8_tvm_cpu.csv", csv_text(FIG8_COLUMNS, rows, prov.header_lines(notes)))
     out.write_bytes("fig8_tvm_cpu.png", fig8_png(rows, f"{prov.cpu}, {prov.cores} cores"))
-    lines = [
-        "Per network: the bits, latency of the all-8-bit TVM bit-serial build and of the mixed-bit build,",
-        "their ratio (speedup), and int8 / fp32 latency of the same network. Last row: geometric mean.",
-    ]
-    out.document("fig8_tvm_cpu.csv", "TVM bit-serial CPU latency (figure 8)", prov, lines)
-    out.document("fig8_tvm_cpu.png", "bars of `fig8_tvm_cpu.csv`", prov, ["Left: speedup; right: the four latencies (log scale)."])
+    out.document("fig8_tvm_cpu.csv", "TVM CPU latency (figure 8) beside int8 engines", prov, list(FIG8_README_LINES))
+    out.document("fig8_tvm_cpu.png", "bars of `fig8_tvm_cpu.csv`", prov,
+                 ["Left: speedup of the mixed bit-serial build over 8-bit bit-serial; right: every latency (log scale)."])
 
 
 def _bitwidths(out: StagedOutput, prov: Provenance, choices, oracle, say) -> None:

@@ -32,8 +32,10 @@ class CpuLatency:
     ``mixed_ms``: bit-serial build at the chosen bits; ``bitserial8_ms``: the same build with
     every layer at 8/8 bits (the reference of the speedup); ``int8_ms``: plain int8 kernels;
     ``fp32_ms``: the float model through TVM's default CPU pipeline (untuned); ``auto_ms``: the
-    deployable build at the chosen bits (each layer the faster of bit-serial and int8). None: not
-    measured.
+    deployable build at the chosen bits (each layer the faster of bit-serial and int8);
+    ``ort_fp32_ms``, ``ort_int8_ms``, ``openvino_int8_ms``: the same float network in onnxruntime
+    (fp32, static QDQ int8) and OpenVINO (from the QDQ model), timed in the same rounds
+    (:data:`releq_tvm.peers.FIG8_PEERS`). None: not measured.
     """
 
     mixed_ms: float
@@ -41,6 +43,9 @@ class CpuLatency:
     int8_ms: float | None = None
     fp32_ms: float | None = None
     auto_ms: float | None = None
+    ort_fp32_ms: float | None = None
+    ort_int8_ms: float | None = None
+    openvino_int8_ms: float | None = None
     repeats: int | None = None
     spread: str = ""  # how the medians spread (e.g. IQRs), for the notes
     measured: str = ""  # when (UTC, ISO 8601)
@@ -58,15 +63,43 @@ FIG8_COLUMNS = (
     "latency_mixed_ms",
     "speedup",
     "latency_int8_ms",
-    "latency_fp32_ms",
+    "latency_fp32_tvm_untuned_ms",
     "speedup_vs_int8",
-    "speedup_vs_fp32",
+    "speedup_vs_fp32_tvm_untuned",
     "latency_auto_ms",
     "auto_speedup_vs_int8",
+    "latency_ort_fp32_ms",
+    "latency_ort_int8_ms",
+    "latency_openvino_int8_ms",
+    "auto_speedup_vs_ort_int8",
+    "auto_speedup_vs_openvino_int8",
     "repeats",
     "measured_utc",
 )
-FIG8_RATIO_COLUMNS = ("speedup", "speedup_vs_int8", "speedup_vs_fp32", "auto_speedup_vs_int8")
+FIG8_RATIO_COLUMNS = ("speedup", "speedup_vs_int8", "speedup_vs_fp32_tvm_untuned", "auto_speedup_vs_int8",
+                      "auto_speedup_vs_ort_int8", "auto_speedup_vs_openvino_int8")
+#: The ``# note:`` lines of fig8_tvm_cpu.csv (the report adds where the bits came from).
+FIG8_NOTES = (
+    "latency per image (batch 1) in ms, median of interleaved timing rounds on this CPU, every engine of a network in "
+    "the same rounds; bit-serial builds (8bit_bitserial, mixed): every conv/dense a TVM bit-serial kernel (w weight "
+    "bits x a activation bits), the paper's comparison; auto: per layer the faster of bit-serial at its bits and our "
+    "int8 kernel (what `releq-tvm compile` ships); int8: our int8 kernels everywhere",
+    "speedup = latency of the all-8-bit bit-serial build / latency at the chosen bits; speedup_vs_X = X latency / "
+    "latency at the chosen bits (bit-serial); auto_speedup_vs_X = X latency / auto latency (above 1: auto is faster)",
+    "fp32_tvm_untuned: the float model through TVM's default CPU pipeline, no tuning; peers (empty without the peers "
+    "extra): ort_fp32 = onnxruntime fp32 on the ONNX export, ort_int8 = onnxruntime static QDQ int8 (per-channel s8 "
+    "weights, u8 activations), openvino_int8 = OpenVINO on that QDQ model; same float weights as the fp32 build, "
+    "threads = TVM's runtime pool",
+    "measured_utc: when the row was measured (rows are cached per machine, bits and repeats; --fresh-cpu re-measures)",
+    "GEOMEAN row: geometric mean over the networks above",
+)
+#: What results/README.md says about fig8_tvm_cpu.csv.
+FIG8_README_LINES = (
+    "Per network: the bits; latency of the all-8-bit TVM bit-serial build and of the mixed-bit bit-serial build and",
+    "their ratio (speedup, the paper's figure 8); the deployable `auto` build, our int8 build, TVM's untuned fp32, and",
+    "onnxruntime fp32/int8 and OpenVINO int8 on the same network, all timed side by side; `auto` over int8 and over",
+    "each int8 peer. Last row: geometric mean.",
+)
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -87,11 +120,16 @@ def cpu_row(choice: BitChoice, measure: MeasureFn) -> dict:
         "latency_mixed_ms": lat.mixed_ms,
         "speedup": _ratio(lat.bitserial8_ms, lat.mixed_ms),
         "latency_int8_ms": lat.int8_ms,
-        "latency_fp32_ms": lat.fp32_ms,
+        "latency_fp32_tvm_untuned_ms": lat.fp32_ms,
         "speedup_vs_int8": _ratio(lat.int8_ms, lat.mixed_ms),
-        "speedup_vs_fp32": _ratio(lat.fp32_ms, lat.mixed_ms),
+        "speedup_vs_fp32_tvm_untuned": _ratio(lat.fp32_ms, lat.mixed_ms),
         "latency_auto_ms": lat.auto_ms,
         "auto_speedup_vs_int8": _ratio(lat.int8_ms, lat.auto_ms),
+        "latency_ort_fp32_ms": lat.ort_fp32_ms,
+        "latency_ort_int8_ms": lat.ort_int8_ms,
+        "latency_openvino_int8_ms": lat.openvino_int8_ms,
+        "auto_speedup_vs_ort_int8": _ratio(lat.ort_int8_ms, lat.auto_ms),
+        "auto_speedup_vs_openvino_int8": _ratio(lat.openvino_int8_ms, lat.auto_ms),
         "repeats": lat.repeats,
         "measured_utc": lat.measured,
     }
@@ -122,11 +160,14 @@ def fig8_png(rows: Sequence[Mapping], machine: str) -> bytes:
         ax2,
         [r["network"] for r in nets],
         {
-            "fp32 (TVM untuned)": [r.get("latency_fp32_ms") for r in nets],
-            "int8": [r.get("latency_int8_ms") for r in nets],
+            "fp32 (TVM untuned)": [r.get("latency_fp32_tvm_untuned_ms") for r in nets],
+            "onnxruntime fp32": [r.get("latency_ort_fp32_ms") for r in nets],
             "bit-serial 8/8": [r.get("latency_8bit_bitserial_ms") for r in nets],
             "bit-serial mixed": [r.get("latency_mixed_ms") for r in nets],
-            "auto mixed (deployable)": [r.get("latency_auto_ms") for r in nets],
+            "int8 (ours)": [r.get("latency_int8_ms") for r in nets],
+            "onnxruntime int8": [r.get("latency_ort_int8_ms") for r in nets],
+            "OpenVINO int8": [r.get("latency_openvino_int8_ms") for r in nets],
+            "auto mixed (ours, deployable)": [r.get("latency_auto_ms") for r in nets],
         },
         fmt=None,
         reference=None,
@@ -155,28 +196,50 @@ def tvm_measure(repeats: int = 7, progress: Callable[[str], None] | None = None)
     """The real measure function: :func:`releq_tvm.compile.measure_network` on this CPU.
 
     Each call compiles and times the whole network five ways (chosen bits bit-serial and auto, all
-    8-bit bit-serial, int8, fp32) at batch 1; ``repeats`` timed samples each, medians reported.
+    8-bit bit-serial, int8, fp32 TVM untuned) at batch 1 and, when the peers extra is installed,
+    :data:`releq_tvm.peers.FIG8_PEERS` on the same float weights at TVM's thread count, all in the
+    same interleaved rounds; ``repeats`` rounds, medians reported.
     """
 
     def measure(network: str, w_bits: tuple[int, ...], a_bits: tuple[int, ...] | None) -> CpuLatency:
         from releq_tvm.compile import measure_network
+        from releq_tvm.compile.integer import load_network_model
 
-        result = measure_network(network, list(w_bits), None if a_bits is None else list(a_bits), repeats=repeats,
-                                 progress=progress)
-        whole = result["network_ms"]
-        spread = "; ".join(f"{k} IQR {v['iqr_ms']:.3g} ms" for k, v in whole.items())
+        model, _ = load_network_model(network, None, seed=0)
+        engines = _peer_engines(network, model, progress)
+        m = measure_network(network, list(w_bits), None if a_bits is None else list(a_bits), repeats=repeats,
+                            model=model, extra={name: e.call for name, e in engines.items()}, progress=progress)
+        spread = "; ".join(f"{k} IQR {v:.3g} ms" for k, v in m.network_iqr_ms.items())
         return CpuLatency(
             measured=_now(),
-            mixed_ms=whole["bits"]["median_ms"],
-            bitserial8_ms=whole["bitserial8"]["median_ms"],
-            int8_ms=whole.get("int8", {}).get("median_ms"),
-            fp32_ms=whole.get("fp32", {}).get("median_ms"),
-            auto_ms=whole.get("auto", {}).get("median_ms"),
-            repeats=result["timing"]["repeats"],
+            mixed_ms=m.network_ms["bits"],
+            bitserial8_ms=m.network_ms["bitserial8"],
+            int8_ms=m.network_ms.get("int8"),
+            fp32_ms=m.network_ms.get("fp32"),
+            auto_ms=m.network_ms.get("auto"),
+            ort_fp32_ms=m.network_ms.get("ort_fp32"),
+            ort_int8_ms=m.network_ms.get("ort_int8"),
+            openvino_int8_ms=m.network_ms.get("openvino_int8"),
+            repeats=m.timing.repeats,
             spread=spread,
         )
 
     return measure
+
+
+def _peer_engines(network: str, model, progress) -> dict:
+    """fig8's peer engines of ``network`` (:data:`releq_tvm.peers.FIG8_PEERS`), or none without the peers extra."""
+    from releq_tvm import peers
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.kernels.target import tvm_threads
+
+    try:
+        peers.import_peer_engines()
+    except ReleqError:
+        return {}
+    if progress is not None:
+        progress(f"build peers {', '.join(peers.FIG8_PEERS)} (ONNX export, QDQ int8)")
+    return peers.peer_engines(network, model, tvm_threads())
 
 
 def cpu_separable_cost(network: str, bit_set) -> SeparableCost:
@@ -208,6 +271,8 @@ def _now() -> str:
 
 #: The store namespace of the CPU latencies the report measured.
 CPU_LATENCY_NAMESPACE = "report/cpu_latency"
+#: Part of every key: rows measured before fig8 timed the peers beside our builds are not reused.
+CPU_LATENCY_FORMAT = "with peers"
 
 
 def disk_cached(measure: MeasureFn, path, machine: str, repeats: int, fresh: bool = False) -> MeasureFn:
@@ -225,7 +290,8 @@ def disk_cached(measure: MeasureFn, path, machine: str, repeats: int, fresh: boo
     store = Store(path) if path is not None else open_store()
 
     def wrapped(network, w_bits, a_bits):
-        key = f"{machine}|{network}|w {format_bits(w_bits)}|a {format_bits(a_bits) if a_bits else '8'}|repeats {repeats}"
+        key = (f"{machine}|{network}|w {format_bits(w_bits)}|a {format_bits(a_bits) if a_bits else '8'}|repeats {repeats}"
+               f"|{CPU_LATENCY_FORMAT}")
         entry = None if fresh else store.get(CPU_LATENCY_NAMESPACE, key)
         if entry is not None:
             return CpuLatency(**entry)
