@@ -8,13 +8,14 @@ returns exact int32 results. Import it as ``releq_tvm.kernels``.
   weight layouts and :func:`pack_weights`;
 * :mod:`.bitserial`: the bit-serial TE computes + TensorIR schedules and their PrimFuncs;
 * :mod:`.int8`: the plain int8 kernels (``vpdpbusd`` on AVX-512 VNNI / AVX-VNNI, else AVX2 ``vpmaddwd``);
+* :mod:`.lut`: the lookup-table dense kernels for 1-4 bit weights (T-MAC style ``vpshufb`` tables);
 * :mod:`.epilogue`: the output stage (requantize, residual, ReLU, next quantizer) as data;
 * :mod:`.common`: TE helpers both share (layouts, padded input reads);
 * :mod:`.reference`: int64 numpy references;
 * :mod:`.runtime`: build / run / measure helpers;
 * :mod:`.target`: the x86 LLVM target and its :class:`VectorIsa` (lanes, registers, int8 path),
   read from LLVM's feature list: every plan takes one, so no ISA is hard-coded;
-* :mod:`.bench`: the kernel benchmark that writes a CSV with a provenance sidecar.
+* :mod:`.bench`: the kernel benchmark: rows and the facts behind them (`releq-tvm bench kernels` writes the CSV).
 """
 
 from .bitserial import (
@@ -37,6 +38,7 @@ from .encoding import (
 )
 from .epilogue import PLAIN, Epilogue, epilogue_reference
 from .int8 import int8_conv2d_primfunc, int8_dense_primfunc, int8_weight_shape, pack_int8_weights
+from .lut import LutPlan, lut_dense_primfunc, pack_lut_weights, plan_lut_dense
 from .reference import conv2d_reference, dense_reference
 from .runtime import (
     BuiltKernel,
@@ -54,6 +56,7 @@ from .target import VectorIsa, host_target, make_target, vector_isa
 __all__ = [
     "BuiltKernel",
     "Epilogue",
+    "LutPlan",
     "PLAIN",
     "ConvShape",
     "DenseShape",
@@ -79,12 +82,15 @@ __all__ = [
     "int8_conv2d_primfunc",
     "int8_dense_primfunc",
     "int8_weight_shape",
+    "lut_dense_primfunc",
     "make_target",
     "measure",
     "pack_int8_weights",
+    "pack_lut_weights",
     "pack_weights",
     "plan_conv2d",
     "plan_dense",
+    "plan_lut_dense",
     "run",
     "vector_isa",
     "weight_level_range",

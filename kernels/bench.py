@@ -1,24 +1,19 @@
 """Kernel benchmark: latency and throughput of the bit-serial and int8 kernels on this CPU.
 
-:func:`bench_kernels` times every (layer shape, bit pair) plus the int8 baseline and writes
-one CSV row each, with a JSON sidecar (``<csv>.meta.json``) saying which machine, TVM version
-and command produced it. Throughput is reported in *binary operations* (one AND+popcount bit
-of the product, i.e. MACs x w_bits x a_bits; 64 per MAC for int8) and as a fraction of this
-CPU's peak, measured here by :func:`measure_popcount_peak`: a tight AND+popcount loop over
-uint64 data that stays in L1, on every core, built by the same TVM/LLVM as the kernels.
+:func:`bench_kernels` times every (layer shape, bit pair) plus the int8 baseline and returns a
+:class:`KernelBench`: one row each (:data:`CSV_COLUMNS`) and the facts the numbers depend on
+(target, instruction sets, threads, peaks, timing settings) as lines for a provenance header.
+Writing the file is the caller's (``releq-tvm bench kernels`` writes it with the project's
+provenance header): this package knows nothing of ``releq_tvm``. Throughput is reported in
+*binary operations* (one AND+popcount bit of the product, i.e. MACs x w_bits x a_bits; 64 per
+MAC for int8) and as a fraction of this CPU's peak, measured here by
+:func:`measure_popcount_peak`: a tight AND+popcount loop over uint64 data that stays in L1, on
+every core, built by the same TVM/LLVM as the kernels.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import datetime
 import functools
-import json
-import os
-import platform
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +31,7 @@ from .runtime import (
     build_int8_dense,
 )
 from .shapes import ConvShape, DenseShape
-from .target import make_target, target_has_avx2, tvm_threads, vector_isa
+from .target import VectorIsa, make_target, target_has_avx2, tvm_threads, vector_isa
 
 #: Representative layers: LeNet-5 conv2, a ResNet-20 stage-3 conv, a ResNet-20 stage-1 conv,
 #: LeNet-5 fc1, a 512x512 fully connected layer and a MobileNet-style depthwise 3x3.
@@ -71,7 +66,7 @@ class Peak:
     gmacs_int8_per_s_per_core: float = 0.0
 
 
-#: What each peak loop runs, by kind and ISA, for the provenance sidecar.
+#: What each peak loop runs, by kind and ISA, for the provenance header.
 _PEAK_INSTRUCTIONS = {
     ("popcount", "avx512-vpopcntdq"): "vpandq + vpopcntq on zmm (8 x uint64)",
     ("popcount", "avx2"): "vpand + vpshufb nibble-table popcount + vpsadbw on ymm (4 x uint64)",
@@ -268,34 +263,49 @@ def crossover_wa(rows: Sequence[dict]) -> int | None:
     return max(wins) if wins else None
 
 
-def _write_atomic(path: str, write: Callable) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+@dataclass(frozen=True)
+class KernelBench:
+    """What :func:`bench_kernels` measured: the rows and what they depend on."""
 
+    rows: list[dict]  # one per kernel, keys :data:`CSV_COLUMNS`
+    target: str  # the LLVM target, as TVM prints it (kind, mtriple, mcpu, mattr)
+    avx2: bool  # whether LLVM emits AVX2 for the target
+    isa: VectorIsa
+    threads: int  # TVM's runtime pool (TVM_NUM_THREADS, else half the logical CPUs)
+    peak: Peak | None  # None: not measured, efficiencies empty
+    repeat: int
+    min_repeat_ms: float
+    parallel: bool | None  # None: each kernel chose by its size
+    seed: int
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform.processor() elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    def notes(self) -> list[str]:
+        """The facts behind the rows, one line each, for the notes of a provenance header."""
+        isa = self.isa
+        peak = self.peak
+        if peak is None:
+            peaks = "peaks: not measured (efficiency columns empty)"
+        else:
+            peaks = (
+                f"peaks per core: {peak.gbinary_ops_per_s_per_core:.6g} G binary ops/s "
+                f"({_PEAK_INSTRUCTIONS['popcount', isa.name]}), {peak.gmacs_int8_per_s_per_core:.6g} G int8 MAC/s "
+                f"({_PEAK_INSTRUCTIONS['int8', isa.int8]}); on all {peak.threads} threads: "
+                f"{peak.gbinary_ops_per_s:.6g} and {peak.gmacs_int8_per_s:.6g}"
+            )
+        parallel = {None: "auto (each kernel by its size)", True: "all threads", False: "one thread"}[self.parallel]
+        return [
+            f"llvm target: {self.target}; avx2: {'yes' if self.avx2 else 'no'}",
+            f"instruction sets: bit-serial {isa.name} ({isa.uint64_lanes} x uint64 lanes, {isa.registers} registers); "
+            f"int8 {isa.int8}",
+            f"threads: {self.threads} (TVM runtime pool); parallel: {parallel}; the threads column says what ran",
+            peaks,
+            f"timing: latency_ms is the median of {self.repeat} samples of at least {self.min_repeat_ms:g} ms each; "
+            "spread is the interquartile range; the machine may be shared, so compare rows of one file rather "
+            "than across files",
+            "binary_ops = MACs x w_bits x a_bits (int8: 8 x 8); efficiency = throughput / (per-core peak x threads)",
+        ]
 
 
 def bench_kernels(
-    out_csv_path: str,
     shapes: Sequence[tuple[str, ConvShape | DenseShape]] = DEFAULT_SHAPES,
     bit_pairs: Sequence[tuple[int, int]] = DEFAULT_BIT_PAIRS,
     *,
@@ -307,9 +317,8 @@ def bench_kernels(
     min_repeat_ms: float = 20.0,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    command: str | None = None,
-) -> list[dict]:
-    """Time every shape x bit pair (+ the int8 baseline) and write ``out_csv_path``.
+) -> KernelBench:
+    """Time every shape x bit pair (+ the int8 baseline); returns the rows and their facts.
 
     Columns: see :data:`CSV_COLUMNS`. Latencies are medians over ``repeat`` samples (each
     about ``min_repeat_ms`` long) with the interquartile range as spread, in milliseconds;
@@ -317,20 +326,17 @@ def bench_kernels(
     ``efficiency_vs_popcount_peak`` (bit-serial rows) divides that by the measured per-core
     AND+popcount peak times ``threads`` (the cores the kernel ran on);
     ``efficiency_vs_int8_peak`` (int8 rows) does the same for int8 MACs/s against the
-    measured vpmaddwd peak;
+    measured int8 peak;
     ``speedup_vs_int8`` is int8 latency / bit-serial latency of the same shape. ``parallel``
     forces every kernel onto all cores (True) or one (False); None lets each kernel decide
-    by its size (the ``threads`` column says what ran). ``command`` is recorded in the sidecar
-    (default: this process's argv). The CSV and its
-    ``.meta.json`` sidecar (machine, versions, command, peaks) are each written atomically.
-    Returns the rows.
+    by its size (the ``threads`` column says what ran).
     """
     target = make_target(target)
     threads = tvm_threads()
     say = progress or (lambda message: None)
     peak = None
     if measure_peak:
-        say("measuring the AND+popcount and vpmaddwd peaks")
+        say("measuring the AND+popcount and int8 peaks")
         peak = measure_popcount_peak(target, threads)
     rows: list[dict] = []
     for layer, shape in shapes:
@@ -351,38 +357,15 @@ def bench_kernels(
             for row in shape_rows:
                 row["crossover_wa"] = "" if crossing is None else crossing
         rows.extend(shape_rows)
-
-    def write_csv(handle):
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    _write_atomic(out_csv_path, write_csv)
-    meta = {
-        "what": "releq_tvm.kernels.bench.bench_kernels",
-        "command": command or " ".join(sys.argv),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model(),
-        "cpus_available": threads,
-        "target": str(target),
-        "avx2": target_has_avx2(target),
-        "isa": dataclasses.asdict(vector_isa(target)),
-        "popcount_peak_instructions": _PEAK_INSTRUCTIONS["popcount", vector_isa(target).name],
-        "int8_peak_instructions": _PEAK_INSTRUCTIONS["int8", vector_isa(target).int8],
-        "tvm_version": tvm.__version__,
-        "numpy_version": np.__version__,
-        "python": platform.python_version(),
-        "seed": seed,
-        "repeat": repeat,
-        "min_repeat_ms": min_repeat_ms,
-        "parallel": "auto" if parallel is None else parallel,
-        "peak_gbinary_ops_per_s": peak.gbinary_ops_per_s if peak else None,
-        "peak_gbinary_ops_per_s_per_core": peak.gbinary_ops_per_s_per_core if peak else None,
-        "peak_int8_gmacs_per_s": peak.gmacs_int8_per_s if peak else None,
-        "peak_int8_gmacs_per_s_per_core": peak.gmacs_int8_per_s_per_core if peak else None,
-        "peak_threads": peak.threads if peak else None,
-        "note": "latency_ms is the median of repeat samples; spread is the interquartile range; "
-                "the machine may be shared, so compare rows of one file rather than across files",
-    }
-    _write_atomic(out_csv_path + ".meta.json", lambda handle: json.dump(meta, handle, indent=2))
-    return rows
+    return KernelBench(
+        rows=rows,
+        target=str(target),
+        avx2=target_has_avx2(target),
+        isa=vector_isa(target),
+        threads=threads,
+        peak=peak,
+        repeat=repeat,
+        min_repeat_ms=min_repeat_ms,
+        parallel=parallel,
+        seed=seed,
+    )

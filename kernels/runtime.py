@@ -23,6 +23,7 @@ from .bitserial import bitserial_conv2d_primfunc, bitserial_dense_primfunc, plan
 from .encoding import pack_weights, weight_level_range
 from .int8 import int8_conv2d_primfunc, int8_dense_primfunc, pack_int8_weights, plan_int8_conv2d
 from .common import dense_as_conv
+from .target import pin_tvm_threads
 from .shapes import ConvShape, DenseShape
 from .target import make_target, vector_isa
 
@@ -126,6 +127,7 @@ class BuiltKernel:
             x, w_packed = self.random_inputs(seed)
         args = self._args(x, w_packed)
         main = self.executable["main"]
+        pin_tvm_threads()
         for _ in range(max(0, warmup)):
             main(*args)
         dev = tvm.cpu()

@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import click
 
 from releq_tvm.cli_options import bits_option, checkpoint_option
 from releq_tvm.peers import DEFAULT_NETWORKS, DEFAULT_THREADS, PEERS_TIMING, PeersConfig
 from releq_tvm.sim.bench import bench_cli as _sim_bench
 
+if TYPE_CHECKING:  # importing the kernels imports TVM: the CLI imports it only when a command runs
+    from releq_tvm.kernels.bench import KernelBench
+
 
 @click.group("bench")
 def bench_group() -> None:
     """Benchmarks: bit-serial kernels on this CPU, the Stripes simulator's speed, our builds against peers."""
+
+
+def kernels_command(out_path: str) -> str:
+    """The command that remakes a kernels CSV, with the thread count when it was set by hand."""
+    threads = os.environ.get("TVM_NUM_THREADS")
+    return f"{f'TVM_NUM_THREADS={threads} ' if threads else ''}releq-tvm bench kernels --out {out_path}"
+
+
+def write_kernels_csv(bench: KernelBench, path, command: str) -> None:
+    """``bench``'s rows under the project's provenance header (its facts as notes), written atomically.
+
+    Read it with ``pandas.read_csv(path, comment="#")`` or :func:`releq_tvm.report.tables.read_csv`.
+    """
+    from releq_tvm.io import atomic_write_text
+    from releq_tvm.kernels.bench import CSV_COLUMNS
+    from releq_tvm.report.provenance import Provenance
+    from releq_tvm.report.tables import csv_text
+
+    header = Provenance(command=command, seed=str(bench.seed)).header_lines(bench.notes())
+    atomic_write_text(path, csv_text(CSV_COLUMNS, bench.rows, header))
 
 
 @bench_group.command("kernels")
@@ -20,7 +46,8 @@ def bench_kernels_cmd(out_path: str) -> None:
     """Latency, binary ops/s and efficiency against the measured AND+popcount peak -> results/kernels.csv."""
     from releq_tvm.kernels.bench import bench_kernels
 
-    bench_kernels(out_path)
+    bench = bench_kernels(progress=lambda message: click.echo(f"  .. {message}", err=True))
+    write_kernels_csv(bench, out_path, kernels_command(out_path))
     click.echo(f"wrote {out_path}")
 
 

@@ -2,8 +2,8 @@
 
 Subcommands live beside the stage they drive (``releq_tvm/<stage>/cli.py``) and are imported
 lazily, so `releq-tvm networks` does not pay for importing TVM. Every error a user can fix
-(:class:`ReleqError`, an unknown network, a missing checkpoint) is printed as one line on
-stderr with exit code 2, never as a traceback.
+(:class:`ReleqError`, an unknown network, a missing checkpoint, an option value outside its
+choices or range) is printed as one line on stderr with exit code 2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class ReleqGroup(click.Group):
             return super().invoke(ctx)
         except _user_errors() as exc:
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except click.BadParameter as exc:  # a value outside an option's choices or range: one line too
+            click.echo(f"error: {exc.format_message()}", err=True)
             ctx.exit(2)
 
 

@@ -349,8 +349,11 @@ def _our_engine(name: str, build: OurBuild, x: np.ndarray) -> Engine:
     import tvm
     from tvm import relax
 
+    from releq_tvm.kernels.target import pin_tvm_threads
+
     c = build.compiled
     device = tvm.cpu()
+    pin_tvm_threads()
     vm = relax.VirtualMachine(c.executable, device)
     main = vm["main"]
     args = [tvm.runtime.tensor(np.ascontiguousarray(p), device) for p in c.params.values()]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from releq_tvm.config import DEFAULTS
 from releq_tvm.data import TensorDataset
+from releq_tvm.progress import progress_bar
 from releq_tvm.quant import apply_bits
 
 
@@ -52,6 +54,9 @@ def train_steps(
     """``steps`` Adam steps with a cosine learning-rate decay; batches drawn with a seeded generator.
 
     Works for float and fake-quantized models alike (the quantizer's STE carries the gradient).
+    ``progress(step, loss)`` is called after every step. Without it, a run longer than the
+    search's short fine-tune (``DEFAULTS.finetune.short_steps``) shows a progress bar on a
+    terminal; the short fine-tunes, one per search step, stay quiet.
     """
     if steps <= 0:
         return model.eval()
@@ -63,7 +68,10 @@ def train_steps(
     n = len(data)
     perm = torch.randperm(n, generator=gen)
     cursor = 0
-    for step in range(steps):
+    step_range: Iterable[int] = range(steps)
+    if progress is None and steps > DEFAULTS.finetune.short_steps:
+        step_range = progress_bar(step_range, "train", unit="step")
+    for step in step_range:
         if cursor + batch_size > n:
             perm, cursor = torch.randperm(n, generator=gen), 0
         idx = perm[cursor : cursor + batch_size]

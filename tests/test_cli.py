@@ -1,10 +1,23 @@
-"""Bad input gets one line on stderr, exit code 2, no traceback and no output file."""
+"""Bad input gets one line on stderr, exit code 2, no traceback and no output file; the options
+of `search`, `search-efficiency` and `report` are their settings dataclasses' fields."""
+
+from dataclasses import fields
 
 import pytest
 from click.testing import CliRunner
 
 from releq_tvm.cli import main
+from releq_tvm.config_cli import option_fields
+from releq_tvm.config_fields import choices_of, setting_types
 from releq_tvm.data import load_dataset
+from releq_tvm.errors import ReleqError
+from releq_tvm.report.accuracy import AccuracyConfig
+from releq_tvm.report.build import ReportOptions
+from releq_tvm.report.cli import report_cmd
+from releq_tvm.report.pareto import PARETO_NETWORKS
+from releq_tvm.search.cli import search_cmd, search_efficiency_cmd
+from releq_tvm.search.config import SearchConfig
+from releq_tvm.search.cost import CPU_KERNELS
 
 
 def run(*args):
@@ -80,7 +93,202 @@ def test_mnist_splits_are_offline_and_disjoint_sizes():
 
 
 def test_cifar_without_data_dir_says_what_to_pass():
-    from releq_tvm.errors import ReleqError
-
     with pytest.raises(ReleqError, match="--data-dir"):
         load_dataset("cifar10", "val")
+
+
+# ---------------------------------------------------------------------------------------------
+# settings dataclasses -> options
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def captured(monkeypatch):
+    """What `search` and `report` would run with: their configs, not a run."""
+    seen = {}
+
+    def fake_search(config, resume=False, overwrite=False, echo=None, resume_episodes=None):
+        seen.update(config=config, resume=resume, overwrite=overwrite, resume_episodes=resume_episodes)
+
+    def fake_report(opts, progress=None):
+        seen["opts"] = opts
+        return []
+
+    monkeypatch.setattr("releq_tvm.search.run.run_search", fake_search)
+    monkeypatch.setattr("releq_tvm.report.build.build_report", fake_report)
+    return seen
+
+
+def test_every_setting_is_an_option():
+    params = {p.name for p in search_cmd.params}
+    # network is the NET argument; long_finetune follows --long-steps (0: skip)
+    assert params - {"resume", "overwrite"} == {f.name for f in fields(SearchConfig)} - {"long_finetune"}
+    report = {p.name for p in report_cmd.params}
+    options = {f.name for f in fields(ReportOptions) if f.name not in ("accuracy_config", "accuracy_cache", "command",
+                                                                        "cpu_measure", "cpu_pareto_cost")}
+    accuracy = {f.name for f in fields(AccuracyConfig) if f.name not in ("finetune_lr", "finetune_batch", "seed")}
+    assert report == options | accuracy
+
+
+def test_option_names_of_today_still_work():
+    names = {opt for p in search_cmd.params for opt in p.opts}
+    assert {"--clip-range", "--short-steps", "--long-steps", "--episodes", "--cache", "--run-dir", "--resume",
+            "--overwrite", "--checkpoint", "--data-dir", "--finetune", "--no-weight-std", "--no-early-stop",
+            "--search-activations", "--action-set", "--act-action-set", "--max-loss", "--acc-limit"} <= names
+    report = {opt for p in report_cmd.params for opt in p.opts}
+    assert report == {"--bits-from", "--networks", "--out", "--skip-cpu", "--fresh-cpu", "--cpu-repeats", "--no-accuracy",
+                      "--checkpoint", "--no-train", "--finetune-steps", "--val-images", "--pareto-finetune-steps",
+                      "--pareto-bits", "--pareto-networks", "--threads", "--data-dir"}
+
+
+@pytest.mark.parametrize("name", [f.name for f, tp in option_fields(SearchConfig) if choices_of(tp)])
+def test_help_lists_the_literal_choices(name):
+    choices = choices_of(setting_types(SearchConfig)[name])
+    param = next(p for p in search_cmd.params if p.name == name)
+    assert tuple(param.type.choices) == choices
+    assert "[" + "|".join(choices) + "]" in run("search", "--help").output
+
+
+def test_choices_are_the_backends():
+    hints = setting_types(SearchConfig)
+    assert choices_of(hints["measure"]) == ("none", "cpu", "stripes")
+    assert choices_of(hints["cpu_kernels"]) == CPU_KERNELS == ("auto", "bitserial")
+    assert choices_of(hints["reward"]) == ("asymmetric", "sa_over_sq", "sa_minus_sq", "hardware")
+    assert choices_of(hints["finetune"]) == ("per-episode", "per-step")
+
+
+def test_defaults_are_the_dataclass_defaults(captured):
+    result = run("search", "lenet")
+    assert result.exit_code == 0, result.output
+    assert captured["config"] == SearchConfig(network="lenet")
+    assert captured["resume"] is False and captured["resume_episodes"] is None
+    # METHOD.md section 3: Adam step 1e-4, GAE 0.99, discount 0.9, 3 epochs, clip 0.1
+    config = captured["config"]
+    assert (config.ppo_learning_rate, config.ppo_gae_lambda, config.ppo_gamma, config.ppo_n_epochs, config.ppo_clip_range) == (
+        1e-4, 0.99, 0.9, 3, 0.1
+    )
+    assert (config.policy_layers, config.value_layers, config.lstm_hidden_size, config.seed) == ((128, 128), (128, 64), 64, 0)
+    assert config.action_set == (1, 2, 3, 4, 5, 6, 7, 8) and config.long_finetune is True
+
+
+def test_every_ppo_setting_reaches_the_config(captured):
+    result = run(
+        "search", "lenet", "--ppo-learning-rate", "3e-4", "--ppo-gamma", "0.95", "--ppo-gae-lambda", "0.9",
+        "--ppo-n-epochs", "5", "--clip-range", "0.2", "--ppo-ent-coef", "0.01", "--ppo-normalize-advantage",
+        "--policy-layers", "64,32", "--value-layers", "32", "--lstm-hidden-size", "16", "--seed", "7",
+    )
+    assert result.exit_code == 0, result.output
+    c = captured["config"]
+    assert (c.ppo_learning_rate, c.ppo_gamma, c.ppo_gae_lambda, c.ppo_n_epochs, c.ppo_clip_range, c.ppo_ent_coef) == (
+        3e-4, 0.95, 0.9, 5, 0.2, 0.01
+    )
+    assert c.ppo_normalize_advantage is True
+    assert (c.policy_layers, c.value_layers, c.lstm_hidden_size, c.seed) == ((64, 32), (32,), 16, 7)
+
+
+def test_flags_bit_sets_and_renamed_fields(captured, tmp_path):
+    result = run(
+        "search", "lenet", "--no-weight-std", "--no-early-stop", "--long-steps", "0", "--action-set", "2-4",
+        "--finetune", "per-step", "--cache", str(tmp_path / "c.sqlite"), "--run-dir", str(tmp_path / "run"),
+        "--measure", "stripes", "--search-activations", "--act-action-set", "4,8", "--long-lrs", "1e-3",
+    )
+    assert result.exit_code == 0, result.output
+    c = captured["config"]
+    assert (c.weight_std_in_state, c.stop_on_convergence, c.long_steps, c.long_finetune) == (False, False, 0, False)
+    assert (c.action_set, c.act_action_set, c.search_activations, c.long_lrs) == ((2, 3, 4), (4, 8), True, (1e-3,))
+    assert (c.finetune, c.cache_path, c.run_dir) == ("per-step", str(tmp_path / "c.sqlite"), str(tmp_path / "run"))
+
+
+def test_resume_takes_episodes_and_names_the_options_it_ignores(captured, tmp_path):
+    result = run("search", "lenet", "--resume", "--run-dir", str(tmp_path), "--clip-range", "0.2", "--episodes", "9")
+    assert result.exit_code == 0, result.output
+    assert captured["resume"] is True and captured["resume_episodes"] == 9
+    assert "note: --resume uses the run's saved settings; ignoring ppo_clip_range" in result.output
+    result = run("search", "lenet", "--resume", "--run-dir", str(tmp_path))
+    assert captured["resume_episodes"] is None and "ignoring" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (("search", "lenet", "--measure", "gpu"), ["'--measure'", "'gpu' is not one of 'none', 'cpu', 'stripes'"]),
+        (("search", "lenet", "--cpu-kernels", "int8"), ["'--cpu-kernels'", "'auto', 'bitserial'"]),
+        (("search", "lenet", "--clip-range", "0"), ["--clip-range", "0<x<=1"]),
+        (("search", "lenet", "--ppo-gamma", "1.5"), ["--ppo-gamma", "0<=x<=1"]),
+        (("search", "lenet", "--episodes", "0"), ["--episodes", "x>=1"]),
+        (("search", "lenet", "--policy-layers", "a,b"), ["--policy-layers", "comma list of int"]),
+        (("search", "lenet", "--action-set", "0-9"), ["1..8"]),
+        (("search", "lenet", "--search-activations"), ["--measure cpu or stripes"]),
+        (("search-efficiency", "lenet", "--reward", "best"), ["'--reward'", "'best' is not one of"]),
+        (("report", "--cpu-repeats", "0"), ["--cpu-repeats", "x>=1"]),
+        (("report", "--checkpoint", "lenet"), ["NET=FILE"]),
+    ],
+)
+def test_a_bad_value_is_one_line_and_exit_2(captured, args, fragments):
+    assert_one_line_error(run(*args), *fragments)
+    assert "config" not in captured and "opts" not in captured
+
+
+def test_the_dataclass_checks_itself_in_one_line():
+    with pytest.raises(ReleqError, match=r"^--measure must be one of none, cpu, stripes; got 'gpu'$"):
+        SearchConfig(network="lenet", measure="gpu")
+    with pytest.raises(ReleqError, match=r"^--ppo-clip-range must be in \(0, 1\]; got 0$"):
+        SearchConfig(network="lenet", ppo_clip_range=0.0)
+    with pytest.raises(ReleqError, match=r"^every value of --action-set must be in \[1, 8\]; got 9$"):
+        SearchConfig(network="lenet", action_set=(2, 9))
+    with pytest.raises(ReleqError, match=r"^--val-images must be >= 1; got 0$"):
+        AccuracyConfig(val_images=0)
+    assert SearchConfig(network="lenet", max_loss=None, latency_target=0.5).latency_target == 0.5
+
+
+def test_search_efficiency_offers_its_subset(monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_compare(network, budget, methods, exhaustive_set, config, echo):
+        seen.update(network=network, config=config, exhaustive_set=exhaustive_set)
+        raise Stop
+
+    monkeypatch.setattr("releq_tvm.search.efficiency.compare_search_methods", fake_compare)
+    settings = {p.name for p in search_efficiency_cmd.params} - {"network", "budget", "methods", "exhaustive_set", "out",
+                                                                  "checkpoint", "data_dir"}
+    assert settings == {"measure", "cpu_kernels", "reward", "accuracy", "short_steps", "seed", "threads"}
+    result = run("search-efficiency", "lenet", "--accuracy", "none", "--seed", "4", "--short-steps", "20")
+    assert isinstance(result.exception, Stop)
+    assert seen["config"] == SearchConfig(network="lenet", accuracy="none", seed=4, short_steps=20)
+    assert seen["exhaustive_set"] == (2, 4, 8)
+
+
+def test_report_options_come_from_one_dataclass(captured, tmp_path):
+    assert run("report").exit_code == 0
+    assert captured["opts"] == ReportOptions()
+    result = run(
+        "report", "--networks", "lenet,lenet4", "--bits-from", "published", "--bits-from", str(tmp_path), "--skip-cpu",
+        "--no-accuracy", "--no-train", "--checkpoint", "lenet4=m.pt", "--finetune-steps", "5", "--val-images", "300",
+        "--pareto-networks", "none", "--pareto-bits", "2,8", "--threads", "1", "--data-dir", str(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    opts = captured["opts"]
+    assert (opts.networks, opts.bits_from) == (("lenet", "lenet4"), ("published", str(tmp_path)))
+    assert (opts.skip_cpu, opts.accuracy) == (True, False)
+    assert (opts.pareto_networks, opts.pareto_bits, opts.threads) == ((), (2, 8), 1)
+    assert opts.accuracy_config == AccuracyConfig(data_dir=str(tmp_path), checkpoints={"lenet4": "m.pt"}, train_missing=False,
+                                                  finetune_steps=5, val_images=300)
+    run("report", "--networks", "all", "--pareto-networks", "all")
+    assert captured["opts"].networks is None and captured["opts"].pareto_networks == PARETO_NETWORKS
+
+
+def test_the_recorded_report_command_rebuilds_the_same_options(captured, tmp_path):
+    from releq_tvm.report.build import canonical_command
+
+    args = ["--networks", "lenet,lenet4", "--bits-from", "published", "--bits-from", str(tmp_path), "--no-accuracy",
+            "--no-train", "--checkpoint", "lenet4=m.pt", "--finetune-steps", "5", "--pareto-networks", "none",
+            "--pareto-bits", "2,8", "--threads", "1", "--cpu-repeats", "3", "--fresh-cpu", "--data-dir", str(tmp_path)]
+    assert run("report", *args).exit_code == 0
+    first = captured["opts"]
+    command = canonical_command(first)
+    assert command.startswith(f"releq-tvm report --bits-from published --bits-from {tmp_path} --networks lenet,lenet4 --out ")
+    assert "--pareto-networks none" in command and "--checkpoint lenet4=m.pt" in command and "--no-train" in command
+    assert run(*command.split()[1:]).exit_code == 0
+    assert captured["opts"] == first
+    assert canonical_command(ReportOptions()) == "releq-tvm report --bits-from published --out results"

@@ -530,13 +530,14 @@ def test_rpc_measurement_against_a_local_server(tmp_path):
 
 
 @pytest.mark.parametrize("env", [None, "1", "2"])
-def test_tvm_threads_is_what_the_runtime_pool_uses(env):
-    """machine_info's thread count (part of every latency-table key) equals TVM's own pool size."""
-    code = ("import tvm; from releq_tvm.kernels.target import tvm_threads; "
-            "print(tvm_threads(), tvm.get_global_func('runtime.NumThreads')())")
+def test_running_tvm_code_pins_the_thread_count_tvm_reads_per_parallel_loop(env):
+    """Runner (every timing) sets TVM_NUM_THREADS to the pool's size when unset, and keeps a value given;
+    machine_info's thread count (part of every latency-table key) equals TVM's own pool size."""
+    code = ("import os, tvm; from releq_tvm.compile.timing import Runner; from releq_tvm.kernels.target import tvm_threads; "
+            "Runner(); print(os.environ['TVM_NUM_THREADS'], tvm_threads(), tvm.get_global_func('runtime.NumThreads')())")
     environ = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     if env is not None:
         environ["TVM_NUM_THREADS"] = env
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
-    ours, runtime = out.stdout.split()
-    assert ours == runtime
+    pinned, ours, runtime = out.stdout.split()
+    assert pinned == ours == runtime == (env or str(max(1, (os.cpu_count() or 1) // 2)))

@@ -10,7 +10,8 @@ dataset's real on-disk format, the one torchvision reads:
   and ``y`` (N, 1), the digit 0 stored as label 10;
 - ImageNet: the folder torchvision.datasets.ImageNet leaves after extracting the archives,
   ``meta.bin`` beside ``train/<wnid>/`` and ``val/<wnid>/`` image folders. The images are PNG,
-  so the expected pixels are exact, plus one JPEG of another size for the resize path.
+  so the expected pixels are exact, plus one JPEG of another size for the resize path. Each
+  class folder of ``train/`` holds the held-out val images plus a few for the train split.
 
 torchvision checks every CIFAR-10 and SVHN file against the MD5 of the real download, which no
 synthetic file can match: the autouse ``_skip_md5`` fixture keeps torchvision's existence check
@@ -35,7 +36,7 @@ from click.testing import CliRunner
 from releq_tvm.bits import format_bits
 from releq_tvm.cli import main
 from releq_tvm.config import DEFAULTS
-from releq_tvm.data import TensorDataset, load_dataset
+from releq_tvm.data import IMAGENET_HELD_OUT_PER_CLASS, TensorDataset, load_dataset
 from releq_tvm.errors import ReleqError
 from releq_tvm.networks import create_network, get_network_spec, layer_table
 from releq_tvm.train import evaluate, finetune_bits, load_model
@@ -46,6 +47,7 @@ N_TRAIN = 40  # training images left for the train split
 N_TEST = 20
 
 IMAGENET_WNIDS = ("n01440764", "n01443537")  # tench, goldfish: two real ImageNet class ids
+IMAGENET_TRAIN_PER_CLASS = 2  # training images per class left for the train split
 
 
 @dataclass
@@ -115,36 +117,51 @@ def write_svhn(root: Path, seed: int) -> WrittenDataset:
     return WrittenDataset(root, splits)
 
 
-def write_imagenet(root: Path, seed: int) -> WrittenDataset:
-    """Two classes: train/ holds two 256x256 PNGs each and one 320x240 JPEG; val/ one PNG each.
+def write_imagenet(root: Path, seed: int, train_per_class: int = IMAGENET_TRAIN_PER_CLASS) -> WrittenDataset:
+    """Two classes: train/ holds ``train_per_class`` + the held-out count of 256x256 PNGs each plus
+    one 320x240 JPEG in the last class; val/ one PNG each.
 
     A 256x256 image passes ``Resize(256)`` unchanged, so the expected pixels are its centre 224x224.
+    The expected splits follow data.py's documented rule: ``val`` is the last
+    ``IMAGENET_HELD_OUT_PER_CLASS`` images (file-name order) of every class of train/, rank by rank
+    across the classes; ``train`` the rest of train/; ``test`` the val/ folder.
     """
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
-    splits = {}
-    for split, per_class in (("train", 2), ("val", 1)):
-        images, labels = [], []
-        for label, wnid in enumerate(IMAGENET_WNIDS):
+    per_class_images: dict[str, list[list[np.ndarray | None]]] = {}
+    for split, per_class in (("train", train_per_class + IMAGENET_HELD_OUT_PER_CLASS), ("val", 1)):
+        per_class_images[split] = []
+        for wnid in IMAGENET_WNIDS:
             folder = root / split / wnid
             folder.mkdir(parents=True)
+            images = []
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.png")
+                Image.fromarray(pixels).save(folder / f"{wnid}_{i:02d}.png")
                 images.append(pixels[16:240, 16:240].transpose(2, 0, 1))
-                labels.append(label)
-        if split == "train":  # sorts after the PNGs of the last class
-            pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / split / IMAGENET_WNIDS[-1] / f"{IMAGENET_WNIDS[-1]}_9.JPEG", quality=95)
-            images.append(None)
-            labels.append(len(IMAGENET_WNIDS) - 1)
-        splits[split] = (images, np.array(labels))
+            per_class_images[split].append(images)
+    # "_99.JPEG" sorts after the PNGs of the last class, so it is the last image of that class
+    pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "train" / IMAGENET_WNIDS[-1] / f"{IMAGENET_WNIDS[-1]}_99.JPEG", quality=95)
+    per_class_images["train"][-1].append(None)
     wnid_to_classes = {"n01440764": ("tench", "Tinca tinca"), "n01443537": ("goldfish", "Carassius auratus")}
     torch.save((wnid_to_classes, list(IMAGENET_WNIDS)), root / "meta.bin")
-    splits["test"] = splits.pop("val")  # the loader's test split is ImageNet's val folder
-    return WrittenDataset(root, splits)
+
+    def split(picked: list[tuple[int, np.ndarray | None]]) -> tuple[list[np.ndarray | None], np.ndarray]:
+        return [image for _, image in picked], np.array([label for label, _ in picked])
+
+    held = IMAGENET_HELD_OUT_PER_CLASS
+    train = per_class_images["train"]
+    return WrittenDataset(
+        root,
+        {
+            "train": split([(label, image) for label, images in enumerate(train) for image in images[:-held]]),
+            "val": split([(label, images[-held + rank]) for rank in range(held) for label, images in enumerate(train)]),
+            "test": split([(label, image) for label, images in enumerate(per_class_images["val"]) for image in images]),
+        },
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -216,7 +233,7 @@ def test_limit_takes_the_first_images_of_the_split(dataset, request):
 
 
 def test_imagenet_loader_centre_crops_to_224_in_class_folder_order(imagenet):
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         loaded = load_dataset("imagenet", split, imagenet.root)
         images, labels = imagenet.splits[split]
         assert loaded.images.shape == (len(images), 3, 224, 224)
@@ -226,6 +243,36 @@ def test_imagenet_loader_centre_crops_to_224_in_class_folder_order(imagenet):
                 assert got.shape == (3, 224, 224) and 0 <= got.min() and got.max() <= 1
             else:
                 assert torch.equal(got, _as_float([want])[0])
+
+
+def test_imagenet_val_is_held_out_of_train_and_test_is_the_official_val_folder(imagenet):
+    """The search's reward (val) and the reported accuracy (test) never see the same image."""
+    loaded = {split: load_dataset("imagenet", split, imagenet.root) for split in ("train", "val", "test")}
+    n_classes = len(IMAGENET_WNIDS)
+    assert {split: len(ds) for split, ds in loaded.items()} == {
+        "train": n_classes * IMAGENET_TRAIN_PER_CLASS + 1,  # the last class has one image more: the JPEG
+        "val": n_classes * IMAGENET_HELD_OUT_PER_CLASS,
+        "test": n_classes,  # one image per class in val/
+    }
+    # every class in every split, and val rank by rank: its first n_classes images are one per class
+    assert all(set(ds.labels.tolist()) == set(range(n_classes)) for ds in loaded.values())
+    assert loaded["val"].labels.tolist() == list(range(n_classes)) * IMAGENET_HELD_OUT_PER_CLASS
+    assert load_dataset("imagenet", "val", imagenet.root, limit=n_classes).labels.tolist() == list(range(n_classes))
+    # disjoint: no image of one split in another (the seeded random images are all distinct)
+    flat = {split: [image.flatten() for image in ds.images] for split, ds in loaded.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert not any(torch.equal(x, y) for x in flat[a] for y in flat[b]), (a, b)
+    # together, train and val are the whole train/ folder
+    assert len(loaded["train"]) + len(loaded["val"]) == len(list((imagenet.root / "train").rglob("*.*")))
+
+
+def test_imagenet_class_without_enough_training_images_is_a_one_line_error(tmp_path):
+    written = write_imagenet(tmp_path / "imagenet", seed=14, train_per_class=0)
+    for split in ("train", "val"):
+        with pytest.raises(ReleqError, match=f"holds {IMAGENET_HELD_OUT_PER_CLASS} images or fewer in n01440764, "
+                                             f"but the last {IMAGENET_HELD_OUT_PER_CLASS} of every class are held out as the val split"):
+            load_dataset("imagenet", split, written.root)
+    assert len(load_dataset("imagenet", "test", written.root)) == len(IMAGENET_WNIDS)
 
 
 def test_training_files_shorter_than_the_val_split_are_a_one_line_error(tmp_path):

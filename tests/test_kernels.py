@@ -8,9 +8,7 @@ bit pairs that always includes 1-bit weights, odd widths and 8x8.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import re
 import zlib
 
@@ -742,31 +740,64 @@ def test_peak_loops_do_the_work_they_count(cpu, kind):
     assert ops == expected.size * 256 * words * per_step
 
 
-def test_bench_kernels_writes_csv_and_sidecar(tmp_path):
+def test_bench_kernels_rows_and_the_csv_with_its_provenance_header(tmp_path):
+    from releq_tvm.bench_cli import write_kernels_csv
+    from releq_tvm.report.tables import read_csv
+
+    bench = bench_kernels(shapes=[("fc", K.DenseShape(128, 16))], bit_pairs=[(1, 1), (2, 2)], repeat=3, min_repeat_ms=1)
     path = tmp_path / "kernels.csv"
-    rows = bench_kernels(str(path), shapes=[("fc", K.DenseShape(128, 16))], bit_pairs=[(1, 1), (2, 2)],
-                         repeat=3, min_repeat_ms=1)
-    with open(path) as handle:
-        read = list(csv.DictReader(handle))
+    write_kernels_csv(bench, path, "releq-tvm bench kernels --out kernels.csv")
+    header, read = read_csv(path)
     assert [r["kernel"] for r in read] == ["bitserial", "bitserial", "int8"]
-    assert tuple(read[0]) == CSV_COLUMNS and len(rows) == 3
+    assert tuple(read[0]) == CSV_COLUMNS and len(bench.rows) == 3
     assert [(r["w_bits"], r["a_bits"]) for r in read] == [("1", "1"), ("2", "2"), ("8", "8")]
     assert all(float(r["latency_ms"]) > 0 for r in read)
     assert float(read[0]["speedup_vs_int8"]) > 0 and read[2]["speedup_vs_int8"] == ""
     assert int(read[1]["binary_ops"]) == 128 * 16 * 4
     assert float(read[0]["efficiency_vs_popcount_peak"]) > 0 and read[0]["efficiency_vs_int8_peak"] == ""
     assert float(read[2]["efficiency_vs_int8_peak"]) > 0 and read[2]["efficiency_vs_popcount_peak"] == ""
-    meta = json.loads((tmp_path / "kernels.csv.meta.json").read_text())
-    assert meta["cpu_model"] and meta["tvm_version"] and "command" in meta
-    assert meta["peak_gbinary_ops_per_s"] > 0 and meta["peak_int8_gmacs_per_s"] > 0
-    assert isinstance(meta["avx2"], bool)
     isa = K.vector_isa()
-    assert meta["isa"]["name"] == isa.name and meta["int8_peak_instructions"] and meta["popcount_peak_instructions"]
+    assert bench.isa == isa and bench.peak.gbinary_ops_per_s > 0 and bench.peak.gmacs_int8_per_s > 0
     assert [r["isa"] for r in read] == [isa.name, isa.name, isa.int8]
     # the crossover is the largest w*a whose bit-serial kernel beat int8 on this layer
     wins = [int(r["w_bits"]) * int(r["a_bits"]) for r in read[:2] if float(r["speedup_vs_int8"]) > 1]
     assert {r["crossover_wa"] for r in read} == {str(max(wins)) if wins else ""}
-    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temp files
+    # the project's provenance header, the bench's facts as notes: no sidecar, no temp files
+    assert [h.split(":")[0] for h in header[:4]] == ["command", "machine", "versions", "made"]
+    assert header[0] == "command: releq-tvm bench kernels --out kernels.csv" and header[3].endswith("seed: 0")
+    assert header[4:] == [f"note: {n}" for n in bench.notes()]
+    notes = "\n".join(bench.notes())
+    assert bench.target in notes and f"bit-serial {isa.name} ({isa.uint64_lanes} x uint64 lanes" in notes
+    assert f"threads: {bench.threads} " in notes and f"{bench.peak.gbinary_ops_per_s_per_core:.6g} G binary ops/s" in notes
+    assert "median of 3 samples of at least 1 ms each" in notes
+    assert [p.name for p in tmp_path.iterdir()] == ["kernels.csv"]
+
+
+def test_bench_kernels_command_writes_one_csv_with_provenance(tmp_path, monkeypatch):
+    """`releq-tvm bench kernels`: the CLI writes the rows it is given under the header (measuring is mocked)."""
+    from click.testing import CliRunner
+
+    import releq_tvm.kernels.bench as bench_module
+    from releq_tvm.cli import main
+    from releq_tvm.report.tables import read_csv
+
+    row = dict.fromkeys(CSV_COLUMNS, "") | {"layer": "fc", "kernel": "int8", "w_bits": 8, "a_bits": 8, "latency_ms": "0.5"}
+    fake = bench_module.KernelBench(
+        rows=[row], target="llvm -mcpu=znver4", avx2=True, isa=K.vector_isa("znver4"), threads=1, peak=None,
+        repeat=15, min_repeat_ms=20.0, parallel=None, seed=0,
+    )
+    monkeypatch.setattr(bench_module, "bench_kernels", lambda progress=None: fake)
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    out = tmp_path / "kernels.csv"
+    result = CliRunner().invoke(main, ["bench", "kernels", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"wrote {out}"
+    header, rows = read_csv(out)
+    assert header[0] == f"command: TVM_NUM_THREADS=1 releq-tvm bench kernels --out {out}"
+    assert "note: peaks: not measured (efficiency columns empty)" in header
+    assert "note: instruction sets: bit-serial avx512-vpopcntdq (8 x uint64 lanes, 32 registers); int8 avx512-vnni" in header
+    assert [(r["layer"], r["latency_ms"]) for r in rows] == [("fc", "0.5")]
+    assert [p.name for p in tmp_path.iterdir()] == ["kernels.csv"]  # no .meta.json sidecar
 
 
 # ------------------------------------------------------------------------------------------

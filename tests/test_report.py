@@ -283,7 +283,7 @@ def make_run(root: Path, name: str, reward="asymmetric", clip=0.1, episodes=30, 
              converged=None):
     """A run directory in the format of `releq-tvm search`: the policy's most likely bits flip
     from all-8 to the final bits at training episode ``flip_at``; two greedy episodes follow."""
-    from releq_tvm.search.run import EPISODE_COLUMNS
+    from releq_tvm.search.run_files import EPISODE_COLUMNS
 
     run = root / name
     run.mkdir(parents=True)

@@ -387,6 +387,27 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     assert len(_episodes(tmp_path / "run")) == 6 and best["solution"]["episode"] == 6
 
 
+def test_run_state_reads_a_checkpoint_in_the_format_written_before_it():
+    """checkpoint.pt's "state" is dataclasses.asdict(RunState) plus "env": the keys the run saved
+    one by one before RunState existed, so checkpoints of earlier runs still resume."""
+    from dataclasses import asdict
+
+    from releq_tvm.search.run_files import RunState
+
+    saved = {  # a checkpoint's "state", as written before RunState
+        "episodes_done": 3, "episode": 4, "training_finished": True, "greedy_done": 1,
+        "greedy_results": [{"episode": 4, "phase": "greedy", "w_bits": [8, 8, 4, 4, 2], "reward": 0.25}],
+        "best": {"episode": 2, "phase": "train", "w_bits": [8, 4, 4, 4, 2], "reward": 0.5},
+        "converged_episode": None, "streak": 2, "last_greedy": "8,8,4,4,2", "lookups": 4, "hits": 1,
+        "elapsed": 1.5, "cpu_seconds": 1.25, "long_result": None,
+        "env": {"w_bits": [8, 8, 4, 4, 2], "a_bits": None, "sa": 0.99, "accuracy_pct": 98.0},
+    }
+    state = RunState.from_dict(saved)
+    assert (state.episodes_done, state.episode, state.greedy_done, state.streak) == (3, 4, 1, 2)
+    assert state.best["w_bits"] == [8, 4, 4, 4, 2] and state.last_greedy == "8,8,4,4,2"
+    assert {**asdict(state), "env": saved["env"]} == saved  # saved back in the same format
+
+
 def test_overwrite_replaces_a_run(tmp_path):
     run_search(_config(tmp_path, "run", episodes=2, final_episodes=1), echo=lambda s: None, oracle=FakeAccuracy())
     with pytest.raises(ReleqError, match="--overwrite"):

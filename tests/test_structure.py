@@ -45,11 +45,14 @@ TOP_LEVEL_STAGES = {
     "machine": "base",
     "data": "base",
     "store": "base",  # the one on-disk cache (namespace, key) -> JSON
+    "config_fields": "base",  # settings dataclass fields: help, option name, choices and range
+    "progress": "base",  # progress bars on a terminal (latency tables, long fine-tunes, Pareto scoring)
     "timing": "base",  # the one timing protocol (compile's kernels and networks, report's peers)
     "train": "quant",  # the fine-tune loop behind quant's accuracy (short and long fine-tunes)
     "peers": "report",  # our builds against other engines, written under results/
     "cli": "cli",
     "cli_options": "cli",
+    "config_cli": "cli",  # click options generated from a settings dataclass
     "train_cli": "cli",
     "bench_cli": "cli",
     "demo": "cli",

@@ -31,6 +31,7 @@ import tvm
 from tvm import relax
 
 from releq_tvm.errors import ReleqError
+from releq_tvm.kernels.target import pin_tvm_threads
 from releq_tvm.quant import quantize_activation_int
 
 from releq_tvm.compile.integer import INPUT_RANGE, IntegerNetwork
@@ -65,6 +66,7 @@ class CompiledNetwork:
     @property
     def vm(self) -> relax.VirtualMachine:
         if self._vm is None:
+            pin_tvm_threads()  # parallel loops run inline at one thread (kernels.target.pin_tvm_threads)
             self._vm = relax.VirtualMachine(self.executable, self.device)
             self._args = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in self.params.values()]
         return self._vm
@@ -169,6 +171,8 @@ def build_manifest(net: IntegerNetwork, kernels: str, families: Sequence[str], b
         "machine": machine_info(target),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "entry": "relax.VirtualMachine(tvm.runtime.load_module('net.so'), dev)['main'](x, *params in manifest order)",
+        "threads": "set TVM_NUM_THREADS to the thread count before the first call (TVM reads it on every parallel "
+                   "loop; unset, a 1-thread pool still pays a launch per loop)",
     }
 
 

@@ -33,6 +33,7 @@ import numpy as np
 from releq_tvm.bits import parse_bits
 from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS
 from releq_tvm.networks import LayerSpec, get_network_spec, layer_table
+from releq_tvm.progress import progress_bar
 from releq_tvm.store import Store, open_store
 
 from releq_tvm.compile.integer import random_integer_network
@@ -169,9 +170,23 @@ class LatencyTable:
         w = parse_bits(list(w_bits), len(rows), network)
         a = parse_bits(list(a_bits) if a_bits is not None else [DEFAULT_ACT_BITS] * len(rows), len(rows), network,
                        what="--act-bits")
+        backends = ("bitserial", "int8") if backend == "auto" else (backend,)
+        self._measure_missing(network, [(row, wb, ab, b) for row, wb, ab in zip(rows, w, a) for b in backends])
         if backend == "auto":
             return [self.latency_us(row, wb, ab, self.kernel_choice(row, wb, ab)) for row, wb, ab in zip(rows, w, a)]
         return [self.latency_us(row, wb, ab, backend) for row, wb, ab in zip(rows, w, a)]
+
+    def _measure_missing(self, network: str, requests: Sequence[tuple[LayerSpec, int, int, str]]) -> None:
+        """Build and time each (layer, w_bits, a_bits, backend) of ``requests`` the table lacks, behind
+        a progress bar: a network's missing layers take about a second each."""
+        missing: dict[str, tuple[LayerSpec, int, int, str]] = {}
+        for layer, w_bits, a_bits, backend in requests:
+            key = layer_key(layer, w_bits, a_bits, backend, self.batch)
+            if key not in missing and self._lookup(key) is None:
+                missing[key] = (layer, w_bits, a_bits, backend)
+        if missing:  # no bar at all when everything is cached (the search asks on every step)
+            for layer, w_bits, a_bits, backend in progress_bar(missing.values(), f"latency table: {network}", unit="layer"):
+                self.measure(layer, w_bits, a_bits, backend)
 
     # -- the rest of the network ---------------------------------------------------------------
     def fixed_us(self, network: str) -> float:
@@ -194,7 +209,7 @@ class LatencyTable:
         runner = self.runner or Runner()
         rows = layer_table(network)
         samplers, compile_s = {}, {}
-        for row in rows:
+        for row in progress_bar(rows, f"{network}: build the 8-bit layers", unit="layer"):
             key = layer_key(row, BITS_MAX, BITS_MAX, "bitserial", self.batch)
             if key not in samplers:
                 start = time.perf_counter()

@@ -14,6 +14,7 @@ import tvm
 from tvm import relax
 
 from releq_tvm.errors import ReleqError
+from releq_tvm.kernels.target import pin_tvm_threads
 from releq_tvm.timing import TimingConfig, summarize
 
 
@@ -21,6 +22,7 @@ class Runner:
     """Where timed code runs: this process (``tvm.cpu()``) or a TVM RPC server (``HOST:PORT``)."""
 
     def __init__(self, rpc: str | None = None):
+        pin_tvm_threads()  # parallel loops run inline at one thread (kernels.target.pin_tvm_threads)
         self.rpc = rpc
         self.session = None
         if rpc:

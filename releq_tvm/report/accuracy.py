@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from releq_tvm.config import DEFAULTS, cache_dir
+from releq_tvm.config_fields import check_settings, setting
 from releq_tvm.errors import ReleqError
 from releq_tvm.io import atomic_write_bytes
 from releq_tvm.store import Store, open_store
@@ -41,19 +42,43 @@ TRAIN_LR = 2e-3
 TRAIN_BATCH = 128
 
 
+def checkpoint_pair(text: str) -> tuple[str, str]:
+    """``"NET=FILE"`` -> (NET, FILE): one ``--checkpoint`` of the report."""
+    net, sep, path = text.partition("=")
+    if not sep or not net.strip() or not path.strip():
+        raise ReleqError(f"--checkpoint needs NET=FILE such as simplenet=runs/simplenet/model.pt; got {text!r}")
+    return net.strip(), path.strip()
+
+
 @dataclass(frozen=True)
 class AccuracyConfig:
-    """Where data and models come from and the protocols' numbers (steps are optimiser steps)."""
+    """Where data and models come from and the protocols' numbers (steps are optimiser steps).
 
-    data_dir: str | None = None
-    checkpoints: Mapping[str, str] = field(default_factory=dict)
-    train_missing: bool = True
-    finetune_steps: int = DEFAULTS.finetune.long_steps
+    Its command-line fields are options of ``releq-tvm report`` (:class:`releq_tvm.report.build.ReportOptions`).
+    """
+
+    # --data-dir is spelled once for every command, in releq_tvm.cli_options
+    data_dir: str | None = setting(None, cli=False, help="Folder with the torchvision dataset files.")
+    checkpoints: Mapping[str, str] = setting(
+        default_factory=dict, cli="--checkpoint", multiple=True, parse=checkpoint_pair, metavar="NET=FILE",
+        help="Trained float model of NET (repeatable).",
+    )
+    train_missing: bool = setting(
+        True, cli="--no-train", help="Do not train MNIST networks that ship no checkpoint (lenet4): leave their accuracy empty."
+    )
+    finetune_steps: int = setting(
+        DEFAULTS.finetune.long_steps, min=0, help="Fine-tune steps before the quantized accuracy of bitwidths.csv."
+    )
     finetune_lr: float = DEFAULTS.finetune.learning_rate
     finetune_batch: int = DEFAULTS.finetune.batch_size
     seed: int = DEFAULTS.finetune.seed
-    val_images: int = 2000
-    pareto_finetune_steps: int = 0
+    val_images: int = setting(2000, min=1, help="Val images each Pareto point is scored on (the first N of the val split).")
+    pareto_finetune_steps: int = setting(
+        0, min=0, help="Fine-tune steps before each Pareto point's accuracy (0: none; ~0.1 s per step and point)."
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 class AccuracyOracle:

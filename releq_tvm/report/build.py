@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from releq_tvm.bits import format_bits
+from releq_tvm.bits import format_bits, parse_action_set
+from releq_tvm.config_fields import check_settings, command_args, setting
 from releq_tvm.report.accuracy import AccuracyConfig, AccuracyOracle
 from releq_tvm.report.choices import BitChoice, admm_choice, choose_bits, primary_runs, published_choice
 from releq_tvm.report.cpu_report import MeasureFn
@@ -22,27 +23,64 @@ from releq_tvm.report.stripes_report import stripes_row
 from releq_tvm.report.tables import csv_text
 
 
+def network_list(text: str) -> tuple[str, ...] | None:
+    """``--networks`` text: ``"lenet,vgg11"`` -> the names; ``"all"`` -> None (every network)."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    return None if names == ("all",) else names
+
+
+def pareto_network_list(text: str) -> tuple[str, ...]:
+    """``--pareto-networks`` text: the names; ``"none"`` -> none; ``"all"`` (or nothing) -> :data:`PARETO_NETWORKS`."""
+    if text.strip() == "none":
+        return ()
+    return network_list(text) or PARETO_NETWORKS
+
+
 @dataclass
 class ReportOptions:
-    """What to report and how (the CLI's options, one field each)."""
+    """What to report and how: one field per option of ``releq-tvm report`` (they are generated
+    from these fields and :class:`AccuracyConfig`'s), plus what tests inject."""
 
-    networks: Sequence[str] | None = None  # None: every registered network (or those of the runs)
-    bits_from: Sequence[str] = ("published",)  # "published" and/or run directories
-    out_dir: str | Path = "results"
-    skip_cpu: bool = False
-    cpu_repeats: int = 7
-    fresh_cpu: bool = False  # re-measure instead of reusing cached CPU latencies
-    accuracy: bool = True
-    accuracy_config: AccuracyConfig = field(default_factory=AccuracyConfig)
+    bits_from: Sequence[str] = setting(
+        ("published",), multiple=True, metavar="published|RUN_DIR",
+        help="Where the bits come from: 'published' (METHOD.md section 6) and/or search run directories "
+             "(or folders of runs); repeat the option. Networks with a run use its choice.",
+    )
+    networks: Sequence[str] | None = setting(
+        None, parse=network_list, metavar="NET,NET|all",
+        help="Networks to report (default: all registered, or those of the runs).",
+    )
+    out_dir: str | Path = setting("results", cli="--out", path="dir", help="Folder the files are written to.")
+    skip_cpu: bool = setting(
+        False, help="Do not build and time TVM networks: fig8 is not rewritten, CPU columns stay empty."
+    )
+    fresh_cpu: bool = setting(
+        False, help="Re-measure CPU latencies instead of reusing the cached ones of this machine."
+    )
+    cpu_repeats: int = setting(7, min=1, help="Timed samples per CPU measurement.")
+    accuracy: bool = setting(True, help="Skip every accuracy (bitwidths.csv costs only, Pareto cost-only).")
+    accuracy_config: AccuracyConfig = field(default_factory=AccuracyConfig)  # its fields are options too
+    pareto_bits: tuple[int, ...] = setting(
+        DEFAULT_PARETO_BITS, min=1, max=8, parse=parse_action_set, metavar="BITS",
+        help="Bit set enumerated for the Pareto files.",
+    )
+    pareto_networks: Sequence[str] = setting(
+        PARETO_NETWORKS, parse=pareto_network_list, show=lambda names: ",".join(names) or "none", metavar="NET,NET|none",
+        help="Networks that get a Pareto file."
+    )
+    threads: int | None = setting(
+        None, min=1,
+        help="torch threads for training and evaluation (default: torch's choice; 1 is fastest on a busy machine).",
+    )
     accuracy_cache: str | Path | None = None  # folder of the accuracy and CPU caches (None: the shared store)
-    pareto_bits: tuple[int, ...] = DEFAULT_PARETO_BITS
-    pareto_networks: Sequence[str] = PARETO_NETWORKS
-    threads: int | None = None  # torch intra-op threads for training and evaluation (None: torch default)
     #: The command line recorded in every file (None: the ``releq-tvm report`` line of these options).
     command: str | None = None
     #: Injected CPU backends (tests): the network measurement and the per-layer Pareto cost.
     cpu_measure: MeasureFn | None = None
     cpu_pareto_cost: Callable[[str, Sequence[int]], SeparableCost] | None = None
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def resolve_inputs(opts: ReportOptions) -> tuple[list[str], list, dict[str, BitChoice]]:
@@ -329,39 +367,9 @@ def _search_diagnostics(out: StagedOutput, prov: Provenance, runs, say) -> None:
 
 
 def canonical_command(opts: ReportOptions) -> str:
-    """The ``releq-tvm report`` command line that rebuilds what ``opts`` asks for."""
-    parts = ["releq-tvm", "report"]
-    for source in opts.bits_from:
-        parts += ["--bits-from", str(source)]
-    if opts.networks:
-        parts += ["--networks", ",".join(opts.networks)]
-    parts += ["--out", str(opts.out_dir)]
-    if opts.skip_cpu:
-        parts.append("--skip-cpu")
-    else:
-        if opts.cpu_repeats != ReportOptions.cpu_repeats:
-            parts += ["--cpu-repeats", str(opts.cpu_repeats)]
-        if opts.fresh_cpu:
-            parts.append("--fresh-cpu")
-    if not opts.accuracy:
-        parts.append("--no-accuracy")
-    cfg = opts.accuracy_config
-    if cfg.data_dir:
-        parts += ["--data-dir", str(cfg.data_dir)]
-    for net, path in cfg.checkpoints.items():
-        parts += ["--checkpoint", f"{net}={path}"]
-    if not cfg.train_missing:
-        parts.append("--no-train")
-    if cfg.finetune_steps != AccuracyConfig.finetune_steps:
-        parts += ["--finetune-steps", str(cfg.finetune_steps)]
-    if cfg.val_images != AccuracyConfig.val_images:
-        parts += ["--val-images", str(cfg.val_images)]
-    if cfg.pareto_finetune_steps != AccuracyConfig.pareto_finetune_steps:
-        parts += ["--pareto-finetune-steps", str(cfg.pareto_finetune_steps)]
-    if opts.threads:
-        parts += ["--threads", str(opts.threads)]
-    if tuple(opts.pareto_bits) != DEFAULT_PARETO_BITS:
-        parts += ["--pareto-bits", format_bits(opts.pareto_bits)]
-    if tuple(opts.pareto_networks) != PARETO_NETWORKS:
-        parts += ["--pareto-networks", ",".join(opts.pareto_networks) or "none"]
+    """The ``releq-tvm report`` command line that rebuilds what ``opts`` asks for (from the same
+    fields the options are generated from; ``--bits-from`` and ``--out`` always written)."""
+    parts = ["releq-tvm", "report", *command_args(opts, always=("bits_from", "out_dir"))]
+    if opts.accuracy_config.data_dir:  # the shared --data-dir option, not generated
+        parts += ["--data-dir", str(opts.accuracy_config.data_dir)]
     return " ".join(parts)

@@ -27,6 +27,7 @@ import numpy as np
 
 from releq_tvm.bits import format_bits
 from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS
+from releq_tvm.progress import progress_bar
 from releq_tvm.report.choices import BitChoice
 
 #: Bit set of the enumeration unless --pareto-bits says otherwise.
@@ -179,7 +180,8 @@ def pareto_result(
     if scorer is not None:
         if progress is not None:
             progress(f"pareto: scoring {len(combos)} bit vectors of {network} for accuracy")
-        score = np.array([scorer(tuple(int(b) for b in row)) for row in combos])
+        rows = progress_bar(combos, f"pareto: {network}", unit="bit vector")
+        score = np.array([scorer(tuple(int(b) for b in row)) for row in rows])
     else:
         score = combos.mean(axis=1).astype(np.float64)
     on_front = pareto_front(stripes_ratio, score)

@@ -1,6 +1,6 @@
 """Search run directories (written by ``releq-tvm search``), read for the report.
 
-A run directory holds (see :mod:`releq_tvm.search.run`):
+A run directory holds (see :mod:`releq_tvm.search.run_files`):
 
 * ``config.json``: ``{"command", "config": {network, reward, ppo_clip_range, seed, measure,
   action_set, ...}, "full_precision_val_accuracy", ...}``;

@@ -19,16 +19,18 @@ backend (and its tests) work without TVM.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from releq_tvm.config import BITS_MAX, E_MEM_OVER_E_MAC
 from releq_tvm.errors import ReleqError
 from releq_tvm.search.reward import state_of_quantization
 
 #: ``--measure`` choices.
-MEASURES: tuple[str, ...] = ("none", "cpu", "stripes")
+Measure = Literal["none", "cpu", "stripes"]
+MEASURES: tuple[str, ...] = get_args(Measure)
 #: ``--metric`` choices of the Stripes backend.
-STRIPES_METRICS: tuple[str, ...] = ("cycles", "energy")
+StripesMetric = Literal["cycles", "energy"]
+STRIPES_METRICS: tuple[str, ...] = get_args(StripesMetric)
 
 Bits = tuple[int, ...]
 
@@ -87,7 +89,8 @@ class SQCost(_Memo):
 #: What ``--measure cpu`` prices: ``auto`` (what ``compile`` ships: each layer the faster of its
 #: bit-serial kernel and int8, against the int8 build) or ``bitserial`` (the paper's comparison:
 #: pure bit-serial against bit-serial at 8 bits).
-CPU_KERNELS = ("auto", "bitserial")
+CpuKernels = Literal["auto", "bitserial"]
+CPU_KERNELS: tuple[str, ...] = get_args(CpuKernels)
 
 
 class CpuLatencyCost(_Memo):

@@ -41,12 +41,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
 from releq_tvm.config import BITS_MAX, DEFAULT_ACTION_SET
+from releq_tvm.search.config import FinetuneMode
 from releq_tvm.search.cost import CostBackend, correct_to_target
 from releq_tvm.search.reward import state_of_quantization
 
@@ -127,13 +129,13 @@ class ReleqEnv(gym.Env):
         reward_fn: Callable[[float, float, float], float],
         action_set: Sequence[int] = DEFAULT_ACTION_SET,
         act_action_set: Sequence[int] | None = None,
-        finetune: str = "per-episode",
+        finetune: FinetuneMode = "per-episode",
         latency_target: float | None = None,
         sq_form: str = "cost",
     ):
         super().__init__()
-        if finetune not in ("per-step", "per-episode"):
-            raise ValueError(f"finetune must be per-step or per-episode, got {finetune!r}")
+        if finetune not in get_args(FinetuneMode):
+            raise ValueError(f"finetune must be one of {', '.join(get_args(FinetuneMode))}, got {finetune!r}")
         self.table = list(table)
         self.n_layers = len(self.table)
         self.oracle, self.cost, self.reward_fn = oracle, cost, reward_fn

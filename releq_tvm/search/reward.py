@@ -13,11 +13,13 @@ hardware backends pass their measured cost ratio in its place (see
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 from releq_tvm.config import BITS_MAX, DEFAULTS, E_MEM_OVER_E_MAC
 
 #: The two forms of State of Quantization (METHOD.md section 3).
-SQ_FORMS: tuple[str, ...] = ("cost", "plain")
+SqForm = Literal["cost", "plain"]
+SQ_FORMS: tuple[str, ...] = get_args(SqForm)
 
 
 def layer_cost_weights(table, e_mem_over_e_mac: float = E_MEM_OVER_E_MAC) -> list[float]:
@@ -94,7 +96,8 @@ def hardware_reward(acc_q: float, acc_o: float, cost_ratio: float, acc_limit: fl
 
 
 #: Reward names accepted by ``--reward``.
-REWARDS: tuple[str, ...] = ("asymmetric", "sa_over_sq", "sa_minus_sq", "hardware")
+RewardName = Literal["asymmetric", "sa_over_sq", "sa_minus_sq", "hardware"]
+REWARDS: tuple[str, ...] = get_args(RewardName)
 
 
 def make_reward(

@@ -1,0 +1,476 @@
+r"""Lookup-table dense kernels (T-MAC style) for 1-4 bit weights and 8-bit activations.
+
+``y[n, o] = sum_k x[n, k] * q[o, k]`` with ``x`` uint8 levels and ``q`` signed ``w_bits`` levels in
+the bit-serial encoding of :mod:`releq_tvm.kernels.encoding` (``q = s*u - M``, ``u`` unsigned
+with bit planes ``u_p``)::
+
+    sum_k q*x = s * sum_p 2^p * sum_k u_p[k] * x[k]  -  M * sum_k x[k]
+
+Tables
+------
+The reduction is cut into groups of :data:`GROUP` = 4 activations. For each group ``t`` and each
+4-bit pattern ``e`` the table entry ``T_t[e] = sum_{i<4} bit_i(e) * x[4t + i]`` is the sum of the
+activations ``e`` selects, so ``sum_{k in group t} u_p[k] * x[k] = T_t[e]`` with ``e`` the 4 bits of
+plane ``p`` over the group: one lookup replaces 4 multiply-adds, and every plane of every output
+channel indexes the same 16 entries. An entry reaches ``4 * 255 = 1020``: no byte holds it, and
+a byte table (what ``vpshufb`` looks up) must stay exact, so each activation is split into its
+two nibbles ``x = lo + 16*hi`` and each group gets two byte tables, ``T_lo`` and ``T_hi`` (sums
+of the low / high nibbles, at most ``4 * 15 = 60``): ``T_t = T_lo_t + 16 * T_hi_t``, exactly.
+
+Accumulation (why it stays exact)
+---------------------------------
+The four groups of a *block* (:data:`BLOCK` = 16 activations) are summed in uint8 lanes: at most
+``4 * 60 = 240``. The block's byte sums are widened into uint16 lanes with ``vpmaddubsw``
+(uint8 x int8 pairs summed into int16) against constant weights ``[2^p, 0]`` / ``[0, 2^p]`` (low
+nibbles) and ``[2^(p+4), 0]`` / ``[0, 2^(p+4)]`` (high nibbles): one instruction widens the
+even (odd) bytes, weights them by the plane and never saturates (``240 * 64 < 2^15``; the one
+weight that does not fit an int8, ``2^7`` for plane 3's high nibbles, is applied as ``64`` twice).
+A block adds at most ``4080 * u_max`` to a uint16 lane (``u_max = 2^w - 2`` is the largest code,
+1 at 1 bit), so :func:`flush_blocks` blocks (16, 8, 2, 1 at 1..4 bits) fit before the lanes are
+added into int32 accumulators. The offset term ``-M * sum x`` is added once per output, so the
+int32 result is the exact ``sum q*x`` (while ``|sum| < 2^31``: any ``in_features`` below 561,000
+at 4 bits).
+
+The inner loop (vector paths), per tile of ``vec_tile`` registers and batch row, per block: the
+8 tables of the block's 4 groups are broadcast once; per weight plane and register, two loads of
+``lanes`` packed bytes give 4 index vectors (``& 15``, ``>> 4``), 8 ``vpshufb`` look them up in
+the low and high tables, 6 byte adds sum the groups, 4 ``vpmaddubsw`` + adds widen and weight
+into the two uint16 accumulators (even and odd bytes). Every :func:`flush_blocks` blocks the
+uint16 lanes are split into int32 (``& 0xffff``, ``>> 16``); at the end ``s * acc - M * sum x``
+is stored for the output stage. Tiles of output channels are the parallel loop; batch rows run
+inside a tile, so a tile's weights are read from memory once per call.
+
+Instruction paths (:attr:`VectorIsa.lut`)
+------------------------------------------
+* ``"avx512bw"``: ``vpshufb`` on zmm (``llvm.x86.avx512.pshuf.b.512``): the 16-byte table is
+  broadcast to the 4 lanes of the register (``vbroadcasti32x4``), so one lookup serves 64 output
+  channels of one group; ``vpmaddubsw`` on zmm widens;
+* ``"avx2"``: the same on ymm (``llvm.x86.avx2.pshuf.b``, ``llvm.x86.avx2.pmadd.ub.sw``), 32 channels;
+* ``"scalar"``: plain TIR loops over the same tables and packed weights (no AVX2), 16 channels
+  per tile.
+
+Packed weights (``uint8``, :func:`pack_lut_weights`; ``w_bits * K * O / 8`` bytes up to padding)
+----------------------------------------------------------------------------------------------
+``(tiles, blocks, w_bits, 2, vec_tile, lanes)``. Byte ``[b, k, p, h, r, x]`` holds the 4 bits of
+plane ``p`` of groups ``4k + 2h`` (low nibble) and ``4k + 2h + 1`` (high nibble) for output
+channel ``b * vec_tile * lanes + r * lanes + channel_of(x)``, with
+``channel_of(x) = (lanes / 4) * (0, 2, 1, 3)[x % 4] + x // 4``: the order in which the
+widened uint16 lanes come out as int32 vectors, so each int32 vector covers consecutive output
+channels and is stored as one vector. The kernel reads the bytes in memory order; one load of
+``lanes`` bytes gives the indices of two groups (``x & 15`` and ``x >> 4``). Inputs are padded
+with zeros to whole blocks and outputs to whole tiles (a zero index looks up ``T[0] = 0``).
+
+The PrimFunc takes ``(data uint8 (N, K), weights, *epilogue arguments, out (N, O))`` like the
+int8 and bit-serial dense kernels, and finishes through the shared :func:`output_stage`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.tirx.script.builder import ir as T
+
+from .common import without_global_symbol
+from .encoding import encode_weights, weight_level_range, weight_scale_offset
+from .epilogue import PLAIN, Epilogue, output_stage
+from .shapes import DenseShape
+from .target import VectorIsa, vector_isa
+
+#: Activations per table: 2^4 = 16 entries, one ``vpshufb`` table.
+GROUP = 4
+#: Groups summed in uint8 lanes before widening (4 * 60 = 240 fits a byte).
+GROUPS_PER_BLOCK = 4
+#: Activations per block.
+BLOCK = GROUP * GROUPS_PER_BLOCK
+#: Largest value a block adds to a uint16 lane for one weight plane of weight 1 (low plus 16 x high
+#: nibble sums): 240 + 16 * 240.
+BLOCK_PLANE_MAX = 240 + 16 * 240
+#: Weight widths the lookup kernels take (a 4-bit plane group indexes a 16-entry table; wider
+#: weights are better served by the int8 kernels).
+LUT_W_BITS = (1, 2, 3, 4)
+#: Index bytes (= output channels) per lookup on each path, and the LLVM intrinsics it uses.
+LUT_LANES = {"avx512bw": 64, "avx2": 32, "scalar": 16}
+_PSHUFB = {"avx512bw": "llvm.x86.avx512.pshuf.b.512", "avx2": "llvm.x86.avx2.pshuf.b"}
+_PMADDUBSW = {"avx512bw": "llvm.x86.avx512.pmaddubs.w.512", "avx2": "llvm.x86.avx2.pmadd.ub.sw"}
+#: Lookups (MACs * w_bits) below which one core beats two: waking the second thread costs microseconds.
+LUT_PARALLEL_MIN_LOOKUPS = 4_000_000
+#: int32 vector ``t`` of a widened register holds the bytes ``4l + b`` with ``t = _WIDEN_ORDER[b]``.
+_WIDEN_ORDER = (0, 2, 1, 3)
+
+
+def check_lut_bits(w_bits: int) -> int:
+    if isinstance(w_bits, bool) or int(w_bits) != w_bits or int(w_bits) not in LUT_W_BITS:
+        raise ValueError(f"lookup-table kernels take w_bits in {LUT_W_BITS}; got {w_bits!r} "
+                         "(use the bit-serial or int8 kernels for wider weights)")
+    return int(w_bits)
+
+
+def max_code(w_bits: int) -> int:
+    """The largest unsigned code ``u = sum_p 2^p u_p`` of a ``w_bits`` weight (``2^w - 2``; 1 at 1 bit)."""
+    scale, offset = weight_scale_offset(check_lut_bits(w_bits))
+    return (weight_level_range(w_bits)[1] + offset) // scale
+
+
+def flush_blocks(w_bits: int) -> int:
+    """Blocks summed into uint16 lanes before they are added into int32: the largest count whose
+    worst case ``count * 4080 * max_code(w_bits)`` stays below 2^16 (16, 8, 2, 1 for 1..4 bits)."""
+    return max(1, 0xFFFF // (BLOCK_PLANE_MAX * max_code(w_bits)))
+
+
+def channel_of(x: int, lanes: int) -> int:
+    """Output channel (within its register) of index byte ``x`` of a ``lanes``-byte register."""
+    return (lanes // 4) * _WIDEN_ORDER[x % 4] + x // 4
+
+
+@dataclass(frozen=True)
+class LutPlan:
+    """Everything the compute, schedule and weight packing of one lookup-table dense kernel depend on."""
+
+    shape: DenseShape
+    w_bits: int
+    #: ``"avx512bw"``, ``"avx2"`` or ``"scalar"`` (:attr:`VectorIsa.lut`)
+    path: str
+    #: Registers of ``lanes`` output channels per tile (the loop body's register tile).
+    vec_tile: int
+    parallel: bool
+    isa: VectorIsa
+
+    @property
+    def lanes(self) -> int:
+        """Output channels per lookup (index bytes of one register)."""
+        return LUT_LANES[self.path]
+
+    @property
+    def tile(self) -> int:
+        """Output channels per tile (one iteration of the parallel loop)."""
+        return self.lanes * self.vec_tile
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.shape.out_features // self.tile)
+
+    @property
+    def out_pad(self) -> int:
+        return self.tiles * self.tile
+
+    @property
+    def blocks(self) -> int:
+        """Blocks of :data:`BLOCK` activations along the reduction (the input padded with zeros)."""
+        return -(-self.shape.in_features // BLOCK)
+
+    @property
+    def flush(self) -> int:
+        """Blocks per uint16 -> int32 flush (:func:`flush_blocks`)."""
+        return min(self.blocks, flush_blocks(self.w_bits))
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int, int, int]:
+        return (self.tiles, self.blocks, self.w_bits, 2, self.vec_tile, self.lanes)
+
+    @property
+    def weight_bytes(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+
+def plan_lut_dense(shape: DenseShape, w_bits: int, parallel: bool | None = None,
+                   isa: VectorIsa | None = None, path: str | None = None) -> LutPlan:
+    """The tiling of a lookup-table dense layer for ``isa`` (default: this host's, :func:`vector_isa`).
+
+    ``path`` overrides ``isa.lut`` with a path the target also runs (``"scalar"`` always runs; a
+    vector path needs its instructions). ``parallel=None`` uses all cores only for big layers.
+    """
+    w_bits = check_lut_bits(w_bits)
+    isa = isa or vector_isa()
+    path = path or isa.lut
+    if path not in LUT_LANES:
+        raise ValueError(f"unknown lookup path {path!r}; expected one of {tuple(LUT_LANES)}")
+    if path != "scalar" and path != isa.lut and not (path == "avx2" and isa.lut == "avx512bw"):
+        raise ValueError(f"lookup path {path!r} needs instructions this target lacks (its path is {isa.lut!r})")
+    if shape.in_features * 255 * (2**w_bits - 1) >= 2**31:
+        raise ValueError(f"in_features={shape.in_features} is too long for exact int32 sums at {w_bits} bits")
+    regs = -(-shape.out_features // LUT_LANES[path])
+    # two registers per tile give the lookups of one table two independent chains, when the
+    # output channels fill them (avx2 keeps one: 16 ymm registers)
+    vec_tile = 2 if path == "avx512bw" and regs % 2 == 0 else 1
+    if parallel is None:
+        parallel = shape.macs * w_bits >= LUT_PARALLEL_MIN_LOOKUPS
+    return LutPlan(shape, w_bits, path, vec_tile, bool(parallel), isa)
+
+
+def pack_lut_weights(q: np.ndarray, w_bits: int, isa: VectorIsa | None = None,
+                     path: str | None = None) -> np.ndarray:
+    """Lay out signed weight levels ``q`` (``(out_features, in_features)``) for the lookup kernel.
+
+    ``isa``/``path`` as in :func:`plan_lut_dense` (pack with the plan the kernel was built from);
+    returns a C-contiguous uint8 array shaped ``plan.weight_shape`` (see the module docstring),
+    ``w_bits * K * O / 8`` bytes up to padding. Raises ``ValueError`` for levels off the grid.
+    """
+    q = np.asarray(q)
+    if q.ndim != 2:
+        raise ValueError(f"dense weights must be (out_features, in_features); got shape {q.shape}")
+    o, k = q.shape
+    plan = plan_lut_dense(DenseShape(k, o), w_bits, False, isa, path)
+    u = np.zeros((plan.out_pad, plan.blocks * BLOCK), dtype=np.uint8)
+    u[:o, :k] = encode_weights(q, plan.w_bits)
+    # the index of plane p over group t: bit i is plane p of input 4t + i
+    codes = u.reshape(plan.out_pad, -1, GROUP)  # (O', groups, i)
+    nibbles = np.zeros(codes.shape[:2] + (plan.w_bits,), dtype=np.uint8)
+    for p in range(plan.w_bits):
+        for i in range(GROUP):
+            nibbles[:, :, p] |= ((codes[:, :, i] >> p) & 1) << i
+    nib = nibbles.reshape(plan.out_pad, plan.blocks, 2, 2, plan.w_bits)  # (O', block, h, low/high, p)
+    byte = (nib[:, :, :, 0] | (nib[:, :, :, 1] << 4)).astype(np.uint8)  # (O', block, h, p)
+    lanes, tile = plan.lanes, plan.tile
+    chan = np.array([channel_of(x, lanes) for x in range(lanes)])
+    index = (np.arange(plan.tiles)[:, None, None] * tile + np.arange(plan.vec_tile)[None, :, None] * lanes
+             + chan[None, None, :])  # (tiles, vec_tile, lanes) -> output channel
+    packed = byte[index]  # (tiles, vec_tile, lanes, block, h, p)
+    return np.ascontiguousarray(packed.transpose(0, 3, 5, 4, 1, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# TIR: tables, then lookups; the output stage is the shared TE epilogue
+
+
+def _u8(value: int, lanes: int):
+    return tirx.Broadcast(tirx.const(value, "uint8"), lanes)
+
+
+def _int8_pairs(weight: int, odd: bool, lanes: int):
+    """The int8 vector ``[weight, 0, weight, 0, ...]`` (``[0, weight, ...]`` if ``odd``) of ``lanes`` bytes."""
+    return tirx.reinterpret(f"int8x{lanes}", tirx.Broadcast(tirx.const(weight << (8 if odd else 0), "int16"),
+                                                            lanes // 2))
+
+
+def _table_stmt(plan: LutPlan, x, tables, asum):
+    """Fill ``tables[n, block, half, 16j + e]`` (uint8, the low / high nibble sums of group ``4 block + j``)
+    and ``asum[n] = sum_k x[n, k]`` (int32)."""
+    k, n_rows = plan.shape.in_features, plan.shape.batch
+    full, tail = divmod(k, BLOCK)
+    ramp64 = tirx.Ramp(tirx.const(0, "int32"), 1, 64)
+    # mask_i: lane 16j + e is 0xff where bit i of e is set (LLVM folds this to a constant vector)
+    masks = [tirx.Cast("uint8x64", (ramp64 >> i) & 1) * _u8(255, 64) for i in range(GROUP)]
+
+    def block(n, blk, a16):
+        a = T.Bind(a16)
+        nib = {}
+        for i in range(GROUP):  # lane 16j + e of spread_i is input 4j + i of the block
+            spread = tirx.Shuffle([a] * 4, [tirx.IntImm("int32", GROUP * (lane // 16) + i) for lane in range(64)])
+            nib[0, i] = spread & _u8(15, 64)
+            nib[1, i] = spread >> _u8(4, 64)
+        for half in (0, 1):
+            total = nib[half, 0] & masks[0]
+            for i in range(1, GROUP):
+                total = total + (nib[half, i] & masks[i])
+            T.buffer_store(tables, total, [n, blk, half, tirx.Ramp(0, 1, 64)])
+
+    with IRBuilder() as ib:
+        with T.serial(0, n_rows) as n:
+            lane_sum = T.alloc_buffer((16,), "int32", scope="local")
+            T.buffer_store(lane_sum, tirx.Broadcast(tirx.const(0, "int32"), 16), [tirx.Ramp(0, 1, 16)])
+            if full:
+                with T.serial(0, full) as blk:
+                    a16 = x[n, tirx.Ramp(blk * BLOCK, 1, 16)]
+                    block(n, blk, a16)
+                    T.buffer_store(lane_sum, lane_sum[tirx.Ramp(0, 1, 16)] + tirx.Cast("int32x16", a16),
+                                   [tirx.Ramp(0, 1, 16)])
+            if tail:  # the last, partial block: inputs past the end read as zero
+                offs = tirx.Ramp(tirx.const(full * BLOCK, "int32"), 1, 16)
+                inside = offs < tirx.Broadcast(tirx.const(k, "int32"), 16)
+                clamped = tirx.Min(offs, tirx.Broadcast(tirx.const(k - 1, "int32"), 16))
+                a16 = tirx.Select(inside, x[n, clamped], _u8(0, 16))
+                block(n, full, a16)
+                T.buffer_store(lane_sum, lane_sum[tirx.Ramp(0, 1, 16)] + tirx.Cast("int32x16", a16),
+                               [tirx.Ramp(0, 1, 16)])
+            total = lane_sum[0]
+            for i in range(1, 16):
+                total = total + lane_sum[i]
+            T.buffer_store(asum, total, [n])
+    return ib.get()
+
+
+def _vector_lookup_stmt(plan: LutPlan, tables, asum, w, acc):
+    """The lookups of the vector paths: per tile and batch row, ``vpshufb`` + uint8 sums per block,
+    ``vpmaddubsw`` into uint16 lanes, int32 flushes, then the offset correction (module docstring)."""
+    lanes, vec_tile, w_bits = plan.lanes, plan.vec_tile, plan.w_bits
+    half_lanes, quarter = lanes // 2, lanes // 4
+    pshufb, pmaddubsw = _PSHUFB[plan.path], _PMADDUBSW[plan.path]
+    scale, offset = weight_scale_offset(w_bits)
+    full_flushes, tail_blocks = divmod(plan.blocks, plan.flush)
+    vec = tirx.Ramp(tirx.const(0, "int32"), 1, lanes)
+    u16 = f"uint16x{half_lanes}"
+
+    def widen(byte_sum, weight, odd):
+        return tirx.reinterpret(u16, T.call_llvm_pure_intrin(f"int16x{half_lanes}", pmaddubsw, byte_sum,
+                                                             _int8_pairs(weight, odd, lanes)))
+
+    def block(ob, n, blk, acc16):
+        # the 16-byte table of group j, broadcast to every 128-bit lane
+        tabs = {}
+        for j in range(GROUPS_PER_BLOCK):
+            for half in (0, 1):
+                table = tables[n, blk, half, tirx.Ramp(16 * j, 1, 16)]
+                tabs[j, half] = T.Bind(tirx.Shuffle([table] * (lanes // 16), [tirx.IntImm("int32", i)
+                                                                              for i in range(lanes)]))
+        for p in range(w_bits):
+            for r in range(vec_tile):
+                idx = []
+                for h in (0, 1):
+                    packed = T.Bind(w[ob, blk, p, h, r, vec])
+                    idx += [packed & _u8(15, lanes), packed >> _u8(4, lanes)]
+                sums = []
+                for half in (0, 1):
+                    total = None
+                    for j in range(GROUPS_PER_BLOCK):
+                        hit = T.call_llvm_pure_intrin(f"uint8x{lanes}", pshufb, tabs[j, half], idx[j])
+                        total = hit if total is None else total + hit
+                    sums.append(T.Bind(total))
+                for odd in (False, True):
+                    value = widen(sums[0], 1 << p, odd)
+                    if p + 4 < 7:
+                        value = value + widen(sums[1], 1 << (p + 4), odd)
+                    else:  # 2^7 is no int8: weight 64, twice
+                        hi = T.Bind(widen(sums[1], 64, odd))
+                        value = value + hi + hi
+                    slot = 2 * r + int(odd)
+                    T.buffer_store(acc16, acc16[slot, tirx.Ramp(0, 1, half_lanes)] + value,
+                                   [slot, tirx.Ramp(0, 1, half_lanes)])
+
+    def flush_group(ob, n, first_blk, count, acc16, acc32):
+        for slot in range(2 * vec_tile):
+            T.buffer_store(acc16, tirx.Broadcast(tirx.const(0, "uint16"), half_lanes),
+                           [slot, tirx.Ramp(0, 1, half_lanes)])
+        if count == 1:
+            block(ob, n, first_blk, acc16)
+        else:
+            with T.serial(0, count) as b:
+                block(ob, n, first_blk + b, acc16)
+        for r in range(vec_tile):
+            for odd in (0, 1):
+                lanes16 = acc16[2 * r + odd, tirx.Ramp(0, 1, half_lanes)]
+                words = T.Bind(tirx.reinterpret(f"uint32x{quarter}", lanes16))
+                parts = (words & tirx.Broadcast(tirx.const(0xFFFF, "uint32"), quarter),
+                         words >> tirx.Broadcast(tirx.const(16, "uint32"), quarter))
+                for high, part in enumerate(parts):
+                    t = _WIDEN_ORDER[2 * high + odd]
+                    index = [r, t, tirx.Ramp(0, 1, quarter)]
+                    T.buffer_store(acc32, acc32[tuple(index)] + tirx.reinterpret(f"int32x{quarter}", part), index)
+
+    with IRBuilder() as ib:
+        loop = T.parallel if plan.parallel and plan.tiles > 1 else T.serial
+        with loop(0, plan.tiles) as ob:
+            with T.serial(0, plan.shape.batch) as n:
+                acc16 = T.alloc_buffer((2 * vec_tile, half_lanes), "uint16", scope="local")
+                acc32 = T.alloc_buffer((vec_tile, 4, quarter), "int32", scope="local")
+                for r in range(vec_tile):
+                    for t in range(4):
+                        T.buffer_store(acc32, tirx.Broadcast(tirx.const(0, "int32"), quarter),
+                                       [r, t, tirx.Ramp(0, 1, quarter)])
+                if full_flushes == 1:
+                    flush_group(ob, n, 0, plan.flush, acc16, acc32)
+                elif full_flushes > 1:
+                    with T.serial(0, full_flushes) as f:
+                        flush_group(ob, n, f * plan.flush, plan.flush, acc16, acc32)
+                if tail_blocks:
+                    flush_group(ob, n, full_flushes * plan.flush, tail_blocks, acc16, acc32)
+                correction = tirx.Broadcast(asum[n] * tirx.const(offset, "int32"), quarter)
+                for r in range(vec_tile):
+                    for t in range(4):
+                        total = acc32[r, t, tirx.Ramp(0, 1, quarter)]
+                        if scale != 1:
+                            total = total * tirx.Broadcast(tirx.const(scale, "int32"), quarter)
+                        base = ob * plan.tile + r * lanes + t * quarter
+                        T.buffer_store(acc, total - correction, [n, tirx.Ramp(base, 1, quarter)])
+    return ib.get()
+
+
+def _scalar_lookup_stmt(plan: LutPlan, tables, asum, w, acc):
+    """The generic path: the same tables and packed weights, one output channel at a time in plain TIR."""
+    lanes, w_bits = plan.lanes, plan.w_bits
+    scale, offset = weight_scale_offset(w_bits)
+    quarter = lanes // 4
+    with IRBuilder() as ib:
+        loop = T.parallel if plan.parallel and plan.tiles > 1 else T.serial
+        with loop(0, plan.tiles) as ob:
+            with T.serial(0, plan.shape.batch) as n:
+                with T.serial(0, lanes) as xb:
+                    total = T.alloc_buffer((1,), "int32", scope="local")
+                    T.buffer_store(total, tirx.const(0, "int32"), [0])
+                    with T.serial(0, plan.blocks) as blk:
+                        for p in range(w_bits):
+                            for h in (0, 1):
+                                packed = T.Bind(w[ob, blk, p, h, 0, xb].astype("int32"))
+                                for low_high in (0, 1):
+                                    j = 2 * h + low_high
+                                    e = (packed >> (4 * low_high)) & 15
+                                    entry = (tables[n, blk, 0, 16 * j + e].astype("int32")
+                                             + (tables[n, blk, 1, 16 * j + e].astype("int32") << 4))
+                                    T.buffer_store(total, total[0] + (entry << p), [0])
+                    widen_order = ((xb & 1) << 1) | ((xb & 3) >> 1)  # _WIDEN_ORDER[xb % 4]
+                    channel = ob * lanes + quarter * widen_order + (xb >> 2)
+                    T.buffer_store(acc, total[0] * scale - asum[n] * offset, [n, channel])
+    return ib.get()
+
+
+def lut_dense_tensors(plan: LutPlan, epilogue: Epilogue = PLAIN) -> list[te.Tensor]:
+    """``[data (uint8, (N, K)), weights (uint8), *epilogue arguments, out ((N, O))]`` of a lookup-table dense layer."""
+    s = plan.shape
+    x = te.placeholder((s.batch, s.in_features), "uint8", name="data")
+    w = te.placeholder(plan.weight_shape, "uint8", name="weights")
+    x_buf = tirx.decl_buffer(x.shape, "uint8", "data")
+    w_buf = tirx.decl_buffer(w.shape, "uint8", "weights")
+    table_shape = (s.batch, plan.blocks, 2, GROUPS_PER_BLOCK * 16)
+    tables, asum = te.extern(
+        [table_shape, (s.batch,)], [x],
+        lambda ins, outs: _table_stmt(plan, ins[0], *outs),
+        name="lut_tables", in_buffers=[x_buf],
+        out_buffers=[tirx.decl_buffer(table_shape, "uint8", "tables"), tirx.decl_buffer((s.batch,), "int32", "asum")],
+    )
+    lookup = _scalar_lookup_stmt if plan.path == "scalar" else _vector_lookup_stmt
+    acc = te.extern(
+        (s.batch, plan.out_pad), [tables, asum, w],
+        lambda ins, outs: lookup(plan, *ins, outs[0]),
+        name="lut_acc", in_buffers=[tirx.decl_buffer(tables.shape, "uint8", "tables"),
+                                    tirx.decl_buffer(asum.shape, "int32", "asum"), w_buf],
+        out_buffers=[tirx.decl_buffer((s.batch, plan.out_pad), "int32", "acc")],
+    )
+    extra, out = output_stage(epilogue, lambda n, g, i, j, o: acc[n, o], (s.batch, s.out_features),
+                              lambda n, c: (n, c, 0, 0), s.out_features, s.out_features)
+    return [x, w, *extra, out]
+
+
+#: int32 lanes of the output stage's vectors.
+OUT_LANES = 16
+
+
+def schedule_lut(func: tvm.tirx.PrimFunc, plan: LutPlan) -> tvm.tirx.PrimFunc:
+    """The lookups are scheduled where they are written; the output stage is vectorised."""
+    sch = tvm.s_tir.Schedule(func)
+    out = sch.get_sblock("out")
+    n, c = sch.get_loops(out)
+    if plan.shape.out_features % OUT_LANES == 0:
+        _, inner = sch.split(c, [None, OUT_LANES])
+        sch.vectorize(inner)
+    return sch.mod["main"]
+
+
+def lut_dense_primfunc(shape: DenseShape, w_bits: int, parallel: bool | None = None,
+                       isa: VectorIsa | None = None, epilogue: Epilogue = PLAIN,
+                       path: str | None = None) -> tvm.tirx.PrimFunc:
+    """A scheduled PrimFunc ``main(data, weights, out)`` computing a lookup-table dense layer.
+
+    * ``data``: uint8 ``(N, in_features)``, any values in ``[0, 255]``;
+    * ``weights``: uint8 ``plan_lut_dense(shape, w_bits, isa=isa).weight_shape`` from
+      :func:`pack_lut_weights` with the same ``isa`` / ``path``;
+    * the ``epilogue``'s arguments, if any;
+    * ``out``: ``(N, out_features)``, the exact ``x @ q.T`` as int32, or the ``epilogue``'s output.
+
+    ``isa`` (default: this host's) must match the target the function is compiled for; ``path``
+    overrides ``isa.lut`` (see :func:`plan_lut_dense`). No ``global_symbol``, as for the other families.
+    """
+    plan = plan_lut_dense(shape, w_bits, parallel, isa, path)
+    return without_global_symbol(schedule_lut(te.create_prim_func(lut_dense_tensors(plan, epilogue)), plan))

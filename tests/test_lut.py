@@ -1,0 +1,299 @@
+"""The lookup-table dense kernels (``releq_tvm.kernels.lut``): bit-exact against numpy on every
+instruction path this host runs, codegen checks for the other paths on any host.
+
+Each path is built for a CPU that has just its instructions (AVX-512 path for the host when it
+has AVX-512BW, the AVX2 path for ``haswell``, the scalar path for generic ``x86-64``), so the AVX2
+and scalar code that AVX2-only and older hosts would run is the code tested here.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+
+import numpy as np
+import pytest
+
+import releq_tvm.kernels as K
+from releq_tvm.kernels import lut as L
+from releq_tvm.kernels.encoding import bit_planes
+
+SEED = 20260119
+HOST_LUT = K.vector_isa().lut
+#: the CPU each path is built for, and whether this host can run it
+PATH_CPU = {"avx512bw": "host", "avx2": "host" if HOST_LUT == "avx2" else "haswell", "scalar": "x86-64"}
+RUNNABLE = {"scalar": True, "avx2": HOST_LUT in ("avx2", "avx512bw"), "avx512bw": HOST_LUT == "avx512bw"}
+PATHS = ("avx512bw", "avx2", "scalar")
+#: a CPU with each path, for packing and codegen checks that need no execution
+PATH_CODEGEN_CPU = {"avx512bw": "znver4", "avx2": "haswell", "scalar": "x86-64"}
+
+
+def rng_for(*key) -> np.random.Generator:
+    # zlib.crc32, not hash(): str hashes are salted per process
+    return np.random.default_rng([SEED, zlib.crc32(repr(key).encode())])
+
+
+def random_weights(rng, shape, w_bits: int) -> np.ndarray:
+    """Levels of ``w_bits`` with both extremes present."""
+    lo, hi = K.weight_level_range(w_bits)
+    q = rng.choice(np.array([-1, 1]), size=shape) if w_bits == 1 else rng.integers(lo, hi + 1, size=shape)
+    q.reshape(-1)[0], q.reshape(-1)[-1] = lo, hi
+    return q
+
+
+def random_activations(rng, shape) -> np.ndarray:
+    x = rng.integers(0, 256, size=shape).astype(np.uint8)
+    x.reshape(-1)[0] = 255
+    return x
+
+
+def _require(path: str) -> None:
+    if not RUNNABLE[path]:
+        pytest.skip(f"this host ({HOST_LUT}) cannot run the {path} path; its codegen is checked below")
+
+
+@functools.lru_cache(maxsize=None)
+def _build(shape: K.DenseShape, w_bits: int, path: str, parallel: bool | None = None, epilogue=K.PLAIN):
+    import tvm
+
+    target = K.make_target(PATH_CPU[path])
+    isa = K.vector_isa(target)
+    func = K.lut_dense_primfunc(shape, w_bits, parallel, isa, epilogue, path)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    return lib, isa
+
+
+def _run(shape, w_bits, path, x, q, parallel=None, epilogue=K.PLAIN, extra=()):
+    import tvm
+
+    lib, isa = _build(shape, w_bits, path, parallel, epilogue)
+    out = np.zeros(shape.output_shape(), dtype=epilogue.out_dtype)
+    tensors = [tvm.runtime.tensor(a) for a in (x, K.pack_lut_weights(q, w_bits, isa, path), *extra, out)]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+# ------------------------------------------------------------------------------------------
+# the arithmetic and the packing, in numpy
+
+
+@pytest.mark.parametrize("w_bits", [1, 2, 3, 4])
+def test_nibble_tables_give_the_signed_dot_product(w_bits):
+    """The kernel's identity: s * sum_p 2^p sum_groups (T_lo[e] + 16 T_hi[e]) - M * sum x == q . x."""
+    rng = rng_for("identity", w_bits)
+    k = 4 * 25
+    x = random_activations(rng, (k,)).astype(np.int64)
+    q = random_weights(rng, (k,), w_bits)
+    s, m = K.weight_scale_offset(w_bits)
+    planes = bit_planes(K.encode_weights(q, w_bits), w_bits).reshape(-1, 4, w_bits)  # (groups, i, p)
+    entries = np.arange(16)[:, None] >> np.arange(4) & 1  # (e, i): bit i of pattern e
+    xg = x.reshape(-1, 4)
+    t_lo, t_hi = (xg & 15) @ entries.T, (xg >> 4) @ entries.T  # (groups, 16), entries <= 60
+    assert t_lo.max() <= 60 and t_hi.max() <= 60
+    index = (planes * (1 << np.arange(4))[None, :, None]).sum(axis=1)  # (groups, p): the 4-bit patterns
+    groups = np.arange(len(xg))[:, None]
+    looked_up = (t_lo[groups, index] + 16 * t_hi[groups, index]) @ (1 << np.arange(w_bits))
+    assert s * int(looked_up.sum()) - m * int(x.sum()) == int(q @ x)
+
+
+def test_flush_counts_keep_uint16_lanes_exact():
+    assert [L.max_code(w) for w in (1, 2, 3, 4)] == [1, 2, 6, 14]
+    assert [L.flush_blocks(w) for w in (1, 2, 3, 4)] == [16, 8, 2, 1]
+    for w in (1, 2, 3, 4):
+        worst = L.BLOCK_PLANE_MAX * L.max_code(w)
+        assert L.flush_blocks(w) * worst < 2**16 <= (L.flush_blocks(w) + 1) * worst
+
+
+def _unpack(packed: np.ndarray, plan: L.LutPlan) -> np.ndarray:
+    """Unsigned codes (O, K) read back from the packed array by the module docstring's rule, loop by loop."""
+    tiles, blocks, w_bits, _, vec_tile, lanes = packed.shape
+    u = np.zeros((plan.out_pad, blocks * L.BLOCK), dtype=np.int64)
+    for b in range(tiles):
+        for r in range(vec_tile):
+            for xb in range(lanes):
+                o = b * plan.tile + r * lanes + (lanes // 4) * (0, 2, 1, 3)[xb % 4] + xb // 4
+                for k in range(blocks):
+                    for p in range(w_bits):
+                        for h in range(2):
+                            byte = int(packed[b, k, p, h, r, xb])
+                            for half, nibble in enumerate((byte & 15, byte >> 4)):
+                                group = 4 * k + 2 * h + half
+                                for i in range(4):
+                                    u[o, 4 * group + i] += ((nibble >> i) & 1) << p
+    return u
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("w_bits", [1, 3])
+def test_pack_lut_weights_puts_each_bit_where_the_docstring_says(path, w_bits):
+    shape = K.DenseShape(37, 70)
+    isa = K.vector_isa(PATH_CODEGEN_CPU[path])
+    q = random_weights(rng_for("pack", path, w_bits), shape.weight_shape(), w_bits)
+    packed = K.pack_lut_weights(q, w_bits, isa, path)
+    plan = K.plan_lut_dense(shape, w_bits, isa=isa, path=path)
+    assert packed.dtype == np.uint8 and packed.shape == plan.weight_shape and packed.flags.c_contiguous
+    u = _unpack(packed, plan)
+    np.testing.assert_array_equal(u[:70, :37], K.encode_weights(q, w_bits))
+    assert not u[70:].any() and not u[:, 37:].any()  # padding is code 0: it looks up T[0] = 0
+
+
+@pytest.mark.parametrize("w_bits", [1, 2, 3, 4])
+def test_packed_weights_take_w_bits_per_weight(w_bits):
+    """fc6-like proportions: w * K * O / 8 bytes when K fills whole blocks and O whole tiles."""
+    shape = K.DenseShape(9216 // 8, 4096 // 8)
+    for cpu in PATH_CODEGEN_CPU.values():
+        plan = K.plan_lut_dense(shape, w_bits, isa=K.vector_isa(cpu))
+        assert plan.weight_bytes == w_bits * shape.in_features * shape.out_features // 8
+
+
+# ------------------------------------------------------------------------------------------
+# bit-exact kernels on every path this host runs
+
+SHAPES = [
+    K.DenseShape(64, 128),  # whole blocks, whole avx512 tiles (2 registers)
+    K.DenseShape(70, 37, batch=3),  # K not a multiple of 4, O below one register
+    K.DenseShape(100, 200),  # K a multiple of 4 but not of a block, O not a multiple of a register
+    K.DenseShape(300, 96, batch=3),  # several uint16 flushes plus a partial one
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("w_bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.label())
+def test_lut_dense_is_exact(shape, w_bits, path):
+    _require(path)
+    rng = rng_for("exact", shape, w_bits, path)
+    x = random_activations(rng, shape.input_shape())
+    q = random_weights(rng, shape.weight_shape(), w_bits)
+    np.testing.assert_array_equal(_run(shape, w_bits, path, x, q), K.dense_reference(x, q))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("w_bits", [1, 2, 3, 4])
+def test_lut_extremes_reach_the_uint16_bounds_exactly(w_bits, path):
+    """Activations 255 against the largest code (every lookup at its maximum, each flush at its bound)
+    and the smallest; one row of random activations beside them."""
+    _require(path)
+    shape = K.DenseShape(1040, 70, batch=2)  # 65 blocks: several flushes and a partial one at every width
+    lo, hi = K.weight_level_range(w_bits)
+    q = np.where(np.arange(70)[:, None] < 35, hi, lo) * np.ones((1, 1040), dtype=np.int64)
+    x = np.full(shape.input_shape(), 255, dtype=np.uint8)
+    x[1] = random_activations(rng_for("extremes", w_bits), (1040,))
+    np.testing.assert_array_equal(_run(shape, w_bits, path, x, q), K.dense_reference(x, q))
+
+
+@pytest.mark.parametrize("w_bits", [2, 3])
+def test_parallel_tiles_are_exact(w_bits):
+    shape = K.DenseShape(200, 300, batch=2)
+    rng = rng_for("parallel", w_bits)
+    x = random_activations(rng, shape.input_shape())
+    q = random_weights(rng, shape.weight_shape(), w_bits)
+    assert K.plan_lut_dense(shape, w_bits, parallel=True).tiles > 1
+    np.testing.assert_array_equal(_run(shape, w_bits, HOST_LUT, x, q, parallel=True), K.dense_reference(x, q))
+
+
+EPILOGUES = [
+    K.Epilogue(requantize=True),
+    K.Epilogue(requantize=True, relu=True, quantize_bits=3),
+    K.Epilogue(requantize=True, residual=True, relu=True),
+]
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e.label)
+def test_fused_epilogue_equals_the_numpy_steps(epilogue):
+    shape = K.DenseShape(150, 37, batch=2)
+    rng = rng_for("epilogue", epilogue.label)
+    x = random_activations(rng, shape.input_shape())
+    q = random_weights(rng, shape.weight_shape(), 3)
+    acc = K.dense_reference(x, q)
+    shift = rng.integers(8, 20, size=37)
+    scale = (2.0**20 / max(1, int(np.abs(acc).max()))) * rng.uniform(0.5, 1.5, size=37)
+    scale[0] = -scale[0]
+    offset = rng.integers(-(2**18), 2**18, size=37) * (1 << shift) // 4 + (1 << (shift - 1))
+    args = {"mult": np.round(scale * 2.0**shift).astype(np.int64), "offset": offset.astype(np.int64),
+            "shift": shift.astype(np.int64)}
+    if epilogue.residual:
+        args["residual"] = rng.integers(-(2**21), 2**21, size=acc.shape).astype(np.int32)
+    if epilogue.quantize_bits:
+        args["quant"] = np.array([int(1.5 * 2 ** (4 + epilogue.quantize_bits)), 1 << 23, 24], dtype=np.int64)
+    got = _run(shape, 3, HOST_LUT, x, q, epilogue=epilogue, extra=tuple(args.values()))
+    expected = K.epilogue_reference(epilogue, acc, 1, **args)
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) > 2  # the test is not vacuous
+
+
+def test_primfunc_signature_and_relax_call_tir():
+    import tvm
+    from tvm import relax
+
+    shape = K.DenseShape(100, 37)
+    plan = K.plan_lut_dense(shape, 2)
+    func = K.lut_dense_primfunc(shape, 2)
+    assert [(str(p.dtype), tuple(int(d) for d in p.shape)) for p in func.params] == [
+        ("uint8", (1, 100)), ("uint8", plan.weight_shape), ("int32", (1, 37))]
+    assert "global_symbol" not in func.attrs
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape.input_shape(), "uint8"))
+    w = relax.Var("w", relax.TensorType(plan.weight_shape, "uint8"))
+    with builder.function("main", [x, w]):
+        fn = builder.add_func(func, "dense_lut")
+        with builder.dataflow():
+            y = builder.emit_output(builder.emit(relax.call_tir(fn, [x, w], relax.TensorType((1, 37), "int32"))))
+        builder.emit_func_output(y)
+    vm = relax.VirtualMachine(tvm.compile(builder.get(), target=K.host_target()), tvm.cpu())
+    rng = rng_for("relax")
+    xv, q = random_activations(rng, shape.input_shape()), random_weights(rng, shape.weight_shape(), 2)
+    y = vm["main"](tvm.runtime.tensor(xv), tvm.runtime.tensor(K.pack_lut_weights(q, 2)))
+    np.testing.assert_array_equal(y.numpy(), K.dense_reference(xv, q))
+
+
+def test_errors_say_what_to_pass():
+    with pytest.raises(ValueError, match="w_bits in"):
+        K.plan_lut_dense(K.DenseShape(64, 64), 5)
+    with pytest.raises(ValueError, match="lacks"):
+        K.plan_lut_dense(K.DenseShape(64, 64), 2, isa=K.vector_isa("haswell"), path="avx512bw")
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        K.pack_lut_weights(np.full((4, 16), 2), 2)
+    with pytest.raises(ValueError, match="-1 or \\+1"):
+        K.pack_lut_weights(np.zeros((4, 16), dtype=int), 1)
+
+
+# ------------------------------------------------------------------------------------------
+# codegen: each path from its target (LLVM compiles for any mcpu, so these run on any host)
+
+
+def _assembly(cpu: str, w_bits: int = 2, shape=K.DenseShape(512, 256)) -> str:
+    import tvm
+
+    target = K.make_target(cpu)
+    func = K.lut_dense_primfunc(shape, w_bits, isa=K.vector_isa(target))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    return lib.mod.inspect_source("s")
+
+
+@pytest.mark.parametrize("cpu, path", [
+    ("znver4", "avx512bw"), ("skylake-avx512", "avx512bw"), ("icelake-server", "avx512bw"),
+    ("haswell", "avx2"), ("alderlake", "avx2"), ("x86-64", "scalar"),
+])
+def test_lookup_path_follows_the_target(cpu, path):
+    assert K.vector_isa(cpu).lut == path
+
+
+def test_avx512_path_looks_up_64_channels_per_zmm_vpshufb():
+    asm = _assembly("znver4")
+    # 4 groups x 2 nibble tables x 2 planes x 2 registers per block, the tables broadcast to every lane
+    assert len(re.findall(r"vpshufb\s+%zmm\d+, %zmm\d+, %zmm\d+", asm)) >= 32
+    assert re.search(r"vpmaddubsw\s+[^\n]*%zmm", asm) and re.search(r"vbroadcasti32x4\s", asm)
+    assert not re.search(r"vpshufb\s+[^\n]*%ymm", asm)
+
+
+def test_avx2_path_looks_up_32_channels_per_ymm_vpshufb():
+    asm = _assembly("haswell")
+    assert len(re.findall(r"vpshufb\s+%ymm\d+, %ymm\d+, %ymm\d+", asm)) >= 16
+    assert re.search(r"vpmaddubsw\s+[^\n]*%ymm", asm) and "zmm" not in asm
+
+
+def test_scalar_path_compiles_for_generic_x86_64():
+    asm = _assembly("x86-64")
+    assert "pshufb" not in asm and "ymm" not in asm and "zmm" not in asm
