@@ -112,23 +112,37 @@ def _timing_ms(ms: float) -> dict:
 
 
 def test_auto_build_takes_the_faster_kernel_per_layer_and_stays_exact(tmp_path, mnist_images):
-    """auto reads both families' latencies from the table; a mixed build is still bit-exact."""
+    """auto reads the three families' latencies from the table; a mixed build is still bit-exact."""
     net = quantize_network("lenet", LENET_BITS, (8, 2, 2, 4, 1))
     table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING)
     bits_ms = [0.010, 0.001, 0.002, 0.003, 0.004]
     int8_ms = [0.005, 0.004, 0.001, 0.003, 0.008]
-    for row, lq, b, i in zip(layer_table("lenet"), net.layers, bits_ms, int8_ms):
+    lut_ms = [None, None, 0.0005, 0.010, 0.003]  # lut runs the dense layers (1-4 weight bits) only
+    for row, lq, b, i, t in zip(layer_table("lenet"), net.layers, bits_ms, int8_ms, lut_ms):
         table.store(layer_key(row, lq.w_bits, lq.a_bits, "bitserial"), _timing_ms(b), 0.0)
         table.store(layer_key(row, 8, 8, "int8"), _timing_ms(i), 0.0)
+        if t is not None:
+            table.store(layer_key(row, lq.w_bits, lq.a_bits, "lut"), _timing_ms(t), 0.0)
     compiled = compile_network(net, "auto", batch=2, table=table)
     chosen = [layer["family"] for layer in compiled.manifest["layers"]]
-    assert chosen == ["int8", "bitserial", "int8", "int8", "bitserial"]  # a tie goes to int8
+    assert chosen == ["int8", "bitserial", "lut", "int8", "lut"]  # a tie goes to int8
     assert compiled.manifest["kernels"] == "auto" and table.builds == 0
     levels = compiled.quantize_input(mnist_images)
     np.testing.assert_array_equal(compiled.run_levels(levels), integer_forward(net, levels))
     # the cost the search sees for auto: the same choice, against the same policy at 8 bits
     assert table.network_layers_us("lenet", LENET_BITS, (8, 2, 2, 4, 1), "auto") == pytest.approx(
-        [min(b, i) * 1e3 for b, i in zip(bits_ms, int8_ms)])
+        [min(v for v in (b, i, t) if v is not None) * 1e3 for b, i, t in zip(bits_ms, int8_ms, lut_ms)])
+
+
+def test_lut_runs_dense_layers_at_up_to_4_weight_bits_only():
+    from releq_tvm.compile.lower import layer_kernels
+
+    net = quantize_network("lenet", (8, 2, 2, 5, 2))
+    assert layer_kernels(net, ("int8", "bitserial", "lut", "int8", "lut")) == ("int8", "bitserial", "lut", "int8", "lut")
+    with pytest.raises(ReleqError, match=r"^layer 0 \(conv, 8-bit weights\) cannot run the lut kernels"):
+        layer_kernels(net, ("lut", "int8", "int8", "int8", "int8"))
+    with pytest.raises(ReleqError, match=r"^layer 3 \(dense, 5-bit weights\) cannot run the lut kernels"):
+        layer_kernels(net, ("int8", "int8", "lut", "lut", "lut"))
 
 
 def test_fusion_plan_fuses_residual_relu_and_the_next_quantizer():

@@ -28,14 +28,16 @@ from releq_tvm.cli_options import bits_option, checkpoint_option, json_option, n
 @click.option("--fidelity-csv", type=click.Path(dir_okay=False), default=None,
               help="Add (or replace) this network's row of layer-sum vs whole-network latency in a CSV.")
 @click.option("--kernels", type=click.Choice(["auto", "bitserial", "int8"]), default="auto", show_default=True,
-              help="Per layer: the faster of bit-serial at its bits and int8 (auto), or one family everywhere.")
+              help="Per layer: the fastest of bit-serial at its bits, int8 and lut (dense, 1-4 weight bits) (auto), "
+                   "or one family everywhere.")
 @json_option
 def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_text, rpc, batch, repeats, measure,
                 baselines, fidelity_csv, kernels, as_json) -> None:
     """Compile NET at per-layer bits into a deployable folder and time it.
 
-    --kernels auto (default) gives each layer the faster of the bit-serial kernel at its bits and
-    the int8 kernel (from this machine's latency table). Prints a per-layer table (bits, latency,
+    --kernels auto (default) gives each layer the fastest of the bit-serial kernel at its bits, the
+    lut kernel (dense layers at 1-4 weight bits) and the int8 kernel (from this machine's latency
+    table). Prints a per-layer table (bits, latency,
     speedup over the all-8-bit bit-serial build, the int8 and fp32 builds, the kernel auto chose)
     and whole-network totals; --json prints the same as JSON.
     """

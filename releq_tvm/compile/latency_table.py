@@ -38,7 +38,7 @@ from releq_tvm.store import Store, open_store
 
 from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import build_layer, layer_arguments, measure_layer
-from releq_tvm.compile.lower import build_network
+from releq_tvm.compile.lower import build_network, family_applies, kernel_bits
 from releq_tvm.compile.target import kernels_fingerprint, machine_info, machine_key, resolve_target
 from releq_tvm.compile.timing import Runner, kernel_sampler, vm_sampler
 from releq_tvm.timing import TimingConfig, interleaved_timing
@@ -58,10 +58,14 @@ def shape_label(layer: LayerSpec) -> str:
     )
 
 
+def auto_families(layer: LayerSpec, w_bits: int) -> tuple[str, ...]:
+    """The kernel families ``auto`` chooses among for ``layer`` at ``w_bits``, in tie-break order."""
+    return tuple(f for f in ("int8", "bitserial", "lut") if family_applies(f, layer, w_bits))
+
+
 def layer_key(layer: LayerSpec, w_bits: int, a_bits: int, backend: str = "bitserial", batch: int = 1) -> str:
     """The table key of one (shape, batch, bits, backend)."""
-    if backend != "bitserial":
-        w_bits = a_bits = 8  # the int8 and fp32 kernels do not depend on the bits
+    w_bits, a_bits = kernel_bits(backend, w_bits, a_bits)  # int8 and fp32 do not depend on the bits, lut on w
     return f"{backend}|{shape_label(layer)} n{batch}|w{w_bits}a{a_bits}"
 
 
@@ -155,10 +159,10 @@ class LatencyTable:
         return float(entry["us"])
 
     def kernel_choice(self, layer: LayerSpec, w_bits: int, a_bits: int) -> str:
-        """The faster kernel family for one layer at its bits: ``bitserial`` or ``int8`` (exact at any
-        bits up to 8); ties go to int8. Both latencies are measured on first request."""
-        bits = self.latency_us(layer, w_bits, a_bits, "bitserial")
-        return "bitserial" if bits < self.latency_us(layer, w_bits, a_bits, "int8") else "int8"
+        """The fastest kernel family for one layer at its bits among :func:`auto_families` (int8 is
+        exact at any bits up to 8); ties go to int8, then bit-serial. Latencies are measured on
+        first request."""
+        return min(auto_families(layer, w_bits), key=lambda family: self.latency_us(layer, w_bits, a_bits, family))
 
     def network_layers_us(self, network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,
                           backend: str = "bitserial") -> list[float]:
@@ -170,8 +174,10 @@ class LatencyTable:
         w = parse_bits(list(w_bits), len(rows), network)
         a = parse_bits(list(a_bits) if a_bits is not None else [DEFAULT_ACT_BITS] * len(rows), len(rows), network,
                        what="--act-bits")
-        backends = ("bitserial", "int8") if backend == "auto" else (backend,)
-        self._measure_missing(network, [(row, wb, ab, b) for row, wb, ab in zip(rows, w, a) for b in backends])
+        self._measure_missing(network, [
+            (row, wb, ab, b) for row, wb, ab in zip(rows, w, a)
+            for b in (auto_families(row, wb) if backend == "auto" else (backend,))
+        ])
         if backend == "auto":
             return [self.latency_us(row, wb, ab, self.kernel_choice(row, wb, ab)) for row, wb, ab in zip(rows, w, a)]
         return [self.latency_us(row, wb, ab, backend) for row, wb, ab in zip(rows, w, a)]
@@ -251,7 +257,7 @@ class LatencyTable:
 
 def choose_kernels(network_layers: Sequence[LayerSpec], w_bits: Sequence[int], a_bits: Sequence[int],
                    table: LatencyTable) -> tuple[str, ...]:
-    """``auto``: per layer, the faster of the bit-serial kernel at its bits and the int8 kernel."""
+    """``auto``: per layer, the fastest of :func:`auto_families` (bit-serial at its bits, int8, lut)."""
     return tuple(table.kernel_choice(row, wb, ab) for row, wb, ab in zip(network_layers, w_bits, a_bits))
 
 

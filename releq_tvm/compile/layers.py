@@ -15,7 +15,7 @@ from tvm import relax
 
 from releq_tvm.networks import LayerSpec
 
-from releq_tvm.compile.lower import kernel_primfunc, layer_shape, packed_weights
+from releq_tvm.compile.lower import kernel_bits, kernel_primfunc, layer_shape, packed_weights
 from releq_tvm.compile.timing import Runner, time_kernel, time_vm
 from releq_tvm.timing import TimingConfig
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
@@ -35,11 +35,11 @@ def _random_weight_levels(shape: ConvShape | DenseShape, w_bits: int, rng) -> np
 
 
 def build_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target) -> tvm.runtime.Executable:
-    """Compile one layer's kernel (``bitserial`` / ``int8`` PrimFunc, or an fp32 Relax conv/dense)."""
+    """Compile one layer's kernel (``bitserial`` / ``int8`` / ``lut`` PrimFunc, or an fp32 Relax conv/dense)."""
     shape = layer_shape(layer, batch)
     if backend == "fp32":
         return tvm.compile(_fp32_layer_module(layer, batch), target=target)
-    wb, ab = (w_bits, a_bits) if backend == "bitserial" else (8, 8)
+    wb, ab = kernel_bits(backend, w_bits, a_bits)
     func = kernel_primfunc(backend, shape, wb, ab, target).with_attr("global_symbol", "main")
     return tvm.compile(tvm.IRModule({"main": func}), target=target)
 
@@ -56,7 +56,7 @@ def layer_arguments(runner: Runner, backend: str, layer: LayerSpec, w_bits: int,
         if layer.has_bias:
             args.append(runner.tensor(rng.standard_normal(layer.out_channels, dtype=np.float32)))
         return args
-    wb, ab = (w_bits, a_bits) if backend == "bitserial" else (8, 8)
+    wb, ab = kernel_bits(backend, w_bits, a_bits)
     x = random_levels(shape.input_shape() if isinstance(shape, DenseShape) else shape.input_shape("NCHW"), ab, rng)
     w = packed_weights(backend, _random_weight_levels(shape, wb, rng), wb, shape, target)
     out_shape = shape.output_shape() if isinstance(shape, DenseShape) else shape.output_shape("NCHW")

@@ -31,7 +31,23 @@ from releq_tvm.kernels.target import vector_isa
 
 #: Kernel families a layer can be built with (``auto``, the faster per layer, is resolved from the
 #: latency table by :func:`releq_tvm.compile.artifact.compile_network`).
-BACKENDS = ("bitserial", "int8")
+BACKENDS = ("bitserial", "int8", "lut")
+#: The lookup-table kernels (:mod:`releq_tvm.kernels.lut`) run dense layers at 1-4 weight bits.
+LUT_MAX_BITS = 4
+
+
+def family_applies(family: str, layer: LayerSpec, w_bits: int) -> bool:
+    """Whether ``family`` can run ``layer`` at ``w_bits`` (bit-serial and int8 run every layer at up
+    to 8 bits; lut dense layers at 1-4 weight bits, any activation bits up to 8)."""
+    return family != "lut" or (layer.kind == "dense" and w_bits <= LUT_MAX_BITS)
+
+
+def kernel_bits(family: str, w_bits: int, a_bits: int) -> tuple[int, int]:
+    """The (weight, activation) bits ``family``'s kernel is built at for a layer at ``w_bits``/``a_bits``:
+    bit-serial at both, lut at the weight bits over 8-bit activation levels, int8 at 8/8."""
+    if family == "bitserial":
+        return w_bits, a_bits
+    return (w_bits, 8) if family == "lut" else (8, 8)
 #: TVM's op-pattern code for an opaque function (never fused).
 _OPAQUE = 8
 
@@ -44,6 +60,10 @@ def layer_kernels(net: IntegerNetwork, kernels: str | Sequence[str]) -> tuple[st
     if bad or len(families) != n:
         what = f"unknown kernel family {bad[0]!r}" if bad else f"{len(families)} kernel families for {n} layers"
         raise ReleqError(f"{what}; pass one of {', '.join(BACKENDS)} per layer (auto is resolved by compile_network)")
+    for lq, family in zip(net.layers, families):
+        if not family_applies(family, lq.spec, lq.w_bits):
+            raise ReleqError(f"layer {lq.spec.index} ({lq.spec.kind}, {lq.w_bits}-bit weights) cannot run the lut kernels: "
+                             f"they run dense layers at 1-{LUT_MAX_BITS} weight bits; use bitserial or int8 there")
     return families
 
 
@@ -78,6 +98,10 @@ def kernel_primfunc(backend: str, shape: ConvShape | DenseShape, w_bits: int, a_
         if isinstance(shape, DenseShape):
             return k.int8_dense_primfunc(shape, isa=isa, epilogue=epilogue)
         return k.int8_conv2d_primfunc(shape, isa=isa, epilogue=epilogue)
+    if backend == "lut" and isinstance(shape, DenseShape):
+        from releq_tvm.kernels.lut import lut_dense_primfunc
+
+        return lut_dense_primfunc(shape, w_bits, isa=isa, epilogue=epilogue)
     raise ReleqError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
@@ -90,6 +114,10 @@ def packed_weights(backend: str, q: np.ndarray, w_bits: int, shape: ConvShape | 
         from releq_tvm.kernels.encoding import pack_weights
 
         return pack_weights(q, w_bits, groups=groups, lanes=isa.uint64_lanes)
+    if backend == "lut":
+        from releq_tvm.kernels.lut import pack_lut_weights
+
+        return pack_lut_weights(q, w_bits, isa=isa)
     return _int8_kernels().pack_int8_weights(q, groups=groups, isa=isa)
 
 
@@ -111,10 +139,6 @@ def network_params(net: IntegerNetwork, kernels: str | Sequence[str], target) ->
         if not lq.reads_input:
             params[f"l{i}_in_quant"] = np.array([lq.in_mult, lq.in_round(), lq.in_shift], np.int64)
     return params
-
-
-def _kernel_bits(backend: str, lq: LayerQuant) -> tuple[int, int]:
-    return (lq.w_bits, lq.a_bits) if backend == "bitserial" else (8, 8)
 
 
 @dataclass(frozen=True)
@@ -206,7 +230,7 @@ def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch:
     def kernel(lq: LayerQuant, epilogue: Epilogue) -> relax.GlobalVar:
         shape = layer_shape(lq.spec, batch)
         family = families[lq.spec.index]
-        wb, ab = _kernel_bits(family, lq)
+        wb, ab = kernel_bits(family, lq.w_bits, lq.a_bits)
         key = ("layer", family, shape, wb, ab, epilogue)
         if key not in funcs:
             name = f"{family}_{lq.spec.kind}{len(funcs)}_w{wb}a{ab}_{epilogue.label}"

@@ -11,7 +11,7 @@ The builds compared:
 * ``bits``       the bit-serial build at the chosen per-layer bits;
 * ``bitserial8`` the same network with every layer at 8/8 bits (the reference of speedups);
 * ``int8``       the plain int8 kernels (``releq_tvm.kernels``), same integer network;
-* ``auto``       per layer the faster of bit-serial at its bits and int8 (what ``compile`` ships);
+* ``auto``       per layer the fastest of bit-serial at its bits, int8 and lut (what ``compile`` ships);
 * ``fp32``       the float torch model through ``torch.export`` -> ``from_exported_program`` ->
                  ``tvm.compile`` with TVM's default (untuned) CPU pipeline ("TVM untuned");
 * any ``extra`` engine the caller passes (the report passes onnxruntime and OpenVINO).
@@ -34,6 +34,7 @@ from releq_tvm.networks import get_network_spec
 
 from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import build_layer, layer_arguments
+from releq_tvm.compile.lower import family_applies
 from releq_tvm.compile.layers import random_levels as _random_levels
 from releq_tvm.compile.timing import Runner, kernel_sampler, time_vm, vm_sampler
 from releq_tvm.timing import CallSampler, TimingConfig, interleaved_timing
@@ -78,7 +79,7 @@ class LayerTimes:
     macs: int
     w_bits: int
     a_bits: int
-    ms: dict[str, float]  # build label ("bits", "bitserial8", "int8", "fp32") -> median, ms
+    ms: dict[str, float]  # build label ("bits", "bitserial8", "int8", "fp32", "lut" where it applies) -> median, ms
     iqr_ms: dict[str, float]
     auto_kernel: str | None = None  # the family the auto build gave this layer
 
@@ -88,7 +89,8 @@ class LayerTimes:
 
     @property
     def auto_ms(self) -> float | None:
-        return None if self.auto_kernel is None else self.ms["bits" if self.auto_kernel == "bitserial" else "int8"]
+        label = {"bitserial": "bits"}.get(self.auto_kernel, self.auto_kernel)
+        return None if self.auto_kernel is None else self.ms[label]
 
 
 @dataclass
@@ -208,13 +210,16 @@ def measure_network(
     # build everything first, then time it all in interleaved rounds
     backends = [("bits", "bitserial", w, a), ("bitserial8", "bitserial", eight, eight)]
     if baselines:
-        backends += [("int8", "int8", eight, eight), ("fp32", "fp32", eight, eight)]
-    layer_keys: dict[str, list[str]] = {}
+        backends += [("int8", "int8", eight, eight), ("fp32", "fp32", eight, eight), ("lut", "lut", w, a)]
+    layer_keys: dict[str, list[str | None]] = {}
     samplers: dict[str, object] = {}
     layer_compile_s: dict[str, float] = {}
     for label, backend, wb, ab in backends:
-        keys = []
+        keys: list[str | None] = []
         for row, lw, la in zip(rows, wb, ab):
+            if backend != "fp32" and not family_applies(backend, row, lw):
+                keys.append(None)  # lut: dense layers at 1-4 weight bits only
+                continue
             key = layer_key(row, lw, la, backend, batch)
             if key not in samplers:
                 say(f"build layer {row.index} {row.name} ({label})")
@@ -231,7 +236,7 @@ def measure_network(
     rng = np.random.default_rng(0)
     builds = [("bits", "bitserial", w, a), ("bitserial8", "bitserial", eight, eight)]
     if baselines:
-        # auto: each layer's faster kernel at the bits (int8 where bit-serial does not pay)
+        # auto: each layer's fastest kernel at the bits (int8 where neither bit-serial nor lut pays)
         builds += [("auto", "auto", w, a), ("int8", "int8", eight, eight)]
     auto_kernels: list[str | None] = [None] * n
     for label, kernels, wb, ab in builds:
@@ -261,19 +266,19 @@ def measure_network(
     timings = interleaved_timing(samplers, config, say)
     for key, compile_time in layer_compile_s.items():
         table.store(key, timings[key], compile_time)
-    per_layer = {label: [table.entry(key) for key in keys] for label, keys in layer_keys.items()}
+    per_layer = {label: [None if key is None else table.entry(key) for key in keys] for label, keys in layer_keys.items()}
     whole = {name.split("|", 1)[1]: t for name, t in timings.items() if name.startswith("network|")}
 
     layers = [
         LayerTimes(
             index=row.index, name=row.name, kind=row.kind, shape=shape_label(row), macs=row.macs, w_bits=w[i], a_bits=a[i],
-            ms={label: per_layer[label][i]["us"] / 1e3 for label in per_layer},
-            iqr_ms={label: per_layer[label][i]["iqr_us"] / 1e3 for label in per_layer},
+            ms={label: e[i]["us"] / 1e3 for label, e in per_layer.items() if e[i] is not None},
+            iqr_ms={label: e[i]["iqr_us"] / 1e3 for label, e in per_layer.items() if e[i] is not None},
             auto_kernel=auto_kernels[i],
         )
         for i, row in enumerate(rows)
     ]
-    sums = {label: sum(e["us"] for e in entries) / 1e3 for label, entries in per_layer.items()}
+    sums = {label: sum(e["us"] for e in entries) / 1e3 for label, entries in per_layer.items() if None not in entries}
     if baselines:
         sums["auto"] = sum(layer.auto_ms for layer in layers)
     return NetworkComparison(

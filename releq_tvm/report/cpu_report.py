@@ -32,7 +32,7 @@ class CpuLatency:
     ``mixed_ms``: bit-serial build at the chosen bits; ``bitserial8_ms``: the same build with
     every layer at 8/8 bits (the reference of the speedup); ``int8_ms``: plain int8 kernels;
     ``fp32_ms``: the float model through TVM's default CPU pipeline (untuned); ``auto_ms``: the
-    deployable build at the chosen bits (each layer the faster of bit-serial and int8);
+    deployable build at the chosen bits (each layer the fastest of bit-serial, int8 and lut);
     ``ort_fp32_ms``, ``ort_int8_ms``, ``openvino_int8_ms``: the same float network in onnxruntime
     (fp32, static QDQ int8) and OpenVINO (from the QDQ model), timed in the same rounds
     (:data:`releq_tvm.peers.FIG8_PEERS`). None: not measured.
@@ -82,8 +82,9 @@ FIG8_RATIO_COLUMNS = ("speedup", "speedup_vs_int8", "speedup_vs_fp32_tvm_untuned
 FIG8_NOTES = (
     "latency per image (batch 1) in ms, median of interleaved timing rounds on this CPU, every engine of a network in "
     "the same rounds; bit-serial builds (8bit_bitserial, mixed): every conv/dense a TVM bit-serial kernel (w weight "
-    "bits x a activation bits), the paper's comparison; auto: per layer the faster of bit-serial at its bits and our "
-    "int8 kernel (what `releq-tvm compile` ships); int8: our int8 kernels everywhere",
+    "bits x a activation bits), the paper's comparison; auto: per layer the fastest of bit-serial at its bits, our "
+    "int8 kernel and the lut kernel (dense layers at 1-4 weight bits), what `releq-tvm compile` ships; int8: our "
+    "int8 kernels everywhere",
     "speedup = latency of the all-8-bit bit-serial build / latency at the chosen bits; speedup_vs_X = X latency / "
     "latency at the chosen bits (bit-serial); auto_speedup_vs_X = X latency / auto latency (above 1: auto is faster)",
     "fp32_tvm_untuned: the float model through TVM's default CPU pipeline, no tuning; peers (empty without the peers "

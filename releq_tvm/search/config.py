@@ -33,11 +33,11 @@ class SearchConfig:
         "none", help="Cost in state and reward: SQ formula, measured TVM CPU latency ratio, or Stripes simulator ratio."
     )
     metric: StripesMetric = setting("cycles", help="Stripes ratio of --measure stripes: cycles (1/speedup) or energy.")
-    # auto is what compile ships (per layer the faster of bit-serial and int8, over the int8
+    # auto is what compile ships (per layer the fastest of bit-serial, int8 and lut, over the int8
     # build); bitserial is the paper's comparison and what the results/ search runs of 2026-12-02 used.
     cpu_kernels: CpuKernels = setting(
         "auto",
-        help="--measure cpu prices the auto build (per layer the faster of bit-serial and int8, over int8) "
+        help="--measure cpu prices the auto build (per layer the fastest of bit-serial, int8 and lut, over int8) "
              "or pure bit-serial over bit-serial at 8 bits.",
     )
     reward: RewardName = setting(

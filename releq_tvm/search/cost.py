@@ -122,7 +122,7 @@ class CpuLatencyCost(_Memo):
 
     def describe(self) -> str:
         if self.kernels == "auto":
-            return (f"measured TVM CPU latency of {self.network} built auto (each layer the faster of bit-serial at "
+            return (f"measured TVM CPU latency of {self.network} built auto (each layer the fastest of bit-serial at "
                     "its bits and int8) / the same at 8-bit weights and activations (the int8 build)")
         return f"measured TVM bit-serial CPU latency of {self.network} / latency at 8-bit weights and activations"
 
