@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from releq_tvm.config_fields import choices_of, is_option, option_names, setting_types, without_none
+from releq_tvm.config_fields import choices_of, field_default, is_option, option_names, setting_types, without_none
 
 
 def _nested(tp: Any) -> bool:
@@ -72,19 +72,11 @@ def _number(base: type, meta: Mapping[str, Any]) -> click.ParamType:
     return click.FloatRange(low, high, min_open=meta["min_open"])
 
 
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
 def _option(f: dataclasses.Field, tp: Any) -> Callable:
     meta = f.metadata
     base, _ = without_none(tp)
     origin = typing.get_origin(base)
-    default = _default(f)
+    default = field_default(f)
     kw: dict[str, Any] = {"help": meta["help"], "default": default, "show_default": True}
     if base is bool:
         kw.update(is_flag=True, flag_value=not default, show_default=False)

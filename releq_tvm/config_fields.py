@@ -135,7 +135,8 @@ def check_settings(obj: Any) -> None:
             raise ReleqError(f"{what} must be {valid}; got {bad:g}")
 
 
-def _field_default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    """The value a field takes when it is not given (its default, or its factory's product; None if required)."""
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
@@ -152,7 +153,8 @@ def command_args(obj: Any, always: tuple[str, ...] = ()) -> list[str]:
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 args += command_args(value)
             continue
-        same = value == _field_default(f) or (isinstance(value, (list, tuple)) and tuple(value) == _field_default(f))
+        default = field_default(f)
+        same = value == default or (isinstance(value, (list, tuple)) and tuple(value) == default)
         if same and f.name not in always:
             continue
         name, show = option_names(f)[0], f.metadata.get("show")

@@ -420,10 +420,15 @@ def _tvm_thread_funcs():
 
 
 def set_tvm_threads(threads: int) -> bool:
-    """Resize this thread's TVM runtime pool to ``threads``; False when the pool is smaller."""
+    """Resize this thread's TVM runtime pool to ``threads`` and set ``TVM_NUM_THREADS`` to match (TVM
+    reads it on every parallel loop: :func:`releq_tvm.kernels.target.pin_tvm_threads`); False,
+    and the variable untouched, when the pool is smaller."""
     num_threads, config_threadpool = _tvm_thread_funcs()
     config_threadpool(1, threads)  # 1 = kBig: the affinity mode TVM's pool starts with
-    return int(num_threads()) == threads
+    if int(num_threads()) != threads:
+        return False
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +515,8 @@ def measure_peers(builds: PeerBuilds, threads: Sequence[int] = (1,), config: Pee
         set_tvm_threads(tvm_before)
         if env_before is None:
             os.environ.pop("TVM_NUM_THREADS", None)
+        else:
+            os.environ["TVM_NUM_THREADS"] = env_before
 
 
 def _rows(builds: PeerBuilds, threads: int, timings: dict, accuracy: dict, process: str, data) -> list[dict]:

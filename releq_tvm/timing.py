@@ -5,8 +5,8 @@ against (``releq-tvm bench peers``, fig8):
 
 * a *sample* is the mean time of as many back-to-back calls as fill ``min_repeat_ms`` (at least
   one). TVM functions are sampled by TVM's ``time_evaluator``
-  (:func:`releq_tvm.compile.timing.kernel_sampler`, ``vm_sampler``), locally or over TVM RPC; any Python callable, such as an onnxruntime session, by
-  :class:`CallSampler`, which fixes its calls per sample from the fastest of
+  (:func:`releq_tvm.compile.timing.main_sampler`), locally or over TVM RPC; any Python
+  callable, such as an onnxruntime session, by :class:`CallSampler`, which fixes its calls per sample from the fastest of
   ``calibration_calls`` untimed calls and runs ``rewarm_ms`` of untimed calls before each sample;
 * ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round takes one sample of every
   function, starting one function later each round (:func:`interleaved_timing`), so load from

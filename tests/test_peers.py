@@ -8,6 +8,7 @@ message a user then sees.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -52,6 +53,22 @@ def mnist_test():
 @pytest.fixture(scope="module")
 def engines(lenet_builds):
     return peers.open_engines(lenet_builds, 1)
+
+
+@needs_peers
+def test_tvm_reads_the_thread_count_being_timed_and_the_variable_is_put_back(lenet_builds, monkeypatch):
+    """TVM reads TVM_NUM_THREADS on every parallel loop, so it must equal the count timed, not the user's."""
+    seen = []
+    real = peers.time_engines
+
+    def spy(engines, config, progress=None):
+        seen.append(os.environ.get("TVM_NUM_THREADS"))
+        return real(engines, config, progress)
+
+    monkeypatch.setattr(peers, "time_engines", spy)
+    monkeypatch.setenv("TVM_NUM_THREADS", "3")
+    peers.measure_peers(lenet_builds, threads=(1,), config=TINY, engines=("ours_int8",))
+    assert seen == ["1"] and os.environ["TVM_NUM_THREADS"] == "3"
 
 
 def _top1(engine, images) -> np.ndarray:

@@ -40,7 +40,7 @@ from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import build_layer, layer_arguments, measure_layer
 from releq_tvm.compile.lower import build_network, family_applies, kernel_bits
 from releq_tvm.compile.target import kernels_fingerprint, machine_info, machine_key, resolve_target
-from releq_tvm.compile.timing import Runner, kernel_sampler, vm_sampler
+from releq_tvm.compile.timing import Runner, main_sampler
 from releq_tvm.timing import TimingConfig, interleaved_timing
 
 #: Bump when the meaning of a stored number changes (kernel protocol, timing protocol).
@@ -222,12 +222,12 @@ class LatencyTable:
                 ex = build_layer("bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
                 compile_s[key] = time.perf_counter() - start
                 args = layer_arguments(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
-                samplers[key] = kernel_sampler(runner, runner.load(ex), args, self.timing)
+                samplers[key] = main_sampler(runner, runner.load(ex), args, self.timing)
         net = random_integer_network(network, [BITS_MAX] * len(rows))
         executable, params = build_network(net, "bitserial", self.batch, self.target)
         x = np.random.default_rng(0).integers(0, 2**net.input_bits, size=(self.batch, *net.input_shape), dtype=np.uint8)
         args = [runner.tensor(x)] + [runner.tensor(a) for a in params.values()]
-        samplers["network"] = vm_sampler(runner, runner.vm(executable), args, self.timing)
+        samplers["network"] = main_sampler(runner, runner.vm(executable), args, self.timing)
         self.builds += len(samplers)
         timings = interleaved_timing(samplers, self.timing)
         for key, seconds in compile_s.items():

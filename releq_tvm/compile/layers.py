@@ -16,7 +16,7 @@ from tvm import relax
 from releq_tvm.networks import LayerSpec
 
 from releq_tvm.compile.lower import kernel_bits, kernel_primfunc, layer_shape, packed_weights
-from releq_tvm.compile.timing import Runner, time_kernel, time_vm
+from releq_tvm.compile.timing import Runner, time_main
 from releq_tvm.timing import TimingConfig
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
 
@@ -106,9 +106,6 @@ def measure_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batc
     ex = build_layer(backend, layer, w_bits, a_bits, batch, target)
     compile_s = time.perf_counter() - start
     args = layer_arguments(runner, backend, layer, w_bits, a_bits, batch, target)
-    if backend == "fp32":
-        timing = time_vm(runner, runner.vm(ex), args, config)
-    else:
-        timing = time_kernel(runner, runner.load(ex), args, config)
+    timing = time_main(runner, runner.vm(ex) if backend == "fp32" else runner.load(ex), args, config)
     timing["compile_s"] = compile_s
     return timing

@@ -36,7 +36,7 @@ from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import build_layer, layer_arguments
 from releq_tvm.compile.lower import family_applies
 from releq_tvm.compile.layers import random_levels as _random_levels
-from releq_tvm.compile.timing import Runner, kernel_sampler, time_vm, vm_sampler
+from releq_tvm.compile.timing import Runner, main_sampler, time_main
 from releq_tvm.timing import CallSampler, TimingConfig, interleaved_timing
 
 
@@ -61,7 +61,7 @@ def time_integer_network(runner: Runner, ex, params: dict, input_shape, input_bi
     rng = np.random.default_rng(0)
     x = _random_levels((batch, *input_shape), input_bits, rng)
     args = [runner.tensor(x)] + [runner.tensor(a) for a in params.values()]
-    return time_vm(runner, runner.vm(ex), args, config)
+    return time_main(runner, runner.vm(ex), args, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,8 +227,7 @@ def measure_network(
                 ex = build_layer(backend, row, lw, la, batch, target)
                 layer_compile_s[key] = time.perf_counter() - start
                 args = layer_arguments(runner, backend, row, lw, la, batch, target)
-                samplers[key] = (vm_sampler(runner, runner.vm(ex), args, config) if backend == "fp32"
-                                 else kernel_sampler(runner, runner.load(ex), args, config))
+                samplers[key] = main_sampler(runner, runner.vm(ex) if backend == "fp32" else runner.load(ex), args, config)
             keys.append(key)
         layer_keys[label] = keys
 
@@ -251,7 +250,7 @@ def measure_network(
         compile_s[label] = time.perf_counter() - start
         x = _random_levels((batch, *spec.input_shape), int(c.manifest["input_quantizer"]["bits"]), rng)
         args = [runner.tensor(x)] + [runner.tensor(arr) for arr in c.params.values()]
-        samplers[f"network|{label}"] = vm_sampler(runner, runner.vm(c.executable), args, config)
+        samplers[f"network|{label}"] = main_sampler(runner, runner.vm(c.executable), args, config)
     if baselines:
         say("build network (fp32: torch.export, from_exported_program)")
         start = time.perf_counter()
@@ -259,7 +258,7 @@ def measure_network(
         ex = build_fp32_network(float_model, spec.input_shape, batch, target)
         compile_s["fp32"] = time.perf_counter() - start
         x = runner.tensor(rng.random((batch, *spec.input_shape), dtype=np.float32))
-        samplers["network|fp32"] = vm_sampler(runner, runner.vm(ex), [x], config)
+        samplers["network|fp32"] = main_sampler(runner, runner.vm(ex), [x], config)
     for name, call in (extra or {}).items():
         samplers[f"network|{name}"] = CallSampler(call, config)
 

@@ -66,32 +66,16 @@ class Runner:
         return relax.VirtualMachine(self.load(ex) if self.session is not None else ex, self.device)
 
 
-def time_vm(runner: Runner, vm: relax.VirtualMachine, args, config: TimingConfig) -> dict:
-    """Median/spread of ``vm["main"](*args)`` in ms."""
+def time_main(runner: Runner, timed, args, config: TimingConfig) -> dict:
+    """Median/spread (ms) of ``timed["main"](*args)``: ``timed`` is a Relax VM (a network) or a
+    runtime module (one compiled PrimFunc); both offer ``time_evaluator("main", ...)``."""
     for _ in range(config.warmup):
-        vm["main"](*args)
-    f = vm.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=int(config.min_repeat_ms))
+        timed["main"](*args)
+    f = timed.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=int(config.min_repeat_ms))
     return summarize(f(*args).results)
 
 
-def time_kernel(runner: Runner, module, args, config: TimingConfig) -> dict:
-    """Median/spread of one compiled PrimFunc ``main(*args)`` in ms."""
-    fn = module["main"]
-    for _ in range(config.warmup):
-        fn(*args)
-    f = module.time_evaluator("main", runner.device, number=1, repeat=config.repeats, min_repeat_ms=int(config.min_repeat_ms))
-    return summarize(f(*args).results)
-
-
-def vm_sampler(runner: Runner, vm: relax.VirtualMachine, args, config: TimingConfig):
-    """A function returning one timing sample (seconds) of ``vm["main"](*args)``."""
-    f = vm.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=int(config.min_repeat_ms))
+def main_sampler(runner: Runner, timed, args, config: TimingConfig):
+    """A function returning one timing sample (seconds) of ``timed["main"](*args)`` (as :func:`time_main`)."""
+    f = timed.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=int(config.min_repeat_ms))
     return lambda: f(*args).results[0]
-
-
-def kernel_sampler(runner: Runner, module, args, config: TimingConfig):
-    """A function returning one timing sample (seconds) of a compiled PrimFunc ``main(*args)``."""
-    f = module.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=int(config.min_repeat_ms))
-    return lambda: f(*args).results[0]
-
-
