@@ -183,3 +183,49 @@ def pin_tvm_threads() -> int:
     threads = tvm_threads()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     return threads
+
+
+@dataclass(frozen=True)
+class CacheSizes:
+    """Data cache sizes of this host in bytes: ``l1d`` and ``l2`` per core, ``l3`` as shared by core 0."""
+
+    l1d: int
+    l2: int
+    l3: int
+
+
+#: What :func:`cache_sizes` assumes where the OS does not say: a common x86 server core today.
+FALLBACK_CACHES = CacheSizes(l1d=32 << 10, l2=1 << 20, l3=32 << 20)
+
+
+def _size_bytes(text: str) -> int:
+    """``"32K"`` / ``"1024K"`` / ``"32M"`` (sysfs cache sizes) in bytes; 0 when unreadable."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    digits = text.rstrip("KMG")
+    return int(digits) * scale if digits.isdigit() else 0
+
+
+def cache_sizes() -> CacheSizes:
+    """The data caches of the CPU this process runs on, from Linux sysfs, else ``os.sysconf``, else
+    :data:`FALLBACK_CACHES` for a level neither reports. Timing asks it which layers' weights
+    stay in cache from one call to the next (``releq_tvm.compile.layers``)."""
+    found: dict[int, int] = {}
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(root)):
+            path = os.path.join(root, entry)
+            with open(os.path.join(path, "level")) as level, open(os.path.join(path, "type")) as kind, \
+                    open(os.path.join(path, "size")) as size:
+                if kind.read().strip() in ("Data", "Unified"):
+                    found[int(level.read())] = _size_bytes(size.read())
+    except (OSError, ValueError):
+        pass
+    for level, name in ((1, "SC_LEVEL1_DCACHE_SIZE"), (2, "SC_LEVEL2_CACHE_SIZE"), (3, "SC_LEVEL3_CACHE_SIZE")):
+        if not found.get(level):
+            try:
+                found[level] = max(0, int(os.sysconf(name)))
+            except (OSError, ValueError):
+                found[level] = 0
+    return CacheSizes(l1d=found[1] or FALLBACK_CACHES.l1d, l2=found[2] or FALLBACK_CACHES.l2,
+                      l3=found[3] or FALLBACK_CACHES.l3)

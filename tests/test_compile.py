@@ -325,6 +325,63 @@ def test_latency_table_measures_once_and_caches_on_disk(tmp_path, monkeypatch):
     assert layer_key(rows[4], 2, 8) not in other and other.entry(layer_key(rows[4], 2, 8)) is None
 
 
+def test_layers_above_the_l2_are_timed_with_cold_weights(tmp_path, monkeypatch):
+    # LeNet-5 fc1 (400x120): 48,000 int8 weight bytes, 12,000 packed at 2-bit lut
+    import releq_tvm.compile.layers as layers_module
+    from releq_tvm.compile.timing import Runner
+    from releq_tvm.kernels.target import CacheSizes
+
+    monkeypatch.setenv("RELEQ_TVM_CACHE", str(tmp_path))
+    fc1 = layer_table("lenet")[2]
+    monkeypatch.setattr(layers_module, "cache_sizes", lambda: CacheSizes(l1d=4096, l2=20_000, l3=1 << 20))
+    runner = Runner()
+    assert layers_module.timing_protocol(runner, 20_001) == "cold"
+    assert layers_module.timing_protocol(runner, 20_000) == "warm"
+    table = LatencyTable(timing=FAST_TIMING)
+    int8 = table.measure(fc1, 8, 8, "int8")
+    lut = table.measure(fc1, 2, 8, "lut")
+    assert int8["protocol"] == "cold" and lut["protocol"] == "warm" and int8["us"] > 0 and lut["us"] > 0
+    # the protocol is stored with the number
+    assert LatencyTable(timing=FAST_TIMING).entry(layer_key(fc1, 8, 8, "int8"))["protocol"] == "cold"
+
+
+def test_cold_weights_sampler_rotates_copies_totalling_twice_the_l3(monkeypatch):
+    import releq_tvm.compile.timing as timing_module
+    from releq_tvm.compile.timing import Runner
+    from releq_tvm.kernels.target import CacheSizes
+
+    monkeypatch.setattr(timing_module, "cache_sizes", lambda: CacheSizes(l1d=1024, l2=4096, l3=10_000))
+    runner = Runner()
+    x = runner.tensor(np.arange(4, dtype=np.int32))
+    w = runner.tensor(np.arange(750, dtype=np.int32))  # 3,000 bytes: ceil(2 * 10,000 / 3,000) = 7 copies
+    seen = []
+
+    def main(a, b):
+        assert a is x  # only the weights rotate
+        np.testing.assert_array_equal(b.numpy(), np.arange(750))  # every copy holds the same values
+        seen.append(b)
+
+    sampler = timing_module.cold_weights_sampler(runner, {"main": main}, [x, w], FAST_TIMING)
+    seen.clear()
+    for _ in range(3):
+        sampler()
+    distinct = []
+    for b in seen:
+        if not any(b is d for d in distinct):
+            distinct.append(b)
+    assert len(distinct) == 7 and any(d is w for d in distinct)
+    assert all(seen[i] is seen[i + 7] for i in range(len(seen) - 7))  # the same cyclic order throughout
+
+
+def test_cache_sizes_are_read_from_the_os():
+    from releq_tvm.kernels.target import _size_bytes, cache_sizes
+
+    assert _size_bytes("32K") == 32 << 10 and _size_bytes("1024K") == 1 << 20 and _size_bytes("32M") == 32 << 20
+    assert _size_bytes("") == 0
+    caches = cache_sizes()
+    assert 0 < caches.l1d < caches.l2 < caches.l3
+
+
 @pytest.mark.parametrize(
     "model",
     ["Intel(R) Xeon(R) Processor", "AMD EPYC 7B13 64-Core Processor", "Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz"],

@@ -24,7 +24,6 @@ import datetime as _dt
 import hashlib
 import json
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,14 +36,15 @@ from releq_tvm.progress import progress_bar
 from releq_tvm.store import Store, open_store
 
 from releq_tvm.compile.integer import random_integer_network
-from releq_tvm.compile.layers import build_layer, layer_arguments, measure_layer
+from releq_tvm.compile.layers import layer_sampler, measure_layer
 from releq_tvm.compile.lower import build_network, family_applies, kernel_bits
 from releq_tvm.compile.target import kernels_fingerprint, machine_info, machine_key, resolve_target
 from releq_tvm.compile.timing import Runner, main_sampler
 from releq_tvm.timing import TimingConfig, interleaved_timing
 
 #: Bump when the meaning of a stored number changes (kernel protocol, timing protocol).
-TABLE_FORMAT = 1
+#: 2: layers whose weights exceed the L2 are timed with cold weights (``compile.layers``).
+TABLE_FORMAT = 2
 
 
 def shape_label(layer: LayerSpec) -> str:
@@ -135,10 +135,11 @@ class LatencyTable:
         key = layer_key(layer, w_bits, a_bits, backend, self.batch)
         timing = measure_layer(backend, layer, w_bits, a_bits, self.batch, self.target, self.timing, self.runner)
         self.builds += 1
-        return self.store(key, timing, timing["compile_s"])
+        return self.store(key, timing, timing["compile_s"], timing["protocol"])
 
-    def store(self, key: str, timing: dict, compile_s: float) -> dict:
-        """Record a timing (``summarize`` dict, ms) measured elsewhere under ``key``; returns the entry."""
+    def store(self, key: str, timing: dict, compile_s: float, protocol: str = "warm") -> dict:
+        """Record a timing (``summarize`` dict, ms) measured elsewhere under ``key`` with ``protocol``
+        (``warm`` / ``cold`` weights: :func:`releq_tvm.compile.layers.timing_protocol`); returns the entry."""
         entry = {
             "us": timing["median_ms"] * 1e3,
             "iqr_us": timing["iqr_ms"] * 1e3,
@@ -146,6 +147,7 @@ class LatencyTable:
             "max_us": timing["max_ms"] * 1e3,
             "repeats": timing["repeats"],
             "compile_s": round(compile_s, 3),
+            "protocol": protocol,
             "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         self._save(key, entry)
@@ -214,15 +216,12 @@ class LatencyTable:
         """
         runner = self.runner or Runner()
         rows = layer_table(network)
-        samplers, compile_s = {}, {}
+        samplers, layers = {}, {}
         for row in progress_bar(rows, f"{network}: build the 8-bit layers", unit="layer"):
             key = layer_key(row, BITS_MAX, BITS_MAX, "bitserial", self.batch)
             if key not in samplers:
-                start = time.perf_counter()
-                ex = build_layer("bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
-                compile_s[key] = time.perf_counter() - start
-                args = layer_arguments(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch, self.target)
-                samplers[key] = main_sampler(runner, runner.load(ex), args, self.timing)
+                layers[key] = samplers[key] = layer_sampler(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch,
+                                                            self.target, self.timing)
         net = random_integer_network(network, [BITS_MAX] * len(rows))
         executable, params = build_network(net, "bitserial", self.batch, self.target)
         x = np.random.default_rng(0).integers(0, 2**net.input_bits, size=(self.batch, *net.input_shape), dtype=np.uint8)
@@ -230,8 +229,8 @@ class LatencyTable:
         samplers["network"] = main_sampler(runner, runner.vm(executable), args, self.timing)
         self.builds += len(samplers)
         timings = interleaved_timing(samplers, self.timing)
-        for key, seconds in compile_s.items():
-            self.store(key, timings[key], seconds)
+        for key, layer in layers.items():
+            self.store(key, timings[key], layer.compile_s, layer.protocol)
         layers_us = sum(self._entries[layer_key(row, BITS_MAX, BITS_MAX, "bitserial", self.batch)]["us"] for row in rows)
         whole_us = timings["network"]["median_ms"] * 1e3
         entry = {

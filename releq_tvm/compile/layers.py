@@ -3,11 +3,21 @@
 The latency table (:mod:`releq_tvm.compile.latency_table`) stores what :func:`measure_layer`
 returns. Inputs are seeded random levels: no kernel has data-dependent control flow, so the
 values do not change the time.
+
+Which timing protocol a layer gets (:func:`timing_protocol`): in a network each layer's weights
+are read once per inference, and the other layers' data passes through the caches in between.
+A layer whose weights fit in one core's L2 finds them there again on the next inference (so
+``warm`` timing, back-to-back calls, is what the network sees); a bigger layer reads them from
+L3 or memory, so it is timed ``cold`` (:func:`releq_tvm.compile.timing.cold_weights_sampler`).
+Timing a 38 MB layer warm would flatter whichever kernel reads more bytes. Over TVM RPC every
+layer is timed warm (the protocol is recorded with each number).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -16,8 +26,9 @@ from tvm import relax
 from releq_tvm.networks import LayerSpec
 
 from releq_tvm.compile.lower import kernel_bits, kernel_primfunc, layer_shape, packed_weights
-from releq_tvm.compile.timing import Runner, time_main
-from releq_tvm.timing import TimingConfig
+from releq_tvm.compile.timing import Runner, cold_weights_sampler, main_sampler
+from releq_tvm.kernels.target import cache_sizes
+from releq_tvm.timing import TimingConfig, interleaved_timing
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
 
 
@@ -98,14 +109,45 @@ def _fp32_layer_module(layer: LayerSpec, batch: int) -> tvm.IRModule:
     return bb.get()
 
 
-def measure_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target,
-                  config: TimingConfig = TimingConfig(), runner: Runner | None = None) -> dict:
-    """Build and time one layer; returns :func:`summarize`'s dict plus ``compile_s``."""
-    runner = runner or Runner()
+def timing_protocol(runner: Runner, weight_bytes: int) -> str:
+    """``"cold"`` for a layer whose weights (bytes, as the kernel reads them) exceed this host's L2,
+    else ``"warm"``; always ``"warm"`` over TVM RPC (see the module docstring)."""
+    return "cold" if runner.session is None and weight_bytes > cache_sizes().l2 else "warm"
+
+
+@dataclass(frozen=True)
+class LayerSampler:
+    """One built layer ready to time: ``sample()`` returns one timing sample in seconds."""
+
+    sample: Callable[[], float]
+    #: ``"warm"`` or ``"cold"`` (:func:`timing_protocol`)
+    protocol: str
+    weight_bytes: int
+    compile_s: float
+
+    def __call__(self) -> float:
+        return self.sample()
+
+
+def layer_sampler(runner: Runner, backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target,
+                  config: TimingConfig) -> LayerSampler:
+    """Build one layer (:func:`build_layer`) and a sampler of it under its :func:`timing_protocol`."""
     start = time.perf_counter()
     ex = build_layer(backend, layer, w_bits, a_bits, batch, target)
     compile_s = time.perf_counter() - start
     args = layer_arguments(runner, backend, layer, w_bits, a_bits, batch, target)
-    timing = time_main(runner, runner.vm(ex) if backend == "fp32" else runner.load(ex), args, config)
-    timing["compile_s"] = compile_s
-    return timing
+    timed = runner.vm(ex) if backend == "fp32" else runner.load(ex)
+    weight_bytes = int(np.prod(args[1].shape)) * np.dtype(args[1].dtype).itemsize
+    protocol = timing_protocol(runner, weight_bytes)
+    sample = (cold_weights_sampler(runner, timed, args, config) if protocol == "cold"
+              else main_sampler(runner, timed, args, config))
+    return LayerSampler(sample, protocol, weight_bytes, compile_s)
+
+
+def measure_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batch: int, target,
+                  config: TimingConfig = TimingConfig(), runner: Runner | None = None) -> dict:
+    """Build and time one layer; returns :func:`summarize`'s dict plus ``compile_s``, ``protocol``
+    and ``weight_bytes``."""
+    sampler = layer_sampler(runner or Runner(), backend, layer, w_bits, a_bits, batch, target, config)
+    timing = interleaved_timing({"layer": sampler}, config)["layer"]
+    return dict(timing, compile_s=sampler.compile_s, protocol=sampler.protocol, weight_bytes=sampler.weight_bytes)

@@ -33,7 +33,7 @@ import tvm
 from releq_tvm.networks import get_network_spec
 
 from releq_tvm.compile.integer import random_integer_network
-from releq_tvm.compile.layers import build_layer, layer_arguments
+from releq_tvm.compile.layers import layer_sampler
 from releq_tvm.compile.lower import family_applies
 from releq_tvm.compile.layers import random_levels as _random_levels
 from releq_tvm.compile.timing import Runner, main_sampler, time_main
@@ -213,7 +213,7 @@ def measure_network(
         backends += [("int8", "int8", eight, eight), ("fp32", "fp32", eight, eight), ("lut", "lut", w, a)]
     layer_keys: dict[str, list[str | None]] = {}
     samplers: dict[str, object] = {}
-    layer_compile_s: dict[str, float] = {}
+    layer_samplers = {}
     for label, backend, wb, ab in backends:
         keys: list[str | None] = []
         for row, lw, la in zip(rows, wb, ab):
@@ -223,11 +223,7 @@ def measure_network(
             key = layer_key(row, lw, la, backend, batch)
             if key not in samplers:
                 say(f"build layer {row.index} {row.name} ({label})")
-                start = time.perf_counter()
-                ex = build_layer(backend, row, lw, la, batch, target)
-                layer_compile_s[key] = time.perf_counter() - start
-                args = layer_arguments(runner, backend, row, lw, la, batch, target)
-                samplers[key] = main_sampler(runner, runner.vm(ex) if backend == "fp32" else runner.load(ex), args, config)
+                samplers[key] = layer_samplers[key] = layer_sampler(runner, backend, row, lw, la, batch, target, config)
             keys.append(key)
         layer_keys[label] = keys
 
@@ -263,8 +259,8 @@ def measure_network(
         samplers[f"network|{name}"] = CallSampler(call, config)
 
     timings = interleaved_timing(samplers, config, say)
-    for key, compile_time in layer_compile_s.items():
-        table.store(key, timings[key], compile_time)
+    for key, layer in layer_samplers.items():
+        table.store(key, timings[key], layer.compile_s, layer.protocol)
     per_layer = {label: [None if key is None else table.entry(key) for key in keys] for label, keys in layer_keys.items()}
     whole = {name.split("|", 1)[1]: t for name, t in timings.items() if name.startswith("network|")}
 

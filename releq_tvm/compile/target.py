@@ -17,7 +17,7 @@ import re
 import tvm
 
 from releq_tvm.errors import ReleqError
-from releq_tvm.kernels.target import tvm_threads
+from releq_tvm.kernels.target import cache_sizes, tvm_threads
 from releq_tvm.machine import cpu_model
 
 
@@ -81,14 +81,16 @@ def target_dict(target: tvm.target.Target) -> dict:
 
 
 def machine_info(target: tvm.target.Target) -> dict:
-    """What a measured latency depends on: CPU model, LLVM CPU name, TVM version, core count."""
-
+    """What a measured latency depends on: CPU model, LLVM CPU name, TVM version, core count, and the
+    cache sizes that decide which layers are timed with cold weights (``compile.layers``)."""
+    caches = cache_sizes()
     return {
         "cpu_model": cpu_model(),
         "target": target_dict(target),
         "tvm": tvm.__version__,
         "cores": os.cpu_count(),
         "threads": tvm_threads(),
+        "caches_kib": {"l1d": caches.l1d >> 10, "l2": caches.l2 >> 10, "l3": caches.l3 >> 10},
     }
 
 

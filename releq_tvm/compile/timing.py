@@ -1,11 +1,22 @@
 """Where timed TVM code runs (this process or a TVM RPC server) and its samplers.
 
 The protocol itself (what a sample is, interleaved rounds, what is reported) is
-:mod:`releq_tvm.timing`'s, shared with the engines we compare against.
+:mod:`releq_tvm.timing`'s, shared with the engines we compare against. Two kinds of sample:
+
+* *warm* (:func:`main_sampler`): TVM's ``time_evaluator`` calls the function back to back on the
+  same arguments, so whatever fits in the caches stays there;
+* *cold weights* (:func:`cold_weights_sampler`): each call takes the next of several copies of
+  one argument (a layer's weights) whose total is :data:`COLD_FACTOR` x the L3, so each call
+  reads that argument from memory, as a network reads a big layer's weights once per inference.
+  Calls are made from Python (about 0.2 us each, measured; TVM's ``time_evaluator`` cannot
+  rotate arguments, and its cache-flush hook left ``clflush`` traffic in flight that slowed the
+  timed call by up to 1.7x on the AMD EPYC we measured).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import tempfile
 
@@ -14,8 +25,11 @@ import tvm
 from tvm import relax
 
 from releq_tvm.errors import ReleqError
-from releq_tvm.kernels.target import pin_tvm_threads
-from releq_tvm.timing import TimingConfig, summarize
+from releq_tvm.kernels.target import cache_sizes, pin_tvm_threads
+from releq_tvm.timing import CallSampler, TimingConfig, summarize
+
+#: Copies of a cold argument total at least this many times the L3 (each call then finds its copy evicted).
+COLD_FACTOR = 2
 
 
 class Runner:
@@ -79,3 +93,21 @@ def main_sampler(runner: Runner, timed, args, config: TimingConfig):
     """A function returning one timing sample (seconds) of ``timed["main"](*args)`` (as :func:`time_main`)."""
     f = timed.time_evaluator("main", runner.device, number=1, repeat=1, min_repeat_ms=int(config.min_repeat_ms))
     return lambda: f(*args).results[0]
+
+
+def cold_weights_sampler(runner: Runner, timed, args, config: TimingConfig, weight_index: int = 1) -> CallSampler:
+    """A sampler of ``timed["main"](*args)`` whose ``args[weight_index]`` comes from memory on every call.
+
+    The argument is copied until the copies total :data:`COLD_FACTOR` x this host's L3, and each
+    call takes the next copy (see the module docstring). Local runs only: over RPC each call
+    would be a network round trip.
+    """
+    if runner.session is not None:
+        raise ValueError("cold-weight timing runs in this process only, not over TVM RPC")
+    weights = args[weight_index].numpy()
+    copies = max(2, math.ceil(COLD_FACTOR * cache_sizes().l3 / max(1, weights.nbytes)))
+    calls = [list(args)] + [list(args) for _ in range(copies - 1)]
+    for call_args in calls[1:]:
+        call_args[weight_index] = runner.tensor(weights)
+    main, rotation = timed["main"], itertools.cycle(calls)
+    return CallSampler(lambda: main(*next(rotation)), config)
