@@ -12,7 +12,7 @@ returns exact int32 results. Import it as ``releq_tvm.kernels``.
 * :mod:`.epilogue`: the output stage (requantize, residual, ReLU, next quantizer) as data;
 * :mod:`.common`: TE helpers both share (layouts, padded input reads);
 * :mod:`.reference`: int64 numpy references;
-* :mod:`.runtime`: build / run / measure helpers;
+* :mod:`.runtime`: build / run helpers (:class:`BuiltKernel`; timing is the caller's);
 * :mod:`.target`: the x86 LLVM target and its :class:`VectorIsa` (lanes, registers, int8 path),
   read from LLVM's feature list: every plan takes one, so no ISA is hard-coded;
 * :mod:`.bench`: the kernel benchmark: rows and the facts behind them (`releq-tvm bench kernels` writes the CSV).
@@ -42,12 +42,11 @@ from .lut import LutPlan, lut_dense_primfunc, pack_lut_weights, plan_lut_dense
 from .reference import conv2d_reference, dense_reference
 from .runtime import (
     BuiltKernel,
-    Timing,
     build_bitserial_conv2d,
     build_bitserial_dense,
     build_int8_conv2d,
     build_int8_dense,
-    measure,
+    build_lut_dense,
     run,
 )
 from .shapes import ConvShape, DenseShape
@@ -60,7 +59,6 @@ __all__ = [
     "PLAIN",
     "ConvShape",
     "DenseShape",
-    "Timing",
     "VectorIsa",
     "activation_level_range",
     "bitpack",
@@ -71,6 +69,7 @@ __all__ = [
     "build_bitserial_dense",
     "build_int8_conv2d",
     "build_int8_dense",
+    "build_lut_dense",
     "conv2d_reference",
     "conv_weight_layout",
     "decode_weights",
@@ -84,7 +83,6 @@ __all__ = [
     "int8_weight_shape",
     "lut_dense_primfunc",
     "make_target",
-    "measure",
     "pack_int8_weights",
     "pack_lut_weights",
     "pack_weights",

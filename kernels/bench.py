@@ -1,40 +1,50 @@
-"""Kernel benchmark: latency and throughput of the bit-serial and int8 kernels on this CPU.
+"""Kernel benchmark: latency and throughput of the bit-serial, lookup-table and int8 kernels on this CPU.
 
-:func:`bench_kernels` times every (layer shape, bit pair) plus the int8 baseline and returns a
-:class:`KernelBench`: one row each (:data:`CSV_COLUMNS`) and the facts the numbers depend on
-(target, instruction sets, threads, peaks, timing settings) as lines for a provenance header.
-Writing the file is the caller's (``releq-tvm bench kernels`` writes it with the project's
-provenance header): this package knows nothing of ``releq_tvm``. Throughput is reported in
-*binary operations* (one AND+popcount bit of the product, i.e. MACs x w_bits x a_bits; 64 per
-MAC for int8) and as a fraction of this CPU's peak, measured here by
+:func:`bench_kernels` times every (layer shape, bit pair) of the bit-serial kernels, the
+lookup-table kernels of the dense shapes (1-4 weight bits, 8-bit activations) and the int8
+baseline, and returns a :class:`KernelBench`: one row each (:data:`CSV_COLUMNS`) and the facts the
+numbers depend on (target, instruction sets, threads, peaks, memory bandwidth, timing protocol) as
+lines for a provenance header. This package knows nothing of ``releq_tvm``, so two things are
+the caller's: writing the file (``releq-tvm bench kernels`` writes it with the project's
+provenance header) and the timing, a :class:`KernelTimer` (the CLI passes the project's one
+protocol, warm or cold weights as the latency table times layers).
+
+Throughput is reported in *binary operations* (one AND+popcount bit of the product, i.e. MACs x
+w_bits x a_bits; 64 per MAC for int8) and as a fraction of this CPU's peak, measured here by
 :func:`measure_popcount_peak`: a tight AND+popcount loop over uint64 data that stays in L1, on
-every core, built by the same TVM/LLVM as the kernels.
+every core, built by the same TVM/LLVM as the kernels. Beside it :func:`measure_memory_bandwidth`
+measures how fast a core streams data from memory; a kernel cannot run faster than it reads its
+packed weights (``memory_bound_ms``), which is what bounds the big dense layers (AlexNet's fc6
+and fc7) at batch 1.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import tvm
 from tvm import te, tirx
 
 from .int8 import INT32_LANES, _replace_with_pmaddwd, _replace_with_vpdpbusd
+from .lut import plan_lut_dense
 from .runtime import (
     BuiltKernel,
-    Timing,
     build_bitserial_conv2d,
     build_bitserial_dense,
     build_int8_conv2d,
     build_int8_dense,
+    build_lut_dense,
 )
 from .shapes import ConvShape, DenseShape
-from .target import VectorIsa, make_target, target_has_avx2, tvm_threads, vector_isa
+from .target import VectorIsa, cache_sizes, make_target, target_has_avx2, tvm_threads, vector_isa
 
 #: Representative layers: LeNet-5 conv2, a ResNet-20 stage-3 conv, a ResNet-20 stage-1 conv,
-#: LeNet-5 fc1, a 512x512 fully connected layer and a MobileNet-style depthwise 3x3.
+#: LeNet-5 fc1, a 512x512 fully connected layer, a MobileNet-style depthwise 3x3, and AlexNet's
+#: fc6 and fc7 (37.7 and 16.8 MB of int8 weights: read from memory on every call).
 DEFAULT_SHAPES: tuple[tuple[str, ConvShape | DenseShape], ...] = (
     ("lenet_conv2", ConvShape(6, 16, (14, 14), (5, 5))),
     ("resnet20_conv_64", ConvShape(64, 64, (8, 8), (3, 3), padding=(1, 1))),
@@ -42,15 +52,43 @@ DEFAULT_SHAPES: tuple[tuple[str, ConvShape | DenseShape], ...] = (
     ("lenet_fc1", DenseShape(400, 120)),
     ("dense_512", DenseShape(512, 512)),
     ("depthwise_3x3", ConvShape(64, 64, (16, 16), (3, 3), padding=(1, 1), groups=64)),
+    ("alexnet_fc6", DenseShape(9216, 4096)),
+    ("alexnet_fc7", DenseShape(4096, 4096)),
 )
-#: (w_bits, a_bits) pairs timed for every shape.
+#: (w_bits, a_bits) pairs of the bit-serial kernels, for every shape :data:`LAYER_BIT_PAIRS` leaves out.
 DEFAULT_BIT_PAIRS: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 2), (2, 3), (4, 4), (8, 8))
+#: Weight-only quantisation (8-bit activations): the comparison that matters for a layer whose
+#: time goes to reading its weights, int8 against lut against bit-serial at the same activations.
+WEIGHT_ONLY_BIT_PAIRS: tuple[tuple[int, int], ...] = ((1, 8), (2, 8), (4, 8))
+#: Bit-serial pairs by layer name, where a layer gets its own.
+LAYER_BIT_PAIRS: dict[str, tuple[tuple[int, int], ...]] = {
+    "alexnet_fc6": WEIGHT_ONLY_BIT_PAIRS,
+    "alexnet_fc7": WEIGHT_ONLY_BIT_PAIRS,
+}
+#: Weight bits of the lookup-table rows (every dense shape; activations are 8 bits).
+DEFAULT_LUT_W_BITS: tuple[int, ...] = (1, 2, 3, 4)
 
 CSV_COLUMNS = (
     "layer", "shape", "kernel", "isa", "mode", "w_bits", "a_bits", "batch", "macs", "binary_ops", "threads",
-    "latency_ms", "latency_spread_ms", "latency_min_ms", "gbinary_ops_per_s", "gmacs_per_s",
-    "efficiency_vs_popcount_peak", "efficiency_vs_int8_peak", "speedup_vs_int8", "crossover_wa",
+    "protocol", "latency_ms", "latency_spread_ms", "latency_min_ms", "weight_bytes", "memory_bound_ms",
+    "over_memory_bound", "gbinary_ops_per_s", "gmacs_per_s", "efficiency_vs_popcount_peak", "efficiency_vs_int8_peak",
+    "speedup_vs_int8", "crossover_wa",
 )
+
+
+class KernelTimer(Protocol):
+    """The caller's timing protocol, which :func:`bench_kernels` uses for every row.
+
+    Called with the kernels of one layer, ``{name: (kernel, args)}`` where ``args`` are
+    ``kernel.module["main"]``'s arguments (:meth:`BuiltKernel.arguments`), it returns per name the
+    latency of one call in milliseconds: ``median_ms``, ``iqr_ms``, ``min_ms``, ``max_ms`` and
+    ``protocol`` (``"warm"``: back-to-back calls on the same weights; ``"cold"``: the weights come
+    from memory on every call). ``notes()`` says what it did, one line each, for the provenance header.
+    """
+
+    def __call__(self, calls: Mapping[str, tuple[BuiltKernel, list]]) -> dict[str, dict]: ...
+
+    def notes(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +103,25 @@ class Peak:
     gbinary_ops_per_s_per_core: float = 0.0
     gmacs_int8_per_s_per_core: float = 0.0
 
+
+@dataclass(frozen=True)
+class MemoryBandwidth:
+    """Measured memory read bandwidth of this machine (GB/s, 1e9 bytes/s): on ``threads`` cores and per core."""
+
+    gbytes_per_s: float  # all threads, each streaming its slice of the buffer
+    threads: int
+    #: max(one-thread, all-thread / threads), as for :class:`Peak`
+    gbytes_per_s_per_core: float
+    #: bytes streamed per sample (:data:`BANDWIDTH_L3_FACTOR` x the L3), and the samples taken
+    buffer_bytes: int
+    repeat: int
+
+
+#: The bandwidth buffer is this many times the L3: each pass evicts what the previous one left,
+#: so every load comes from memory.
+BANDWIDTH_L3_FACTOR = 4
+#: uint64 vectors summed side by side: independent chains, so the loop waits on loads only.
+_BANDWIDTH_ACCUMULATORS = 8
 
 #: What each peak loop runs, by kind and ISA, for the provenance header.
 _PEAK_INSTRUCTIONS = {
@@ -191,19 +248,80 @@ def measure_popcount_peak(target=None, threads: int | None = None, repeat: int =
     )
 
 
-def _build(shape, w_bits: int | None, a_bits: int | None, target, parallel: bool | None) -> BuiltKernel:
+def _bandwidth_module(threads: int, target_json: str, buffer_bytes: int):
+    """A streaming sum: ``threads`` parallel slices of a ``buffer_bytes`` uint64 buffer, each summed
+    into :data:`_BANDWIDTH_ACCUMULATORS` vectors of the target's widest uint64 lanes.
+
+    The loads are whole vectors in memory order (the hardware prefetchers see one stream per
+    thread) and the adds are independent chains, so the time is the time to read the buffer.
+    Returns the compiled library, its tensors (data, out) and the bytes one call reads.
+    """
+    target = make_target(tvm.target.Target(target_json))
+    lanes, accs = vector_isa(target).uint64_lanes, _BANDWIDTH_ACCUMULATORS
+    chunks = max(1, buffer_bytes // (threads * accs * lanes * 8))
+    data = te.placeholder((threads, chunks, accs, lanes), "uint64", name="data")
+    k = te.reduce_axis((0, chunks), name="k")
+    out = te.compute((threads, accs, lanes), lambda p, a, l: te.sum(data[p, k, a, l], axis=k), name="acc")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([data, out]))
+    block = sch.get_sblock("acc")
+    p, a, l, kk = sch.get_loops(block)
+    sch.reorder(p, kk, a, l)
+    sch.parallel(p)
+    sch.unroll(a)
+    sch.vectorize(l)
+    init = sch.decompose_reduction(block, kk)
+    sch.vectorize(sch.get_loops(init)[-1])
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=target)
+    shape = [int(d) for d in data.shape]
+    values = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)  # any values: only the reads count
+    tensors = [tvm.runtime.tensor(values), tvm.runtime.tensor(np.zeros((threads, accs, lanes), dtype=np.uint64))]
+    return lib, tensors, values.nbytes
+
+
+def measure_memory_bandwidth(target=None, threads: int | None = None, repeat: int = 9,
+                             buffer_bytes: int | None = None) -> MemoryBandwidth:
+    """Memory read bandwidth (GB/s), one thread and ``threads`` threads (default: TVM's pool), per core.
+
+    Streams a buffer of :data:`BANDWIDTH_L3_FACTOR` x this host's L3 (``buffer_bytes`` overrides)
+    with :func:`_bandwidth_module`; the best of ``repeat`` single passes is taken, as for
+    :func:`measure_popcount_peak`: on a shared machine a disturbance only makes a pass slower.
+    """
+    target = make_target(target)
+    threads = threads or tvm_threads()
+    buffer_bytes = buffer_bytes or BANDWIDTH_L3_FACTOR * cache_sizes().l3
+    rates = {}
+    for n in sorted({1, threads}):
+        lib, tensors, nbytes = _bandwidth_module(n, str(target), buffer_bytes)
+        lib["main"](*tensors)
+        samples = lib.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat)(*tensors).results
+        rates[n] = nbytes / min(samples) / 1e9
+        del lib, tensors  # one buffer of 4 x L3 at a time
+    return MemoryBandwidth(rates[threads], threads, max(rates[1], rates[threads] / threads), buffer_bytes, repeat)
+
+
+def _build(shape, family: str, w_bits: int, a_bits: int, target, parallel: bool | None) -> BuiltKernel:
+    """The kernel of ``family`` (``"bitserial"``, ``"lut"`` or ``"int8"``) for one layer shape."""
+    dense = isinstance(shape, DenseShape)
+    if family == "bitserial":
+        build = build_bitserial_dense if dense else build_bitserial_conv2d
+        return build(shape, w_bits, a_bits, target, parallel=parallel)
+    if family == "lut":
+        return build_lut_dense(shape, w_bits, target, parallel=parallel)
+    return (build_int8_dense if dense else build_int8_conv2d)(shape, target, parallel=parallel)
+
+
+def _layer_kernels(shape, bit_pairs: Sequence[tuple[int, int]], lut_w_bits: Sequence[int],
+                   include_int8: bool) -> list[tuple[str, int, int]]:
+    """(family, w_bits, a_bits) of every kernel timed for one layer: bit-serial, lut (dense only), int8 last."""
+    kernels = [("bitserial", int(w), int(a)) for w, a in bit_pairs]
     if isinstance(shape, DenseShape):
-        if w_bits:
-            return build_bitserial_dense(shape, w_bits, a_bits, target, parallel=parallel)
-        return build_int8_dense(shape, target, parallel=parallel)
-    if w_bits:
-        return build_bitserial_conv2d(shape, w_bits, a_bits, target, parallel=parallel)
-    return build_int8_conv2d(shape, target, parallel=parallel)
+        kernels += [("lut", int(w), 8) for w in lut_w_bits]
+    return kernels + ([("int8", 8, 8)] if include_int8 else [])
 
 
 def _mode(kernel: BuiltKernel) -> str:
-    if kernel.kind.startswith("int8"):
-        return "int8"
+    if kernel.family in ("int8", "lut"):
+        return kernel.family
     from .encoding import conv_weight_layout, dense_weight_layout
 
     lanes = vector_isa(tvm.target.Target(kernel.target)).uint64_lanes
@@ -212,19 +330,22 @@ def _mode(kernel: BuiltKernel) -> str:
     return conv_weight_layout(kernel.shape, kernel.w_bits, lanes).mode
 
 
-def _row(layer: str, kernel: BuiltKernel, timing: Timing, peak: Peak | None, threads: int) -> dict:
+def _row(layer: str, kernel: BuiltKernel, timing: dict, peak: Peak | None, bandwidth: MemoryBandwidth | None,
+         threads: int) -> dict:
     shape = kernel.shape
-    int8 = kernel.kind.startswith("int8")
-    w_bits, a_bits = (8, 8) if int8 else (kernel.w_bits, kernel.a_bits)
+    family = kernel.family
+    w_bits, a_bits = kernel.w_bits, kernel.a_bits
     macs = shape.macs
     binary_ops = macs * w_bits * a_bits
-    seconds = timing.median_ms / 1e3
+    seconds = timing["median_ms"] / 1e3
     gbops = binary_ops / seconds / 1e9
     used = threads if kernel.parallel else 1
+    # the time to read the packed weights once at this machine's streaming rate, on the cores used
+    bound_ms = kernel.weight_bytes / (bandwidth.gbytes_per_s_per_core * 1e9 * used) * 1e3 if bandwidth else None
     return {
         "layer": layer,
         "shape": shape.label(),
-        "kernel": "int8" if int8 else "bitserial",
+        "kernel": family,
         "isa": _isa_used(kernel),
         "mode": _mode(kernel),
         "w_bits": w_bits,
@@ -232,18 +353,22 @@ def _row(layer: str, kernel: BuiltKernel, timing: Timing, peak: Peak | None, thr
         "batch": shape.batch,
         "macs": macs,
         "binary_ops": binary_ops,
-        "threads": threads if kernel.parallel else 1,
-        "latency_ms": f"{timing.median_ms:.6f}",
-        "latency_spread_ms": f"{timing.spread_ms:.6f}",
-        "latency_min_ms": f"{timing.min_ms:.6f}",
+        "threads": used,
+        "protocol": timing["protocol"],
+        "latency_ms": f"{timing['median_ms']:.6f}",
+        "latency_spread_ms": f"{timing['iqr_ms']:.6f}",
+        "latency_min_ms": f"{timing['min_ms']:.6f}",
+        "weight_bytes": kernel.weight_bytes,
+        "memory_bound_ms": "" if bound_ms is None else f"{bound_ms:.6g}",
+        "over_memory_bound": "" if bound_ms is None else f"{timing['median_ms'] / bound_ms:.3f}",
         "gbinary_ops_per_s": f"{gbops:.3f}",
         "gmacs_per_s": f"{macs / seconds / 1e9:.3f}",
-        # against the per-core peak times the cores this kernel ran on
+        # against the per-core peak times the cores this kernel ran on (lut rows have no peak of their own)
         "efficiency_vs_popcount_peak": (
-            f"{gbops / (peak.gbinary_ops_per_s_per_core * used):.4f}" if peak and not int8 else ""
+            f"{gbops / (peak.gbinary_ops_per_s_per_core * used):.4f}" if peak and family == "bitserial" else ""
         ),
         "efficiency_vs_int8_peak": (
-            f"{macs / seconds / 1e9 / (peak.gmacs_int8_per_s_per_core * used):.4f}" if peak and int8 else ""
+            f"{macs / seconds / 1e9 / (peak.gmacs_int8_per_s_per_core * used):.4f}" if peak and family == "int8" else ""
         ),
         "speedup_vs_int8": "",
         "crossover_wa": "",
@@ -251,9 +376,12 @@ def _row(layer: str, kernel: BuiltKernel, timing: Timing, peak: Peak | None, thr
 
 
 def _isa_used(kernel: BuiltKernel) -> str:
-    """The instruction set the kernel's inner product runs on (e.g. ``avx512-vpopcntdq``, ``avx512-vnni``)."""
+    """The instruction set the kernel's inner product runs on (e.g. ``avx512-vpopcntdq``, ``avx512-vnni``,
+    ``avx512bw`` for the lookup tables' ``vpshufb``)."""
     isa = vector_isa(tvm.target.Target(kernel.target))
-    return isa.int8 if kernel.kind.startswith("int8") else isa.name
+    if kernel.family == "lut":
+        return plan_lut_dense(kernel.shape, kernel.w_bits, kernel.parallel, isa).path
+    return isa.int8 if kernel.family == "int8" else isa.name
 
 
 def crossover_wa(rows: Sequence[dict]) -> int | None:
@@ -273,8 +401,8 @@ class KernelBench:
     isa: VectorIsa
     threads: int  # TVM's runtime pool (TVM_NUM_THREADS, else half the logical CPUs)
     peak: Peak | None  # None: not measured, efficiencies empty
-    repeat: int
-    min_repeat_ms: float
+    bandwidth: MemoryBandwidth | None  # None: not measured, memory-bound columns empty
+    timing_notes: tuple[str, ...]  # the timer's own account (:meth:`KernelTimer.notes`)
     parallel: bool | None  # None: each kernel chose by its size
     seed: int
 
@@ -291,17 +419,31 @@ class KernelBench:
                 f"({_PEAK_INSTRUCTIONS['int8', isa.int8]}); on all {peak.threads} threads: "
                 f"{peak.gbinary_ops_per_s:.6g} and {peak.gmacs_int8_per_s:.6g}"
             )
+        bw = self.bandwidth
+        if bw is None:
+            bandwidth = "memory bandwidth: not measured (memory_bound_ms and over_memory_bound empty)"
+        else:
+            bandwidth = (
+                f"memory read bandwidth per core: {bw.gbytes_per_s_per_core:.4g} GB/s; on all {bw.threads} threads: "
+                f"{bw.gbytes_per_s:.4g} GB/s (best of {bw.repeat} passes of a uint64 vector sum over "
+                f"{bw.buffer_bytes / 2**20:g} MiB, {BANDWIDTH_L3_FACTOR} x the L3)"
+            )
         parallel = {None: "auto (each kernel by its size)", True: "all threads", False: "one thread"}[self.parallel]
         return [
             f"llvm target: {self.target}; avx2: {'yes' if self.avx2 else 'no'}",
             f"instruction sets: bit-serial {isa.name} ({isa.uint64_lanes} x uint64 lanes, {isa.registers} registers); "
-            f"int8 {isa.int8}",
+            f"lut {isa.lut}; int8 {isa.int8}",
             f"threads: {self.threads} (TVM runtime pool); parallel: {parallel}; the threads column says what ran",
             peaks,
-            f"timing: latency_ms is the median of {self.repeat} samples of at least {self.min_repeat_ms:g} ms each; "
-            "spread is the interquartile range; the machine may be shared, so compare rows of one file rather "
-            "than across files",
-            "binary_ops = MACs x w_bits x a_bits (int8: 8 x 8); efficiency = throughput / (per-core peak x threads)",
+            bandwidth,
+            *self.timing_notes,
+            "latency_ms is the median of the samples, latency_spread_ms their interquartile range; the machine "
+            "may be shared, so compare rows of one file rather than across files",
+            "binary_ops = MACs x w_bits x a_bits (int8: 8 x 8; lut: w_bits x 8); efficiency = throughput / "
+            "(per-core peak x threads); speedup_vs_int8 = the layer's int8 latency / the row's latency",
+            "weight_bytes = the packed weights one call reads (activations and outputs not counted); "
+            "memory_bound_ms = weight_bytes / (per-core read bandwidth x threads), the least time to read them "
+            "from memory; over_memory_bound = latency_ms / memory_bound_ms (near 1: the kernel is memory bound)",
         ]
 
 
@@ -309,45 +451,53 @@ def bench_kernels(
     shapes: Sequence[tuple[str, ConvShape | DenseShape]] = DEFAULT_SHAPES,
     bit_pairs: Sequence[tuple[int, int]] = DEFAULT_BIT_PAIRS,
     *,
+    time_kernels: KernelTimer,
+    layer_bit_pairs: Mapping[str, Sequence[tuple[int, int]]] = LAYER_BIT_PAIRS,
+    lut_w_bits: Sequence[int] = DEFAULT_LUT_W_BITS,
     target=None,
     include_int8: bool = True,
     measure_peak: bool = True,
     parallel: bool | None = None,
-    repeat: int = 15,
-    min_repeat_ms: float = 20.0,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> KernelBench:
-    """Time every shape x bit pair (+ the int8 baseline); returns the rows and their facts.
+    """Time every layer's kernels with ``time_kernels``; returns the rows and their facts.
 
-    Columns: see :data:`CSV_COLUMNS`. Latencies are medians over ``repeat`` samples (each
-    about ``min_repeat_ms`` long) with the interquartile range as spread, in milliseconds;
+    Per layer: the bit-serial kernel at each of ``layer_bit_pairs[layer]`` (else ``bit_pairs``), the
+    lookup-table kernel at each of ``lut_w_bits`` (dense layers; 8-bit activations) and the int8
+    baseline, all timed together by ``time_kernels`` (the caller's protocol: :class:`KernelTimer`)
+    on seeded random inputs. Columns: see :data:`CSV_COLUMNS`. Latencies are in milliseconds;
     ``gbinary_ops_per_s`` counts MACs x w_bits x a_bits per second (x64 for int8);
     ``efficiency_vs_popcount_peak`` (bit-serial rows) divides that by the measured per-core
     AND+popcount peak times ``threads`` (the cores the kernel ran on);
-    ``efficiency_vs_int8_peak`` (int8 rows) does the same for int8 MACs/s against the
-    measured int8 peak;
-    ``speedup_vs_int8`` is int8 latency / bit-serial latency of the same shape. ``parallel``
-    forces every kernel onto all cores (True) or one (False); None lets each kernel decide
-    by its size (the ``threads`` column says what ran).
+    ``efficiency_vs_int8_peak`` (int8 rows) does the same for int8 MACs/s against the measured
+    int8 peak; ``speedup_vs_int8`` is int8 latency / the row's latency on the same layer;
+    ``memory_bound_ms`` is ``weight_bytes`` at the measured per-core read bandwidth times
+    ``threads``. ``measure_peak`` measures the compute peaks and the memory bandwidth (else their
+    columns stay empty). ``parallel`` forces every kernel onto all cores (True) or one (False);
+    None lets each kernel decide by its size (the ``threads`` column says what ran).
     """
     target = make_target(target)
     threads = tvm_threads()
     say = progress or (lambda message: None)
-    peak = None
+    peak = bandwidth = None
     if measure_peak:
-        say("measuring the AND+popcount and int8 peaks")
+        say("measuring the AND+popcount and int8 peaks and the memory bandwidth")
         peak = measure_popcount_peak(target, threads)
+        bandwidth = measure_memory_bandwidth(target, threads)
     rows: list[dict] = []
     for layer, shape in shapes:
-        pairs = [(int(w), int(a)) for w, a in bit_pairs] + ([(None, None)] if include_int8 else [])
+        pairs = layer_bit_pairs.get(layer, bit_pairs)
+        kernels = {}
+        for family, w_bits, a_bits in _layer_kernels(shape, pairs, lut_w_bits, include_int8):
+            kernel = _build(shape, family, w_bits, a_bits, target, parallel)
+            kernels[f"{family} w{w_bits}a{a_bits}"] = (kernel, kernel.arguments(*kernel.random_inputs(seed)))
+        say(f"{layer}: timing {len(kernels)} kernels")
+        timings = time_kernels(kernels)
         shape_rows = []
-        for w_bits, a_bits in pairs:
-            kernel = _build(shape, w_bits, a_bits, target, parallel)
-            timing = kernel.measure(repeat=repeat, min_repeat_ms=min_repeat_ms, seed=seed)
-            row = _row(layer, kernel, timing, peak, threads)
-            say(f"{layer} {row['kernel']} w{row['w_bits']}a{row['a_bits']}: {timing.median_ms:.4f} ms, "
-                f"{row['gbinary_ops_per_s']} Gbop/s")
+        for name, (kernel, _) in kernels.items():
+            row = _row(layer, kernel, timings[name], peak, bandwidth, threads)
+            say(f"{layer} {name}: {row['latency_ms']} ms ({row['protocol']}), {row['gbinary_ops_per_s']} Gbop/s")
             shape_rows.append(row)
         if include_int8:
             int8_ms = float(shape_rows[-1]["latency_ms"])
@@ -364,8 +514,8 @@ def bench_kernels(
         isa=vector_isa(target),
         threads=threads,
         peak=peak,
-        repeat=repeat,
-        min_repeat_ms=min_repeat_ms,
+        bandwidth=bandwidth,
+        timing_notes=tuple(time_kernels.notes()),
         parallel=parallel,
         seed=seed,
     )

@@ -1,10 +1,11 @@
-"""Build, run and time the kernels on numpy arrays.
+"""Build and run the kernels on numpy arrays.
 
 :func:`build_bitserial_conv2d` and friends compile a scheduled PrimFunc for an x86 target and
-return a :class:`BuiltKernel`: call it on numpy arrays to get the int32 output, or
-:meth:`BuiltKernel.measure` its latency with TVM's ``time_evaluator``. Builds are cached per
-(kernel, shape, bits, layout, parallel, target) for the life of the process, because one
-TVM build costs 0.1-2 s.
+return a :class:`BuiltKernel`: call it on numpy arrays to get the int32 output, or hand
+:meth:`BuiltKernel.arguments` and :attr:`BuiltKernel.module` to a timer (the project's one
+timing protocol lives outside this package: ``releq_tvm.timing`` and
+``releq_tvm.compile.timing``). Builds are cached per (kernel, shape, bits, layout, parallel,
+target) for the life of the process, because one TVM build costs 0.1-2 s.
 
 Threads: parallel kernels use TVM's runtime thread pool, one thread per physical core unless
 the ``TVM_NUM_THREADS`` environment variable says otherwise.
@@ -22,32 +23,19 @@ import tvm
 from .bitserial import bitserial_conv2d_primfunc, bitserial_dense_primfunc, plan_conv2d, plan_dense
 from .encoding import pack_weights, weight_level_range
 from .int8 import int8_conv2d_primfunc, int8_dense_primfunc, pack_int8_weights, plan_int8_conv2d
+from .lut import lut_dense_primfunc, pack_lut_weights, plan_lut_dense
 from .common import dense_as_conv
-from .target import pin_tvm_threads
 from .shapes import ConvShape, DenseShape
 from .target import make_target, vector_isa
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Latency of one kernel call in milliseconds, over ``repeat`` samples of ``number`` calls each."""
-
-    median_ms: float
-    #: Interquartile range of the samples (p75 - p25), a spread robust to a noisy shared machine.
-    spread_ms: float
-    min_ms: float
-    max_ms: float
-    number: int
-    repeat: int
-    samples_ms: tuple[float, ...] = field(repr=False, default=())
 
 
 @dataclass(frozen=True)
 class BuiltKernel:
     """A compiled kernel plus what a caller needs to feed it.
 
-    ``kind`` is ``"bitserial_conv2d"``, ``"bitserial_dense"``, ``"int8_conv2d"`` or
-    ``"int8_dense"``. ``w_bits``/``a_bits`` are 8/8 for the int8 kernels.
+    ``kind`` is ``"bitserial_conv2d"``, ``"bitserial_dense"``, ``"int8_conv2d"``, ``"int8_dense"``
+    or ``"lut_dense"``. ``w_bits``/``a_bits`` are 8/8 for the int8 kernels; the lookup-table
+    kernel takes 8-bit activations (``a_bits`` 8).
     """
 
     kind: str
@@ -71,6 +59,16 @@ class BuiltKernel:
         return self.executable.mod
 
     @property
+    def family(self) -> str:
+        """The kernel family: ``"bitserial"``, ``"int8"`` or ``"lut"``."""
+        return self.kind.rsplit("_", 1)[0]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the packed weights one call reads (padding included)."""
+        return int(np.prod(self.weight_shape, dtype=np.int64)) * np.dtype(self.weight_dtype).itemsize
+
+    @property
     def binary_macs(self) -> int:
         """Bit operations of one call: MACs * w_bits * a_bits (MACs * 64 for the int8 kernels)."""
         return self.shape.macs * self.w_bits * self.a_bits
@@ -79,7 +77,11 @@ class BuiltKernel:
         """Weight levels ``(O, C/groups, kh, kw)`` / ``(O, I)`` in the layout ``main`` takes."""
         return self._packer(q)
 
-    def _args(self, x: np.ndarray, w_packed: np.ndarray) -> list:
+    def arguments(self, x: np.ndarray, w_packed: np.ndarray) -> list:
+        """``main``'s arguments on ``tvm.cpu()``: activations, packed weights and a zeroed int32 output.
+
+        Raises ``ValueError`` (with what ``main`` wants) for a wrong shape, dtype or activation range.
+        """
         x = np.ascontiguousarray(x)
         if x.shape != self.input_shape or x.dtype != np.uint8:
             raise ValueError(f"{self.kind} wants uint8 activations {self.input_shape}; got {x.dtype} {x.shape}")
@@ -97,7 +99,7 @@ class BuiltKernel:
 
     def __call__(self, x: np.ndarray, w_packed: np.ndarray) -> np.ndarray:
         """Run once on numpy arrays; returns the int32 output."""
-        args = self._args(x, w_packed)
+        args = self.arguments(x, w_packed)
         self.executable["main"](*args)
         return args[-1].numpy()
 
@@ -114,30 +116,6 @@ class BuiltKernel:
             lo, hi = weight_level_range(self.w_bits)
             q = rng.integers(lo, hi + 1, size=weight_shape)
         return x, self.pack(q)
-
-    def measure(self, x: np.ndarray | None = None, w_packed: np.ndarray | None = None, *,
-                repeat: int = 15, min_repeat_ms: float = 20.0, warmup: int = 3, seed: int = 0) -> Timing:
-        """Latency of one call: ``warmup`` untimed calls, then ``repeat`` timed samples.
-
-        Each sample is the mean of ``number`` back-to-back calls, ``number`` chosen so a sample
-        lasts about ``min_repeat_ms``; the result reports the median and interquartile range
-        of the samples in milliseconds.
-        """
-        if x is None or w_packed is None:
-            x, w_packed = self.random_inputs(seed)
-        args = self._args(x, w_packed)
-        main = self.executable["main"]
-        pin_tvm_threads()
-        for _ in range(max(0, warmup)):
-            main(*args)
-        dev = tvm.cpu()
-        probe = self.module.time_evaluator("main", dev, number=5, repeat=1)(*args).results[0] * 1e3
-        number = max(1, int(np.ceil(min_repeat_ms / max(probe, 1e-6))))
-        result = self.module.time_evaluator("main", dev, number=number, repeat=repeat)(*args)
-        samples = np.asarray(result.results, dtype=np.float64) * 1e3
-        q25, q50, q75 = np.percentile(samples, [25, 50, 75])
-        return Timing(float(q50), float(q75 - q25), float(samples.min()), float(samples.max()), number, repeat,
-                      tuple(float(v) for v in samples))
 
 
 def _compile(func: tvm.tirx.PrimFunc, target: tvm.target.Target):
@@ -174,6 +152,12 @@ def _cached_build(kind: str, shape, w_bits: int, a_bits: int, layout: str, paral
         ins, outs = shape.input_shape(), shape.output_shape()
         wshape, wdtype = plan.weight_shape, "int8"
         packer = functools.partial(pack_int8_weights, isa=isa)
+    elif kind == "lut_dense":
+        plan = plan_lut_dense(shape, w_bits, parallel, isa)
+        func = lut_dense_primfunc(shape, w_bits, parallel, isa)
+        ins, outs = shape.input_shape(), shape.output_shape()
+        wshape, wdtype = plan.weight_shape, "uint8"
+        packer = functools.partial(pack_lut_weights, w_bits=w_bits, isa=isa)
     else:
         raise ValueError(f"unknown kernel kind {kind!r}")
     return BuiltKernel(
@@ -213,11 +197,15 @@ def build_int8_dense(shape: DenseShape, target=None, parallel: bool | None = Non
     return _cached_build("int8_dense", shape, 8, 8, "NC", parallel, _target_json(target))
 
 
+def build_lut_dense(shape: DenseShape, w_bits: int, target=None, parallel: bool | None = None) -> BuiltKernel:
+    """Compile a lookup-table dense layer (cached): ``w_bits`` in 1-4 weight bits, 8-bit activations.
+
+    The lookup path follows ``vector_isa(target).lut`` (``vpshufb`` on zmm or ymm, else scalar);
+    ``kernel.pack(q)`` lays the weights out for it (:func:`releq_tvm.kernels.lut.pack_lut_weights`).
+    """
+    return _cached_build("lut_dense", shape, int(w_bits), 8, "NC", parallel, _target_json(target))
+
+
 def run(kernel: BuiltKernel, x: np.ndarray, w_packed: np.ndarray) -> np.ndarray:
     """Run ``kernel`` once on numpy arrays and return its int32 output."""
     return kernel(x, w_packed)
-
-
-def measure(kernel: BuiltKernel, x: np.ndarray | None = None, w_packed: np.ndarray | None = None, **kwargs) -> Timing:
-    """Time ``kernel`` (see :meth:`BuiltKernel.measure`); random seeded inputs when none are given."""
-    return kernel.measure(x, w_packed, **kwargs)

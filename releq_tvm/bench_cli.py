@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from releq_tvm.cli_options import bits_option, checkpoint_option
+from releq_tvm.cli_options import checkpoint_option
 from releq_tvm.peers import DEFAULT_NETWORKS, DEFAULT_THREADS, PEERS_TIMING, PeersConfig
 from releq_tvm.sim.bench import bench_cli as _sim_bench
 
@@ -43,17 +43,22 @@ def write_kernels_csv(bench: KernelBench, path, command: str) -> None:
 @bench_group.command("kernels")
 @click.option("--out", "out_path", default="results/kernels.csv", show_default=True)
 def bench_kernels_cmd(out_path: str) -> None:
-    """Latency, binary ops/s and efficiency against the measured AND+popcount peak -> results/kernels.csv."""
+    """Latency (warm or cold weights), throughput, efficiency against the measured peaks and the memory
+    bound of bit-serial, lut and int8 kernels -> results/kernels.csv."""
+    from releq_tvm.compile.layers import KernelTiming
     from releq_tvm.kernels.bench import bench_kernels
 
-    bench = bench_kernels(progress=lambda message: click.echo(f"  .. {message}", err=True))
+    bench = bench_kernels(time_kernels=KernelTiming(),
+                          progress=lambda message: click.echo(f"  .. {message}", err=True))
     write_kernels_csv(bench, out_path, kernels_command(out_path))
     click.echo(f"wrote {out_path}")
 
 
 @bench_group.command("peers")
 @click.argument("networks", metavar="[NET...]", nargs=-1)
-@bits_option(help="Weight bits per layer for every NET (one value = all layers; default: each one's published bits).")
+@click.option("--bits", "bits_texts", multiple=True,
+              help="Weight bits per layer for every NET (one value = all layers; 'published': each one's published "
+                   "bits, the default). Repeat to time several configurations, e.g. --bits published --bits 4.")
 @click.option("--act-bits", "act_bits_text", default=None, help="Activation bits per layer (default 8 everywhere).")
 @click.option("--threads", "threads_text", default=",".join(map(str, DEFAULT_THREADS)), show_default=True,
               help="Thread counts, comma-separated.")
@@ -65,7 +70,7 @@ def bench_kernels_cmd(out_path: str) -> None:
 @checkpoint_option
 @click.option("--target", "target_text", default=None, help="Target of our builds (default: this machine's CPU).")
 @click.option("--child-json", default=None, hidden=True, help="Internal: time one thread count, write JSON timings here.")
-def bench_peers_cmd(networks, bits_text, act_bits_text, threads_text, rounds, accuracy_images, out_path, checkpoint,
+def bench_peers_cmd(networks, bits_texts, act_bits_text, threads_text, rounds, accuracy_images, out_path, checkpoint,
                     target_text, child_json) -> None:
     """Our builds beside torch, onnxruntime and OpenVINO (fp32, int8), same weights -> results/peers.csv + .png.
 
@@ -86,12 +91,13 @@ def bench_peers_cmd(networks, bits_text, act_bits_text, threads_text, rounds, ac
         click.echo(f"  .. {message}", err=True)
 
     if child_json:
-        builds = peers.build_peers(networks[0], bits_text, act_bits_text, config, checkpoint, target_text)
+        bits = bits_texts[0] if bits_texts else None  # the parent passes one configuration
+        builds = peers.build_peers(networks[0], bits, act_bits_text, config, checkpoint, target_text)
         rows = peers.measure_peers(builds, threads, config, allow_child=False)
         peers.write_child_timings(rows, child_json)
         return
-    command = peers.peers_command(networks, bits_text, act_bits_text, threads, rounds, out_path)
-    rows = peers.run_peers(networks, bits_text, act_bits_text, threads, config, out_path, checkpoint, target_text,
+    command = peers.peers_command(networks, bits_texts or (None,), act_bits_text, threads, rounds, out_path)
+    rows = peers.run_peers(networks, bits_texts or (None,), act_bits_text, threads, config, out_path, checkpoint, target_text,
                            command, progress=say)
     click.echo(peers.format_peers_table(rows))
     click.echo(f"wrote {out_path} and {Path(out_path).with_suffix('.png')}")

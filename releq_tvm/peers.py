@@ -76,9 +76,8 @@ DEFAULT_THREADS = (1, 2)
 #: The engines a user would deploy instead of ours, in the order rows and bars are listed.
 PEER_ENGINES = ("torch_fp32", "ort_fp32", "ort_int8", "openvino_fp32", "openvino_int8")
 #: Our builds: engine name -> (``compile_network`` backend, bits: ``"bits"`` the requested
-#: per-layer bits, ``"eight"`` 8 / 8 everywhere). The ``auto`` build of issue 12 (item 3) is one
-#: more entry, ``"ours_auto": ("auto", "bits")``; it waits for that work to land (``auto``
-#: prices every layer from the latency table, measuring what is missing on first use).
+#: per-layer bits, ``"eight"`` 8 / 8 everywhere). ``auto`` gives each layer the fastest of int8,
+#: bit-serial and lut at its bits, from the latency table (measuring what is missing on first use).
 OUR_BUILDS: dict[str, tuple[str, str]] = {
     "ours_auto": ("auto", "bits"),
     "ours_bits": ("bitserial", "bits"),
@@ -97,7 +96,6 @@ ENGINE_LABELS = {
     "ours_bits": "ours bit-serial at the bits",
     "ours_bitserial8": "ours bit-serial 8/8",
     "ours_int8": "ours int8",
-    "ours_auto": "ours auto",
 }
 
 #: Columns of :func:`write_peers_csv`, in order.
@@ -147,13 +145,20 @@ def parse_threads(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
+#: ``--bits published``: each network's published weight bits (the default when no --bits is given).
+PUBLISHED = "published"
+
+
 def network_bits(network: str, bits=None, act_bits=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(weight bits, activation bits) of ``network``: as given (text or ints), else the published
-    weight bits and :data:`releq_tvm.config.DEFAULT_ACT_BITS`; checked by :func:`parse_bits`."""
+    """(weight bits, activation bits) of ``network``: as given (text or ints), else (None or
+    :data:`PUBLISHED`) the published weight bits, and :data:`releq_tvm.config.DEFAULT_ACT_BITS`;
+    checked by :func:`parse_bits`."""
     from releq_tvm.config import DEFAULT_ACT_BITS
     from releq_tvm.networks import get_network_spec, layer_table
 
     n = len(layer_table(network))
+    if isinstance(bits, str) and bits.strip() == PUBLISHED:
+        bits = None
     w = parse_bits(bits if bits is not None else list(get_network_spec(network).published_bits), n, network)
     a = parse_bits(act_bits if act_bits is not None else [DEFAULT_ACT_BITS], n, network, what="--act-bits")
     return w, a
@@ -260,9 +265,11 @@ def build_peer_models(model: torch.nn.Module, input_shape, calibration: torch.Te
 
 
 def build_peers(network: str, w_bits=None, a_bits=None, config: PeersConfig = PeersConfig(),
-                checkpoint: str | None = None, target=None, progress=None) -> PeerBuilds:
+                checkpoint: str | None = None, target=None, progress=None, like: PeerBuilds | None = None) -> PeerBuilds:
     """Build every engine of :data:`ENGINES` for ``network`` at ``w_bits`` / ``a_bits`` (default:
-    published bits / 8): the float model, its ONNX and QDQ models, and our TVM builds."""
+    published bits / 8): the float model, its ONNX and QDQ models, and our TVM builds. ``like``
+    (builds of the same network at other bits) lends its float model and the peers' models,
+    which do not depend on our bits."""
     from releq_tvm.compile import compile_network, quantize_network, resolve_target
     from releq_tvm.compile.integer import calibration_images, load_network_model
     from releq_tvm.networks import get_network_spec
@@ -271,13 +278,15 @@ def build_peers(network: str, w_bits=None, a_bits=None, config: PeersConfig = Pe
     say = progress or (lambda message: None)
     w, a = network_bits(network, w_bits, a_bits)
     target = resolve_target(target)
-    model, weights = load_network_model(network, checkpoint, seed=config.seed)
-    model = model.eval()
     input_shape = tuple(get_network_spec(network).input_shape)
-
-    say(f"{network}: export to ONNX, QDQ int8 calibrated on {config.calibration_images} images")
-    images, images_text = calibration_images(network, count=config.calibration_images, seed=config.seed)
-    peers = build_peer_models(model, input_shape, images, images_text)
+    if like is not None and like.network == network:
+        model, weights, peers = like.model, like.weights, like.peers
+    else:
+        model, weights = load_network_model(network, checkpoint, seed=config.seed)
+        model = model.eval()
+        say(f"{network}: export to ONNX, QDQ int8 calibrated on {config.calibration_images} images")
+        images, images_text = calibration_images(network, count=config.calibration_images, seed=config.seed)
+        peers = build_peer_models(model, input_shape, images, images_text)
 
     bits = {"bits": (w, a), "eight": ((BITS_MAX,) * len(w), (BITS_MAX,) * len(w))}
     nets: dict[str, object] = {}
@@ -571,12 +580,16 @@ def write_child_timings(rows: list[dict], path) -> None:
 # results: CSV with provenance, grouped bars, a table for the terminal
 
 
-def peers_command(networks: Sequence[str], bits=None, act_bits=None, threads: Sequence[int] = DEFAULT_THREADS,
-                  rounds: int = PEERS_TIMING.repeats, out: str = "results/peers.csv") -> str:
+def peers_command(networks: Sequence[str], bits_list: Sequence = (None,), act_bits=None,
+                  threads: Sequence[int] = DEFAULT_THREADS, rounds: int = PEERS_TIMING.repeats,
+                  out: str = "results/peers.csv") -> str:
     """The explicit command that remakes a peers CSV (written into its header)."""
     parts = ["releq-tvm", "bench", "peers", *networks]
-    if bits is not None:
-        parts += ["--bits", bits if isinstance(bits, str) else format_bits(bits)]
+    for bits in bits_list:
+        if bits is None and len(bits_list) > 1:
+            bits = PUBLISHED
+        if bits is not None:
+            parts += ["--bits", bits if isinstance(bits, str) else format_bits(bits)]
     if act_bits is not None:
         parts += ["--act-bits", act_bits if isinstance(act_bits, str) else format_bits(act_bits)]
     parts += ["--threads", ",".join(map(str, threads)), "--rounds", str(rounds), "--out", str(out)]
@@ -588,7 +601,8 @@ def network_note(builds: PeerBuilds, load: tuple[float, float] | None = None) ->
     and the machine's 1-minute load average before and after timing it (``load``): on a machine
     shared with other jobs, multi-threaded numbers measure the contention too."""
     calibrations = "; ".join(dict.fromkeys(b.net.calibration for b in builds.ours.values()))
-    text = (f"{builds.network}: weights {builds.weights}; QDQ calibration {builds.peers.calibration}; "
+    text = (f"{builds.network} at w {format_bits(builds.w_bits)} / a {format_bits(builds.a_bits)}: "
+            f"weights {builds.weights}; QDQ calibration {builds.peers.calibration}; "
             f"our builds calibrated on {calibrations}")
     if load is not None:
         text += f"; 1-minute load average {load[0]:.2f} before timing, {load[1]:.2f} after"
@@ -672,28 +686,34 @@ def format_peers_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_peers(networks: Sequence[str] = DEFAULT_NETWORKS, bits=None, act_bits=None,
+def run_peers(networks: Sequence[str] = DEFAULT_NETWORKS, bits_list: Sequence = (None,), act_bits=None,
               threads: Sequence[int] = DEFAULT_THREADS, config: PeersConfig = PeersConfig(), out="results/peers.csv",
               checkpoint: str | None = None, target=None, command: str | None = None, progress=None) -> list[dict]:
     """Build, time and write: ``out`` (CSV with provenance) and the PNG beside it; returns the rows.
 
-    ``bits`` / ``act_bits`` apply to every network (text such as ``"8,2,2,3,2"`` or ints; one
-    value means every layer); None gives each network its published bits and 8-bit activations.
+    Every network is run at every weight-bit configuration of ``bits_list`` (each text such as
+    ``"8,2,2,3,2"`` or ints, one value meaning every layer; None: the network's published bits),
+    with ``act_bits`` (default 8 everywhere). The peers' models are built once per network.
     """
     from releq_tvm.compile import resolve_target
     from releq_tvm.io import atomic_write_bytes
 
     import_peer_engines()
     target = resolve_target(target)
-    resolved = {network: network_bits(network, bits, act_bits) for network in networks}  # every error before any build
+    bits_list = list(bits_list) or [None]
+    # every error before any build
+    resolved = {network: list(dict.fromkeys(network_bits(network, bits, act_bits) for bits in bits_list))
+                for network in networks}
     rows, notes = [], []
-    for network, (w, a) in resolved.items():
-        builds = build_peers(network, w, a, config, checkpoint, target, progress)
-        load_before = os.getloadavg()[0]
-        rows += measure_peers(builds, threads, config, progress=progress)
-        notes.append(network_note(builds, (load_before, os.getloadavg()[0])))
+    for network, configs in resolved.items():
+        builds = None
+        for w, a in configs:
+            builds = build_peers(network, w, a, config, checkpoint, target, progress, like=builds)
+            load_before = os.getloadavg()[0]
+            rows += measure_peers(builds, threads, config, progress=progress)
+            notes.append(network_note(builds, (load_before, os.getloadavg()[0])))
         del builds  # the next network's builds need the memory more
-    command = command or peers_command(networks, bits, act_bits, threads, config.timing.repeats, out)
+    command = command or peers_command(networks, bits_list, act_bits, threads, config.timing.repeats, out)
     write_peers_csv(rows, out, command, peers_notes(config, target, notes))
     atomic_write_bytes(Path(out).with_suffix(".png"), peers_png(rows))
     return rows

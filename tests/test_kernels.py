@@ -698,11 +698,16 @@ def test_built_kernel_rejects_wrong_inputs_with_a_message():
         K.build_bitserial_conv2d(shape, 1, 1, layout="NCWH")
 
 
-def test_measure_reports_a_positive_median_and_spread():
+def test_kernel_timing_reports_a_positive_median_and_spread():
+    """A built kernel timed by the project's one protocol (the timer `releq-tvm bench kernels` passes)."""
+    from releq_tvm.compile.layers import KernelTiming
+    from releq_tvm.timing import TimingConfig
+
     kernel = K.build_bitserial_dense(K.DenseShape(400, 120), 1, 1)
-    timing = K.measure(kernel, repeat=5, min_repeat_ms=2)
-    assert 0 < timing.min_ms <= timing.median_ms <= timing.max_ms < 100
-    assert timing.spread_ms >= 0 and timing.number >= 1 and len(timing.samples_ms) == 5
+    timer = KernelTiming(TimingConfig(repeats=5, min_repeat_ms=2, warmup=1))
+    timing = timer({"fc": (kernel, kernel.arguments(*kernel.random_inputs()))})["fc"]
+    assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"] < 100
+    assert timing["iqr_ms"] >= 0 and timing["repeats"] == 5 and timing["protocol"] == "warm"
 
 
 def test_measured_peaks_are_positive():
@@ -744,7 +749,8 @@ def test_bench_kernels_rows_and_the_csv_with_its_provenance_header(tmp_path):
     from releq_tvm.bench_cli import write_kernels_csv
     from releq_tvm.report.tables import read_csv
 
-    bench = bench_kernels(shapes=[("fc", K.DenseShape(128, 16))], bit_pairs=[(1, 1), (2, 2)], repeat=3, min_repeat_ms=1)
+    bench = bench_kernels(shapes=[("fc", K.DenseShape(128, 16))], bit_pairs=[(1, 1), (2, 2)], lut_w_bits=(),
+                          time_kernels=_fast_kernel_timing())
     path = tmp_path / "kernels.csv"
     write_kernels_csv(bench, path, "releq-tvm bench kernels --out kernels.csv")
     header, read = read_csv(path)
@@ -752,6 +758,8 @@ def test_bench_kernels_rows_and_the_csv_with_its_provenance_header(tmp_path):
     assert tuple(read[0]) == CSV_COLUMNS and len(bench.rows) == 3
     assert [(r["w_bits"], r["a_bits"]) for r in read] == [("1", "1"), ("2", "2"), ("8", "8")]
     assert all(float(r["latency_ms"]) > 0 for r in read)
+    assert {r["protocol"] for r in read} == {"warm"}  # a few KB of weights stay in L2
+    assert all(int(r["weight_bytes"]) > 0 and float(r["over_memory_bound"]) > 0 for r in read)
     assert float(read[0]["speedup_vs_int8"]) > 0 and read[2]["speedup_vs_int8"] == ""
     assert int(read[1]["binary_ops"]) == 128 * 16 * 4
     assert float(read[0]["efficiency_vs_popcount_peak"]) > 0 and read[0]["efficiency_vs_int8_peak"] == ""
@@ -769,7 +777,8 @@ def test_bench_kernels_rows_and_the_csv_with_its_provenance_header(tmp_path):
     notes = "\n".join(bench.notes())
     assert bench.target in notes and f"bit-serial {isa.name} ({isa.uint64_lanes} x uint64 lanes" in notes
     assert f"threads: {bench.threads} " in notes and f"{bench.peak.gbinary_ops_per_s_per_core:.6g} G binary ops/s" in notes
-    assert "median of 3 samples of at least 1 ms each" in notes
+    assert "3 timed interleaved rounds" in notes and "lasting >= 1 ms" in notes
+    assert "protocol: warm = " in notes and f"{bench.bandwidth.gbytes_per_s_per_core:.4g} GB/s" in notes
     assert [p.name for p in tmp_path.iterdir()] == ["kernels.csv"]
 
 
@@ -784,9 +793,10 @@ def test_bench_kernels_command_writes_one_csv_with_provenance(tmp_path, monkeypa
     row = dict.fromkeys(CSV_COLUMNS, "") | {"layer": "fc", "kernel": "int8", "w_bits": 8, "a_bits": 8, "latency_ms": "0.5"}
     fake = bench_module.KernelBench(
         rows=[row], target="llvm -mcpu=znver4", avx2=True, isa=K.vector_isa("znver4"), threads=1, peak=None,
-        repeat=15, min_repeat_ms=20.0, parallel=None, seed=0,
+        bandwidth=None, timing_notes=("timing: as the test says",), parallel=None, seed=0,
     )
-    monkeypatch.setattr(bench_module, "bench_kernels", lambda progress=None: fake)
+    passed = {}
+    monkeypatch.setattr(bench_module, "bench_kernels", lambda **kwargs: passed.update(kwargs) or fake)
     monkeypatch.setenv("TVM_NUM_THREADS", "1")
     out = tmp_path / "kernels.csv"
     result = CliRunner().invoke(main, ["bench", "kernels", "--out", str(out)])
@@ -794,8 +804,10 @@ def test_bench_kernels_command_writes_one_csv_with_provenance(tmp_path, monkeypa
     assert result.output.splitlines()[-1] == f"wrote {out}"
     header, rows = read_csv(out)
     assert header[0] == f"command: TVM_NUM_THREADS=1 releq-tvm bench kernels --out {out}"
-    assert "note: peaks: not measured (efficiency columns empty)" in header
-    assert "note: instruction sets: bit-serial avx512-vpopcntdq (8 x uint64 lanes, 32 registers); int8 avx512-vnni" in header
+    assert "note: peaks: not measured (efficiency columns empty)" in header and "note: timing: as the test says" in header
+    assert ("note: instruction sets: bit-serial avx512-vpopcntdq (8 x uint64 lanes, 32 registers); "
+            f"lut {K.vector_isa('znver4').lut}; int8 avx512-vnni") in header
+    assert type(passed["time_kernels"]).__name__ == "KernelTiming"  # the project's timing, not the kernels' own
     assert [(r["layer"], r["latency_ms"]) for r in rows] == [("fc", "0.5")]
     assert [p.name for p in tmp_path.iterdir()] == ["kernels.csv"]  # no .meta.json sidecar
 
@@ -940,3 +952,83 @@ def test_bitserial_tile_override_keeps_results_exact(pos_tile):
 def test_tile_override_is_refused_for_window_layouts():
     with pytest.raises(ValueError, match="window"):
         K.plan_conv2d(K.ConvShape(8, 8, (9, 9), (3, 3), groups=8), 2, 2, pos_tile=4)
+
+
+# ------------------------------------------------------------------------------------------
+# bench kernels: lut rows, the timing protocol column, memory bandwidth and the memory bound
+
+
+def _fast_kernel_timing():
+    """The project's kernel timer with a few short rounds (tests only)."""
+    from releq_tvm.compile.layers import KernelTiming
+    from releq_tvm.timing import TimingConfig
+
+    return KernelTiming(TimingConfig(repeats=3, min_repeat_ms=1, warmup=1))
+
+
+@pytest.mark.parametrize("w_bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape,parallel", [(K.DenseShape(100, 70), None), (K.DenseShape(64, 130, batch=2), True)])
+def test_build_lut_dense_is_exact(shape, parallel, w_bits):
+    """The lookup-table kernel built through the runtime is bit-exact against numpy, extremes included."""
+    kernel = K.build_lut_dense(shape, w_bits, parallel=parallel)
+    assert (kernel.kind, kernel.family, kernel.w_bits, kernel.a_bits) == ("lut_dense", "lut", w_bits, 8)
+    rng = rng_for("lut", shape, w_bits)
+    q = random_weights(rng, shape.weight_shape(), w_bits)
+    lo, hi = K.weight_level_range(w_bits)
+    q[0, :], q[-1, :] = hi, lo  # the largest sums of either sign
+    x = rng.integers(0, 256, size=shape.input_shape(), dtype=np.int64).astype(np.uint8)
+    x[0, :] = 255
+    packed = kernel.pack(q)
+    assert packed.nbytes == kernel.weight_bytes
+    np.testing.assert_array_equal(kernel(x, packed), K.dense_reference(x, q, shape))
+
+
+def test_memory_bandwidth_loop_reads_what_it_counts_and_is_positive():
+    from releq_tvm.kernels.bench import _bandwidth_module, measure_memory_bandwidth
+
+    lib, tensors, nbytes = _bandwidth_module(2, str(K.make_target(None)), 64 << 10)
+    lib["main"](*tensors)
+    data = tensors[0].numpy()
+    assert nbytes == data.nbytes == 64 << 10
+    np.testing.assert_array_equal(tensors[1].numpy(), data.sum(axis=1, dtype=np.uint64))
+    bandwidth = measure_memory_bandwidth(repeat=2, buffer_bytes=16 << 20)
+    assert bandwidth.gbytes_per_s > 0 and bandwidth.gbytes_per_s_per_core > 0 and bandwidth.threads >= 1
+    assert bandwidth.buffer_bytes == 16 << 20
+
+
+def test_bench_kernels_lut_rows_protocol_and_memory_bound(monkeypatch):
+    """lut rows sit beside bit-serial and int8; weights over the (patched) L2 are timed cold; the memory
+    bound is weight_bytes over the measured bandwidth."""
+    import releq_tvm.compile.layers as layers
+    import releq_tvm.compile.timing as compile_timing
+    from releq_tvm.kernels.target import CacheSizes
+
+    shape = K.DenseShape(256, 64)
+    l2 = 4096  # lut w1 (2 KB packed) and bit-serial w1 fit, lut w4 (8 KB) and int8 (16 KB) do not
+    caches = CacheSizes(l1d=1024, l2=l2, l3=16 << 10)  # small L3: few cold copies
+    monkeypatch.setattr(layers, "cache_sizes", lambda: caches)
+    monkeypatch.setattr(compile_timing, "cache_sizes", lambda: caches)
+    bench = bench_kernels(shapes=[("fc", shape)], bit_pairs=[(1, 8)], lut_w_bits=(1, 4),
+                          time_kernels=_fast_kernel_timing())
+    rows = bench.rows
+    assert [(r["kernel"], r["w_bits"], r["a_bits"]) for r in rows] == [
+        ("bitserial", 1, 8), ("lut", 1, 8), ("lut", 4, 8), ("int8", 8, 8)]
+    assert all(tuple(r) == CSV_COLUMNS for r in rows)
+    lut = rows[1:3]
+    assert {r["isa"] for r in lut} == {K.vector_isa().lut} and {r["mode"] for r in lut} == {"lut"}
+    assert [r["binary_ops"] for r in lut] == [shape.macs * 8, shape.macs * 4 * 8]
+    assert all(r["efficiency_vs_popcount_peak"] == r["efficiency_vs_int8_peak"] == "" for r in lut)
+    int8_ms = float(rows[-1]["latency_ms"])
+    for r in rows[:-1]:
+        assert float(r["speedup_vs_int8"]) == pytest.approx(int8_ms / float(r["latency_ms"]), rel=2e-3, abs=1e-3)
+    assert [r["weight_bytes"] for r in lut] == [K.build_lut_dense(shape, w).weight_bytes for w in (1, 4)]
+    # the protocol follows the weights' size against the L2, as the latency table's does
+    assert [r["protocol"] for r in rows] == ["cold" if r["weight_bytes"] > l2 else "warm" for r in rows]
+    assert {r["protocol"] for r in rows} == {"warm", "cold"}
+    bandwidth = bench.bandwidth
+    assert bandwidth.gbytes_per_s_per_core > 0
+    for r in rows:
+        bound_ms = r["weight_bytes"] / (bandwidth.gbytes_per_s_per_core * 1e9 * r["threads"]) * 1e3
+        assert float(r["memory_bound_ms"]) == pytest.approx(bound_ms, rel=1e-5)
+        # latency_ms is rounded to 1 ns in the row, over_memory_bound is not
+        assert float(r["over_memory_bound"]) == pytest.approx(float(r["latency_ms"]) / bound_ms, rel=1e-2)

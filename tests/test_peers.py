@@ -162,11 +162,24 @@ def test_call_sampler_fills_min_repeat_ms():
     assert len(calls) == 2 + sampler.count and seconds >= 0.001
 
 
+@needs_peers
+def test_other_bits_reuse_the_float_model_and_the_peers_models(lenet_builds):
+    other = peers.build_peers("lenet", "4", config=TINY, like=lenet_builds)
+    assert other.peers is lenet_builds.peers and other.model is lenet_builds.model
+    assert other.w_bits == (4,) * 5 and other.ours["ours_bits"].net.w_bits == (4,) * 5
+    assert lenet_builds.ours["ours_bits"].net.w_bits == (8, 2, 2, 3, 2)
+    assert "lenet at w 4,4,4,4,4 / a 8,8,8,8,8:" in peers.network_note(other)
+    command = peers.peers_command(["alexnet"], [None, "4", (2,) * 8], threads=(1,), rounds=3, out="x.csv")
+    assert command == ("releq-tvm bench peers alexnet --bits published --bits 4 --bits 2,2,2,2,2,2,2,2 --threads 1 --rounds 3 "
+                       "--out x.csv")
+
+
 def test_threads_and_bits_are_checked_in_one_line():
     assert peers.parse_threads("1,2,2") == (1, 2)
     with pytest.raises(ReleqError, match="--threads"):
         peers.parse_threads("0,2")
     assert peers.network_bits("lenet") == ((8, 2, 2, 3, 2), (8,) * 5)
+    assert peers.network_bits("lenet", "published") == peers.network_bits("lenet")
     with pytest.raises(ReleqError, match="--bits has 2 values"):
         peers.network_bits("lenet", "2,2")
 

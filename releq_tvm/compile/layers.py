@@ -26,9 +26,10 @@ from tvm import relax
 from releq_tvm.networks import LayerSpec
 
 from releq_tvm.compile.lower import kernel_bits, kernel_primfunc, layer_shape, packed_weights
-from releq_tvm.compile.timing import Runner, cold_weights_sampler, main_sampler
+from releq_tvm.compile.timing import COLD_FACTOR, Runner, cold_weights_sampler, main_sampler
 from releq_tvm.kernels.target import cache_sizes
-from releq_tvm.timing import TimingConfig, interleaved_timing
+from releq_tvm.timing import TimingConfig, interleaved_timing, timing_note
+from releq_tvm.kernels.runtime import BuiltKernel
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
 
 
@@ -115,6 +116,14 @@ def timing_protocol(runner: Runner, weight_bytes: int) -> str:
     return "cold" if runner.session is None and weight_bytes > cache_sizes().l2 else "warm"
 
 
+def protocol_sampler(runner: Runner, timed, args, weight_bytes: int, config: TimingConfig):
+    """``(sampler, protocol)``: a sampler of ``timed["main"](*args)`` (weights in ``args[1]``) under
+    :func:`timing_protocol` for ``weight_bytes``."""
+    protocol = timing_protocol(runner, weight_bytes)
+    sampler = cold_weights_sampler if protocol == "cold" else main_sampler
+    return sampler(runner, timed, args, config), protocol
+
+
 @dataclass(frozen=True)
 class LayerSampler:
     """One built layer ready to time: ``sample()`` returns one timing sample in seconds."""
@@ -138,9 +147,7 @@ def layer_sampler(runner: Runner, backend: str, layer: LayerSpec, w_bits: int, a
     args = layer_arguments(runner, backend, layer, w_bits, a_bits, batch, target)
     timed = runner.vm(ex) if backend == "fp32" else runner.load(ex)
     weight_bytes = int(np.prod(args[1].shape)) * np.dtype(args[1].dtype).itemsize
-    protocol = timing_protocol(runner, weight_bytes)
-    sample = (cold_weights_sampler(runner, timed, args, config) if protocol == "cold"
-              else main_sampler(runner, timed, args, config))
+    sample, protocol = protocol_sampler(runner, timed, args, weight_bytes, config)
     return LayerSampler(sample, protocol, weight_bytes, compile_s)
 
 
@@ -151,3 +158,39 @@ def measure_layer(backend: str, layer: LayerSpec, w_bits: int, a_bits: int, batc
     sampler = layer_sampler(runner or Runner(), backend, layer, w_bits, a_bits, batch, target, config)
     timing = interleaved_timing({"layer": sampler}, config)["layer"]
     return dict(timing, compile_s=sampler.compile_s, protocol=sampler.protocol, weight_bytes=sampler.weight_bytes)
+
+
+class KernelTiming:
+    """The project's one timing protocol for ``bench_kernels`` (a ``releq_tvm.kernels.bench.KernelTimer``).
+
+    The kernels of one layer are timed in interleaved rounds (:func:`releq_tvm.timing.interleaved_timing`),
+    so load from other jobs falls on all of them alike and their ratios stay fair; each is sampled
+    as the latency table samples a layer (:func:`timing_protocol`): ``cold``
+    (:func:`~releq_tvm.compile.timing.cold_weights_sampler`) when its packed weights exceed this
+    host's L2, else ``warm`` (:func:`~releq_tvm.compile.timing.main_sampler`).
+    """
+
+    def __init__(self, config: TimingConfig = TimingConfig(), runner: Runner | None = None):
+        self.config = config
+        self.runner = runner or Runner()
+
+    def __call__(self, calls: dict[str, tuple[BuiltKernel, list]]) -> dict[str, dict]:
+        """``{name: (kernel, args)}`` -> ``{name: summarize's dict (ms) + "protocol"}``."""
+        samplers, protocols = {}, {}
+        for name, (kernel, args) in calls.items():
+            samplers[name], protocols[name] = protocol_sampler(self.runner, kernel.module, args, kernel.weight_bytes,
+                                                               self.config)
+        timings = interleaved_timing(samplers, self.config)
+        return {name: dict(timings[name], protocol=protocols[name]) for name in calls}
+
+    def notes(self) -> list[str]:
+        """The protocol in words, for the provenance header."""
+        caches = cache_sizes()
+        return [
+            f"timing: {timing_note(self.config)}; one layer's kernels are timed side by side in each round",
+            f"protocol: warm = back-to-back calls on the same arguments (weights that fit stay in cache); "
+            f"cold = each call takes the next of several copies of the weights totalling {COLD_FACTOR} x the "
+            f"L3 ({caches.l3 / 2**20:g} MiB), so it reads them from memory, as a network reads a big layer's "
+            f"weights once per inference; a kernel is timed cold when its packed weights exceed one core's L2 "
+            f"({caches.l2 / 2**20:g} MiB), as the latency table times layers",
+        ]
