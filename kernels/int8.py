@@ -20,12 +20,20 @@ the output is the exact int32 ``sum q*x``. The inner product depends on the targ
 Weight layouts (``int8``, from :func:`pack_int8_weights`; they depend on the ISA, so pack with
 the same ``isa`` the kernel was planned for, e.g. through ``BuiltKernel.pack``):
 
-* ``channel`` (more than one input channel per group, and dense):
+* ``channel`` (more than one input channel per group, unless ``column``; and dense):
   ``(groups, tiles, kh, kw, in_blocks, dot * tile)`` with ``dot`` input channels per block
   (4 for VNNI, 2 for vpmaddwd): input channel ``dot*p + k`` of output channel ``o`` is at
   ``[g, o // tile, i, j, p, dot * (o % tile) + k]`` (channels padded with zeros to a multiple
   of ``dot``, outputs to ``tiles * tile``; ``tile`` is 1, 2 or 4 accumulator registers of
   ``isa.int32_lanes`` int32 lanes);
+* ``column`` (2 or 3 input channels per group, e.g. an RGB image, when it saves product slots):
+  ``(groups, tiles, kh, 1, blocks, dot * tile)``: the ``kw * cg`` terms of kernel row ``i``,
+  term ``f = j * cg + c`` for kernel column ``j`` and channel ``c``, are packed ``dot`` to a
+  block, so term ``f`` of output channel ``o`` is at ``[g, o // tile, i, 0, f // dot,
+  dot * (o % tile) + f % dot]`` (zeros past ``kw * cg``). The activations are the image rows
+  flattened to (column, channel) terms, where a kernel row's terms at one output column are
+  contiguous: one block is still one 32-bit broadcast. AlexNet's 3-channel 11x11 conv1 on VNNI
+  multiplies 36 terms per kernel row instead of 44 (11 columns x 4 channel slots);
 * ``window`` (one input channel per group: depthwise or a 1-channel image):
   ``(groups, out_per_group, kh, kw)``, vectorised over output columns instead (the same code
   for every ISA: 8 int32 lanes, int16 activations).
@@ -61,6 +69,9 @@ INT32_LANES = 8
 INT8_PARALLEL_MIN_MACS = 2_000_000
 #: ISAs whose int8 product is ``vpdpbusd`` (4 uint8 x int8 products per int32 lane).
 VNNI_ISAS = ("avx512-vnni", "avx-vnni")
+#: Input channels per group up to which a conv may pack kernel columns with channels (an RGB
+#: image); wider inputs keep the ``channel`` layout, whose padding wastes at most 3 of 4+ slots.
+COLUMN_MAX_CHANNELS = 3
 
 
 def _isa(isa: VectorIsa | None) -> VectorIsa:
@@ -158,9 +169,9 @@ class Int8Plan:
 
     shape: ConvShape
     layout: str
-    mode: str  # "channel" | "window"
+    mode: str  # "channel" | "column" | "window"
     weight_shape: tuple[int, ...]
-    pos_tile: int  # output columns per register tile (channel mode)
+    pos_tile: int  # output columns per register tile (channel and column modes)
     vec_tile: int  # accumulator registers per register tile along the vectorised axis
     out_w_pad: int
     parallel: bool
@@ -200,7 +211,19 @@ def int8_weight_shape(shape: ConvShape, isa: VectorIsa | None = None) -> tuple[s
     # still has 4 independent accumulator chains; AVX2: 1 or 2, as the 8-accumulator budget allows
     widths = (4, 2, 1) if isa.int8 == "avx512-vnni" else (2, 1)
     tile = lanes * next(v for v in widths if regs % v == 0)
+    if _packs_kernel_columns(cg, kw, dot):
+        return "column", (shape.groups, -(-og // tile), kh, 1, -(-(kw * cg) // dot), dot * tile)
     return "channel", (shape.groups, -(-og // tile), kh, kw, -(-cg // dot), dot * tile)
+
+
+def _packs_kernel_columns(in_per_group: int, kw: int, dot: int) -> bool:
+    """Whether an image-like input (at most :data:`COLUMN_MAX_CHANNELS` channels per group) packs
+    its kernel rows' ``kw * in_per_group`` (column, channel) terms into dot blocks (``column``
+    mode): only when that wastes fewer product slots than padding the channels to ``dot`` at every
+    kernel column (``channel`` mode): 36 slots instead of 44 per kernel row for AlexNet's
+    3-channel 11x11 conv1 on VNNI."""
+    return (in_per_group <= COLUMN_MAX_CHANNELS
+            and round_up(kw * in_per_group, dot) < kw * round_up(in_per_group, dot))
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -285,6 +308,13 @@ def pack_int8_weights(q: np.ndarray, groups: int = 1, isa: VectorIsa | None = No
         return np.ascontiguousarray(qg.reshape(wshape))
     dot = int8_dot(isa)
     tiles, blocks, tile = wshape[1], wshape[4], wshape[5] // dot
+    if mode == "column":
+        # term f = j * cg + c of kernel row i (column j, channel c), zero past kw * cg
+        full = np.zeros((groups, tiles * tile, kh, dot * blocks), dtype=np.int8)
+        full[:, :og, :, :kw * cg] = qg.transpose(0, 1, 3, 4, 2).reshape(groups, og, kh, kw * cg)
+        # (g, T, t, kh, p, k) -> (g, T, kh, p, t, k) -> (g, T, kh, 1, p, dot*t + k)
+        full = full.reshape(groups, tiles, tile, kh, blocks, dot).transpose(0, 1, 3, 4, 2, 5)
+        return np.ascontiguousarray(full.reshape(wshape))
     full = np.zeros((groups, tiles * tile, dot * blocks, kh, kw), dtype=np.int8)
     full[:, :og, :cg] = qg
     # (g, T, t, p, k, kh, kw) -> (g, T, kh, kw, p, t, k) -> (g, T, kh, kw, p, dot*t + k)
@@ -324,6 +354,30 @@ def _int8_graph(plan: Int8Plan, x: te.Tensor, w: te.Tensor):
     # VNNI multiplies uint8 activations directly; vpmaddwd needs them widened to int16
     pad_dtype = "uint8" if dot == 4 else "int16"
     zero = tirx.const(0, pad_dtype)
+    rp = te.reduce_axis((0, blocks), name="rp")
+    rk = te.reduce_axis((0, dot), name="rk")
+    if plan.mode == "column":
+        # each image row flattened to (column, channel) terms: the kw * cg terms of one kernel row
+        # at output column j start at term j * sw * cg, so a dot block of them is one contiguous
+        # word; blocks running past the window read the next column, whose weights are zero
+        width = (owp - 1) * sw * cg + dot * blocks
+
+        def column_pad(n, g, r, m):
+            valid, value = load(n, g * cg + m % cg, r, m // cg)
+            return tirx.Select(valid, value.astype(pad_dtype), zero)
+
+        pad = te.compute((s.batch, s.groups, rows, width), column_pad, name="pad")
+        rkw = te.reduce_axis((0, 1), name="rkw")  # the kernel columns are in rp, rk
+        acc = te.compute(
+            (s.batch, s.groups, oh, owp, tiles * tile),
+            lambda n, g, i, j, o: te.sum(
+                pad[n, g, i * sh + rkh, (j * sw + rkw) * cg + rp * dot + rk].astype("int32")
+                * w[g, o // tile, rkh, rkw, rp, o % tile * dot + rk].astype("int32"),
+                axis=[rkh, rkw, rp, rk],
+            ),
+            name="acc",
+        )
+        return lambda n, g, i, j, o: acc[n, g, i, j, o]
 
     def channel_pad(n, g, r, c, e):
         valid, value = load(n, g * cg + te.min(e, cg - 1), r, c)
@@ -333,8 +387,6 @@ def _int8_graph(plan: Int8Plan, x: te.Tensor, w: te.Tensor):
 
     # channels innermost, so one activation pair (int16) or quad (uint8) is one 32-bit broadcast
     pad = te.compute((s.batch, s.groups, rows, cols, dot * blocks), channel_pad, name="pad")
-    rp = te.reduce_axis((0, blocks), name="rp")
-    rk = te.reduce_axis((0, dot), name="rk")
     acc = te.compute(
         (s.batch, s.groups, oh, owp, tiles * tile),
         lambda n, g, i, j, o: te.sum(
@@ -381,6 +433,11 @@ def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
         n, g, r, c, e = sch.get_loops(sch.get_sblock("pad"))
         if plan.layout == "NCHW":
             sch.reorder(e, c)  # read image rows contiguously (2-3x faster than reading across channels)
+    if plan.mode == "column":
+        # (column, channel) terms in write order: LLVM vectorises the few channels' interleave
+        n, g, r, m = sch.get_loops(sch.get_sblock("pad"))
+        sch.split(m, [None, plan.shape.in_per_group])
+    if plan.mode != "window":
         rows = plan.shape.batch * plan.shape.groups * int(sch.get(r).extent)
         if plan.parallel and rows >= 4:  # a dense layer's single row is not worth a parallel launch
             sch.parallel(sch.fuse(n, g, r))
@@ -392,23 +449,29 @@ def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
         sch.unroll(rkw)
         sch.unroll(jv)
         sch.vectorize(jl)
-        tile_loop, product = chunk, None
+        tile_loop, product, first_reduction = chunk, None, rkh
     else:
         lanes = plan.lanes
         n, g, i, j, o, rkh, rkw, rp, rk = sch.get_loops(acc)
         jo, ji = sch.split(j, [None, plan.pos_tile])
         oo, os, ov, ol = sch.split(o, [None, plan.tile // (plan.vec_tile * lanes), plan.vec_tile, lanes])
         # output-channel tiles outermost: one tile's weights stay in cache for every position
-        sch.reorder(n, g, oo, i, jo, os, rkh, rkw, rp, ji, ov, ol, rk)
+        reduction = (rkh, rkw, rp)
+        if plan.mode == "column":
+            # kernel rows innermost: LLVM fully unrolls the short block loop of a column tile,
+            # and neighbouring columns' blocks overlap, so it would keep every overlapping
+            # broadcast live across the unrolled blocks and spill accumulators
+            reduction = (rp, rkh, rkw)
+        sch.reorder(n, g, oo, i, jo, os, *reduction, ji, ov, ol, rk)
         chunk = sch.fuse(n, g, oo, i, jo)
         sch.unroll(ji)
         sch.unroll(ov)
-        tile_loop, product = os, ol
+        tile_loop, product, first_reduction = os, ol, reduction[0]
     if plan.parallel:
         sch.parallel(chunk)
     sch.reverse_compute_at(out, tile_loop)
     vectorize_output(sch, out)
-    init = sch.decompose_reduction(acc, rkh)
+    init = sch.decompose_reduction(acc, first_reduction)
     if product is not None:
         sch.vectorize(sch.get_loops(init)[-1])
         if plan.dot == 4:

@@ -19,8 +19,8 @@ of the low / high nibbles, at most ``4 * 15 = 60``): ``T_t = T_lo_t + 16 * T_hi_
 
 Accumulation (why it stays exact)
 ---------------------------------
-The four groups of a *block* (:data:`BLOCK` = 16 activations) are summed in uint8 lanes: at most
-``4 * 60 = 240``. The block's byte sums are widened into uint16 lanes with ``vpmaddubsw``
+On the vpshufb paths the four groups of a *block* (:data:`BLOCK` = 16 activations) are summed in
+uint8 lanes: at most ``4 * 60 = 240``. The block's byte sums are widened into uint16 lanes with ``vpmaddubsw``
 (uint8 x int8 pairs summed into int16) against constant weights ``[2^p, 0]`` / ``[0, 2^p]`` (low
 nibbles) and ``[2^(p+4), 0]`` / ``[0, 2^(p+4)]`` (high nibbles): one instruction widens the
 even (odd) bytes, weights them by the plane and never saturates (``240 * 64 < 2^15``; the one
@@ -31,7 +31,7 @@ added into int32 accumulators. The offset term ``-M * sum x`` is added once per 
 int32 result is the exact ``sum q*x`` (while ``|sum| < 2^31``: any ``in_features`` below 561,000
 at 4 bits).
 
-The inner loop (vector paths), per tile of ``vec_tile`` registers and batch row, per block: the
+The inner loop (vpshufb paths), per tile of ``vec_tile`` registers and batch row, per block: the
 8 tables of the block's 4 groups are broadcast once; per weight plane and register, two loads of
 ``lanes`` packed bytes give 4 index vectors (``& 15``, ``>> 4``), 8 ``vpshufb`` look them up in
 the low and high tables, 6 byte adds sum the groups, 4 ``vpmaddubsw`` + adds widen and weight
@@ -42,6 +42,18 @@ inside a tile, so a tile's weights are read from memory once per call.
 
 Instruction paths (:attr:`VectorIsa.lut`)
 ------------------------------------------
+* ``"avx512vbmi"`` (AVX512-VBMI and AVX512-VNNI): the two tables of a block are each one 64-byte
+  register (group ``j``'s 16 entries at bytes ``16j..16j+15``) and ``vpermb``
+  (``llvm.x86.avx512.permvar.qi.512``) looks up all four groups at once: index byte ``4s + g``
+  carries the nibble of group ``g`` for channel ``s`` and ``16 g`` in bits 4-5. ``vpdpbusd``
+  (``llvm.x86.avx512.vpdpbusd.512``) then multiplies the looked-up bytes (at most 60, so exact as
+  its signed operand) by the plane weight (``2^p`` low, ``2^(p+4)`` high, at most 128 as its
+  unsigned operand) and adds the 4 groups into the int32 of channel ``s``: no uint8 sums, uint16
+  lanes or flushes. Per 64 weight bytes (2 x 16 channels x 4 groups of one plane): one ``& 15``,
+  one ``>> 4``, the two selector ors, 4 ``vpermb``, 4 ``vpdpbusd`` (11 instructions against the
+  avx512bw path's ~15, which also flushes every block at 4 bits). Tiles of 4 registers (128
+  channels, 8 int32 accumulators) share each block's 2 table loads; weights are prefetched
+  :data:`PREFETCH_BYTES` ahead, since in a network they stream from DRAM;
 * ``"avx512bw"``: ``vpshufb`` on zmm (``llvm.x86.avx512.pshuf.b.512``): the 16-byte table is
   broadcast to the 4 lanes of the register (``vbroadcasti32x4``), so one lookup serves 64 output
   channels of one group; ``vpmaddubsw`` on zmm widens;
@@ -59,6 +71,11 @@ widened uint16 lanes come out as int32 vectors, so each int32 vector covers cons
 channels and is stored as one vector. The kernel reads the bytes in memory order; one load of
 ``lanes`` bytes gives the indices of two groups (``x & 15`` and ``x >> 4``). Inputs are padded
 with zeros to whole blocks and outputs to whole tiles (a zero index looks up ``T[0] = 0``).
+
+On the avx512vbmi path the packed weights are ``(tiles, blocks, w_bits, vec_tile, 64)``: byte
+``[b, k, p, r, 4s + g]`` holds the 4 bits of plane ``p`` of group ``4k + g`` for output channel
+``b * vec_tile * 32 + r * 32 + s`` (low nibble) and ``... + 16 + s`` (high nibble), ``s < 16``; the
+int32 accumulators come out in channel order.
 
 The PrimFunc takes ``(data uint8 (N, K), weights, *epilogue arguments, out (N, O))`` like the
 int8 and bit-serial dense kernels, and finishes through the shared :func:`output_stage`.
@@ -92,10 +109,18 @@ BLOCK_PLANE_MAX = 240 + 16 * 240
 #: Weight widths the lookup kernels take (a 4-bit plane group indexes a 16-entry table; wider
 #: weights are better served by the int8 kernels).
 LUT_W_BITS = (1, 2, 3, 4)
-#: Index bytes (= output channels) per lookup on each path, and the LLVM intrinsics it uses.
-LUT_LANES = {"avx512bw": 64, "avx2": 32, "scalar": 16}
+#: Output channels per weight register on each path (the index bytes of one lookup, except on
+#: avx512vbmi where 64 index bytes carry 16 channels x 4 groups, twice), and the LLVM intrinsics.
+LUT_LANES = {"avx512vbmi": 32, "avx512bw": 64, "avx2": 32, "scalar": 16}
+#: The paths from the most to the least demanding: a target runs its own path and every later one.
+LUT_PATHS = ("avx512vbmi", "avx512bw", "avx2", "scalar")
 _PSHUFB = {"avx512bw": "llvm.x86.avx512.pshuf.b.512", "avx2": "llvm.x86.avx2.pshuf.b"}
 _PMADDUBSW = {"avx512bw": "llvm.x86.avx512.pmaddubs.w.512", "avx2": "llvm.x86.avx2.pmadd.ub.sw"}
+_VPERMB = "llvm.x86.avx512.permvar.qi.512"
+_VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+#: Bytes of weights the avx512vbmi path prefetches ahead of the block it reads: enough lines in flight
+#: to cover DRAM latency at one core's bandwidth (~100 ns x 26 GB/s), as one tile's weights stream by.
+PREFETCH_BYTES = 4096
 #: Lookups (MACs * w_bits) below which one core beats two: waking the second thread costs microseconds.
 LUT_PARALLEL_MIN_LOOKUPS = 4_000_000
 #: int32 vector ``t`` of a widened register holds the bytes ``4l + b`` with ``t = _WIDEN_ORDER[b]``.
@@ -132,7 +157,7 @@ class LutPlan:
 
     shape: DenseShape
     w_bits: int
-    #: ``"avx512bw"``, ``"avx2"`` or ``"scalar"`` (:attr:`VectorIsa.lut`)
+    #: ``"avx512vbmi"``, ``"avx512bw"``, ``"avx2"`` or ``"scalar"`` (:attr:`VectorIsa.lut`)
     path: str
     #: Registers of ``lanes`` output channels per tile (the loop body's register tile).
     vec_tile: int
@@ -168,7 +193,9 @@ class LutPlan:
         return min(self.blocks, flush_blocks(self.w_bits))
 
     @property
-    def weight_shape(self) -> tuple[int, int, int, int, int, int]:
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.path == "avx512vbmi":  # one 64-byte register holds two nibbles of 32 channels x 4 groups
+            return (self.tiles, self.blocks, self.w_bits, self.vec_tile, 2 * self.lanes)
         return (self.tiles, self.blocks, self.w_bits, 2, self.vec_tile, self.lanes)
 
     @property
@@ -186,16 +213,21 @@ def plan_lut_dense(shape: DenseShape, w_bits: int, parallel: bool | None = None,
     w_bits = check_lut_bits(w_bits)
     isa = isa or vector_isa()
     path = path or isa.lut
-    if path not in LUT_LANES:
-        raise ValueError(f"unknown lookup path {path!r}; expected one of {tuple(LUT_LANES)}")
-    if path != "scalar" and path != isa.lut and not (path == "avx2" and isa.lut == "avx512bw"):
+    if path not in LUT_PATHS:
+        raise ValueError(f"unknown lookup path {path!r}; expected one of {LUT_PATHS}")
+    if LUT_PATHS.index(path) < LUT_PATHS.index(isa.lut):
         raise ValueError(f"lookup path {path!r} needs instructions this target lacks (its path is {isa.lut!r})")
     if shape.in_features * 255 * (2**w_bits - 1) >= 2**31:
         raise ValueError(f"in_features={shape.in_features} is too long for exact int32 sums at {w_bits} bits")
     regs = -(-shape.out_features // LUT_LANES[path])
-    # two registers per tile give the lookups of one table two independent chains, when the
-    # output channels fill them (avx2 keeps one: 16 ymm registers)
-    vec_tile = 2 if path == "avx512bw" and regs % 2 == 0 else 1
+    if path == "avx512vbmi":
+        # four registers (128 channels, 8 int32 accumulators) share each block's two table loads and
+        # give vpdpbusd eight independent chains; small layers take the largest tile they fill
+        vec_tile = 4 if regs >= 16 else next(t for t in (4, 2, 1) if regs % t == 0)
+    else:
+        # two registers per tile give the lookups of one table two independent chains, when the
+        # output channels fill them (avx2 keeps one: 16 ymm registers)
+        vec_tile = 2 if path == "avx512bw" and regs % 2 == 0 else 1
     if parallel is None:
         parallel = shape.macs * w_bits >= LUT_PARALLEL_MIN_LOOKUPS
     return LutPlan(shape, w_bits, path, vec_tile, bool(parallel), isa)
@@ -222,6 +254,11 @@ def pack_lut_weights(q: np.ndarray, w_bits: int, isa: VectorIsa | None = None,
     for p in range(plan.w_bits):
         for i in range(GROUP):
             nibbles[:, :, p] |= ((codes[:, :, i] >> p) & 1) << i
+    if plan.path == "avx512vbmi":
+        # byte [b, k, p, r, 4s + g]: group 4k + g of channel (b, r, s) low, of channel (b, r, 16 + s) high
+        nib = nibbles.reshape(plan.tiles, plan.vec_tile, 2, 16, plan.blocks, GROUP, plan.w_bits)
+        byte = nib[:, :, 0] | (nib[:, :, 1] << 4)  # (tiles, vec_tile, s, block, g, p)
+        return np.ascontiguousarray(byte.transpose(0, 3, 5, 1, 2, 4).reshape(plan.weight_shape))
     nib = nibbles.reshape(plan.out_pad, plan.blocks, 2, 2, plan.w_bits)  # (O', block, h, low/high, p)
     byte = (nib[:, :, :, 0] | (nib[:, :, :, 1] << 4)).astype(np.uint8)  # (O', block, h, p)
     lanes, tile = plan.lanes, plan.tile
@@ -388,6 +425,57 @@ def _vector_lookup_stmt(plan: LutPlan, tables, asum, w, acc):
     return ib.get()
 
 
+def _vpermb_lookup_stmt(plan: LutPlan, tables, asum, w, acc):
+    """The avx512vbmi path: per tile, batch row and block, two 64-byte tables (the low / high nibble
+    tables of the block's 4 groups), per weight register one ``& 15`` and one ``>> 4`` give two index
+    vectors, the group number ``g`` goes into bits 4-5 of byte ``4s + g``, and ``vpermb`` looks each up
+    in both tables; ``vpdpbusd`` multiplies the looked-up bytes by the plane weight (``2^p`` low,
+    ``2^(p+4)`` high) and adds the 4 groups into the int32 of channel ``s`` (module docstring)."""
+    vec_tile, w_bits, width = plan.vec_tile, plan.w_bits, 2 * plan.lanes
+    scale, offset = weight_scale_offset(w_bits)
+    vec = tirx.Ramp(tirx.const(0, "int32"), 1, width)
+    block_bytes = w_bits * vec_tile * width
+    ahead = max(1, PREFETCH_BYTES // block_bytes)  # blocks; past the tile it reads the next tile's
+    # bits 4-5 of byte 4s + g select table g: (0, 16, 32, 48) in every int32
+    select = tirx.reinterpret(f"uint8x{width}", tirx.Broadcast(tirx.const(0x30201000, "int32"), width // 4))
+    weight = {(p, hi): _u8((1 << p) << (4 * hi), width) for p in range(w_bits) for hi in (0, 1)}
+
+    with IRBuilder() as ib:
+        loop = T.parallel if plan.parallel and plan.tiles > 1 else T.serial
+        with loop(0, plan.tiles) as ob:
+            with T.serial(0, plan.shape.batch) as n:
+                acc32 = T.alloc_buffer((vec_tile, 2, 16), "int32", scope="local")
+                for r in range(vec_tile):
+                    for slot in (0, 1):
+                        T.buffer_store(acc32, tirx.Broadcast(tirx.const(0, "int32"), 16), [r, slot, tirx.Ramp(0, 1, 16)])
+                with T.serial(0, plan.blocks) as blk:
+                    table = [T.Bind(tables[n, blk, half, vec]) for half in (0, 1)]
+                    for p in range(w_bits):
+                        for r in range(vec_tile):
+                            if PREFETCH_BYTES:
+                                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                                              T.address_of(w[ob, blk + ahead, p, r, 0]), 0, 3, 1))
+                            packed = T.Bind(w[ob, blk, p, r, vec])
+                            indices = ((packed & _u8(15, width)) | select, (packed >> _u8(4, width)) | select)
+                            for slot, index in enumerate(indices):
+                                index = T.Bind(index)
+                                total = acc32[r, slot, tirx.Ramp(0, 1, 16)]
+                                for hi in (0, 1):
+                                    looked_up = T.call_llvm_pure_intrin(f"uint8x{width}", _VPERMB, table[hi], index)
+                                    total = T.call_llvm_pure_intrin("int32x16", _VPDPBUSD, total, weight[p, hi],
+                                                                    looked_up)
+                                T.buffer_store(acc32, total, [r, slot, tirx.Ramp(0, 1, 16)])
+                correction = tirx.Broadcast(asum[n] * tirx.const(offset, "int32"), 16)
+                for r in range(vec_tile):
+                    for slot in (0, 1):
+                        total = acc32[r, slot, tirx.Ramp(0, 1, 16)]
+                        if scale != 1:
+                            total = total * tirx.Broadcast(tirx.const(scale, "int32"), 16)
+                        base = ob * plan.tile + r * plan.lanes + 16 * slot
+                        T.buffer_store(acc, total - correction, [n, tirx.Ramp(base, 1, 16)])
+    return ib.get()
+
+
 def _scalar_lookup_stmt(plan: LutPlan, tables, asum, w, acc):
     """The generic path: the same tables and packed weights, one output channel at a time in plain TIR."""
     lanes, w_bits = plan.lanes, plan.w_bits
@@ -430,7 +518,7 @@ def lut_dense_tensors(plan: LutPlan, epilogue: Epilogue = PLAIN) -> list[te.Tens
         name="lut_tables", in_buffers=[x_buf],
         out_buffers=[tirx.decl_buffer(table_shape, "uint8", "tables"), tirx.decl_buffer((s.batch,), "int32", "asum")],
     )
-    lookup = _scalar_lookup_stmt if plan.path == "scalar" else _vector_lookup_stmt
+    lookup = {"scalar": _scalar_lookup_stmt, "avx512vbmi": _vpermb_lookup_stmt}.get(plan.path, _vector_lookup_stmt)
     acc = te.extern(
         (s.batch, plan.out_pad), [tables, asum, w],
         lambda ins, outs: lookup(plan, *ins, outs[0]),

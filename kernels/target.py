@@ -131,7 +131,8 @@ class VectorIsa:
     #: the int8 dot product: ``"avx512-vnni"`` (vpdpbusd on zmm), ``"avx-vnni"`` (vpdpbusd on
     #: ymm), or ``"pmaddwd"`` (AVX2 vpmaddwd on int16)
     int8: str
-    #: the lookup-table kernels' table lookup: ``"avx512bw"`` (vpshufb on zmm, 64 output channels
+    #: the lookup-table kernels' table lookup: ``"avx512vbmi"`` (vpermb on 64-byte tables and
+    #: vpdpbusd: AVX512-VBMI and AVX512-VNNI), ``"avx512bw"`` (vpshufb on zmm, 64 output channels
     #: per lookup), ``"avx2"`` (vpshufb on ymm, 32) or ``"scalar"`` (plain loads, no AVX2)
     lut: str = "scalar"
 
@@ -151,7 +152,12 @@ def vector_isa(target: tvm.target.Target | None = None) -> VectorIsa:
         int8 = "avx-vnni"
     else:
         int8 = "pmaddwd"
-    lut = "avx512bw" if {"avx512f", "avx512bw"} <= features else "avx2" if "avx2" in features else "scalar"
+    if {"avx512f", "avx512bw", "avx512vbmi", "avx512vnni"} <= features:
+        lut = "avx512vbmi"
+    elif {"avx512f", "avx512bw"} <= features:
+        lut = "avx512bw"
+    else:
+        lut = "avx2" if "avx2" in features else "scalar"
     if {"avx512f", "avx512vpopcntdq"} <= features:
         return VectorIsa("avx512-vpopcntdq", 8, 32, int8, lut)
     if "avx2" in features:

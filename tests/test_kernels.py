@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import releq_tvm.kernels as K
 from releq_tvm.kernels.bench import CSV_COLUMNS, bench_kernels, measure_popcount_peak
 from releq_tvm.kernels.encoding import WORD_BITS, bit_planes, pack_bits_along
+from releq_tvm.kernels.int8 import plan_int8_conv2d
 from releq_tvm.kernels.target import vector_isa
 
 SEED = 20240611
@@ -623,6 +624,92 @@ def test_pack_int8_weights_vnni_layout_puts_each_weight_where_the_docstring_says
     assert not packed[:, 2].reshape(2, 3, 2, 5, 16, 4)[:, :, :, :, og - 2 * tile:].any()
 
 
+#: AlexNet's conv1 (3 channels, 11x11, stride 4, padding 2) on a smaller image: 15x15 outputs
+CONV1_LIKE = K.ConvShape(3, 64, (63, 63), (11, 11), stride=4, padding=2)
+
+COLUMN_CASES = [
+    pytest.param("avx512-vnni", CONV1_LIKE, "NCHW", None, id="vnni_conv1_like"),
+    pytest.param("avx512-vnni", K.ConvShape(3, 20, (17, 13), (5, 5), padding=2), "NHWC", True, id="vnni_3ch_5x5_nhwc"),
+    pytest.param("avx512-vnni", K.ConvShape(4, 40, (9, 11), (3, 3), stride=(2, 1), padding=(1, 0), groups=2), "NCHW",
+                 None, id="vnni_2ch_per_group"),
+    pytest.param("avx-vnni", CONV1_LIKE, "NCHW", None, id="ymm_conv1_like"),
+    pytest.param("pmaddwd", CONV1_LIKE, "NCHW", None, id="pmaddwd_conv1_like"),
+    pytest.param("pmaddwd", K.ConvShape(6, 34, (10, 12), (7, 5), stride=(1, 3), padding=(3, 2), groups=2), "NHWC",
+                 False, id="pmaddwd_3ch_per_group_nhwc"),
+]
+
+
+def _int8_isa_and_target(int8: str):
+    """``(isa, target)`` running the ``int8`` path on this host (VNNI paths need a VNNI host)."""
+    if int8 == "pmaddwd":
+        return vector_isa("haswell"), K.make_target("haswell")
+    if HOST_INT8 != "avx512-vnni":
+        pytest.skip(f"this host's int8 path is {HOST_INT8!r}: {int8} runs only on an AVX-512 VNNI host here")
+    return dataclasses.replace(vector_isa(), int8=int8), K.host_target()  # avx-vnni: its AVX512-VL encoding
+
+
+@pytest.mark.parametrize("int8, shape, layout, parallel", COLUMN_CASES)
+def test_int8_column_mode_is_exact(int8, shape, layout, parallel):
+    """Few-channel inputs pack (kernel column, channel) terms into one dot block; blocks that run
+    past a kernel row read the next image column, which the zero weights must cancel."""
+    import tvm
+
+    isa, target = _int8_isa_and_target(int8)
+    plan = plan_int8_conv2d(shape, layout, parallel, isa)
+    dot = 4 if int8 != "pmaddwd" else 2
+    kw, cg = shape.kernel[1], shape.in_per_group
+    assert plan.mode == "column" and plan.weight_shape[3:5] == (1, -(-(kw * cg) // dot))
+    func = K.int8_conv2d_primfunc(shape, layout, parallel, isa)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    assert ("vpmaddwd" if int8 == "pmaddwd" else "vpdpbusd") in lib.mod.inspect_source("s")
+    x, q = _full_range(rng_for("int8column", int8, shape, layout), shape, layout)
+    out = tvm.runtime.tensor(np.zeros(shape.output_shape(layout), np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(K.pack_int8_weights(q, shape.groups, isa=isa)), out)
+    np.testing.assert_array_equal(out.numpy(), K.conv2d_reference(x, q, shape, layout))
+
+
+def test_int8_column_mode_only_where_it_saves_product_slots():
+    vnni, avx2 = vector_isa("znver4"), vector_isa("haswell")
+    assert K.int8_weight_shape(K.ConvShape(3, 64, (224, 224), (11, 11)), vnni) == ("column", (1, 1, 11, 1, 9, 256))
+    assert K.int8_weight_shape(K.ConvShape(3, 64, (224, 224), (11, 11)), avx2)[0] == "column"  # 34 slots, not 44
+    assert K.int8_weight_shape(K.ConvShape(3, 16, (8, 8), (3, 3)), vnni)[0] == "channel"  # 12 slots either way
+    assert K.int8_weight_shape(K.ConvShape(2, 16, (8, 8), (3, 3)), avx2)[0] == "channel"  # pairs fill exactly
+    assert K.int8_weight_shape(K.ConvShape(5, 16, (8, 8), (7, 7)), vnni)[0] == "channel"  # not an image input
+    assert K.int8_weight_shape(K.ConvShape(1, 16, (8, 8), (5, 5)), vnni)[0] == "window"
+
+
+def test_pack_int8_weights_column_layout_puts_each_weight_where_the_docstring_says():
+    """Term ``f = j * cg + c`` of kernel row ``i`` at ``[g, o // tile, i, 0, f // 4, 4 * (o % tile) + f % 4]``."""
+    isa = vector_isa("znver4")
+    shape = K.ConvShape(6, 34, (8, 8), (3, 5), groups=2)  # per group: 3 channels x 5 columns = 15 terms -> 4 blocks
+    mode, wshape = K.int8_weight_shape(shape, isa)
+    assert (mode, wshape) == ("column", (2, 1, 3, 1, 4, 128))
+    rng = rng_for("int8column_layout")
+    q = rng.integers(-128, 128, size=shape.weight_shape())
+    packed = K.pack_int8_weights(q, shape.groups, isa=isa)
+    assert packed.shape == wshape and packed.dtype == np.int8
+    tile, og, cg = 32, shape.out_per_group, shape.in_per_group
+    for o, c, i, j in zip(*(rng.integers(0, n, 40) for n in q.shape)):
+        g, ol = divmod(int(o), og)
+        f = j * cg + c
+        assert packed[g, ol // tile, i, 0, f // 4, 4 * (ol % tile) + f % 4] == q[o, c, i, j]
+    # padding: term 15 and outputs 17..31 of each group are zero
+    blocks = packed.reshape(2, 1, 3, 1, 4, tile, 4)
+    assert not blocks[:, :, :, :, 3, :, 3].any() and not blocks[:, :, :, :, :, og:].any()
+
+
+@pytest.mark.parametrize("cpu", ["znver4", "icelake-server"])
+def test_int8_column_mode_compiles_to_vpdpbusd_on_zmm_without_spills(cpu):
+    """Any host. The kernel rows are the inner reduction loop: with the blocks innermost, LLVM
+    unrolled them and kept the overlapping activation broadcasts of neighbouring columns live,
+    spilling zmm registers to the stack in the product loop."""
+    kernel = K.build_int8_conv2d(K.ConvShape(3, 64, (224, 224), (11, 11), stride=4, padding=2), target=cpu)
+    assert kernel.weight_shape == (1, 1, 11, 1, 9, 256)
+    asm = kernel.module.inspect_source("s")
+    assert re.search(r"vpdpbusd\s[^\n]*zmm", asm) and "vpmaddwd" not in asm
+    assert not re.search(r"vmov\w*\s+%zmm\d+, -?\d*\(%rsp\)", asm)
+
+
 # ------------------------------------------------------------------------------------------
 # the API the compile stage uses
 
@@ -929,6 +1016,25 @@ def test_fused_epilogue_equals_the_numpy_steps(family, epilogue):
             assert (expected > 0).any() and ((expected == 0) if epilogue.relu else (expected < 0)).any()
         if epilogue.residual and not epilogue.quantize_bits:
             assert expected.max() == 2**31 - 1  # the saturating add
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES[1:3], ids=lambda e: e.label)
+def test_fused_epilogue_on_the_int8_column_layout(epilogue):
+    """The column layout (few input channels) feeds the same out stage: AlexNet's conv1-like shape."""
+    import tvm
+
+    shape = CONV1_LIKE
+    assert plan_int8_conv2d(shape).mode == "column"
+    rng = rng_for("epilogue_column", epilogue.label)
+    func = K.int8_conv2d_primfunc(shape, epilogue=epilogue)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.host_target())
+    x, q = _full_range(rng, shape)
+    acc = K.conv2d_reference(x, q, shape)
+    extra = _epilogue_args(epilogue, rng, acc)
+    out = np.zeros(acc.shape, dtype=epilogue.out_dtype)
+    tensors = [tvm.runtime.tensor(a) for a in (x, K.pack_int8_weights(q, isa=K.vector_isa()), *extra.values(), out)]
+    lib["main"](*tensors)
+    np.testing.assert_array_equal(tensors[-1].numpy(), K.epilogue_reference(epilogue, acc, 1, **extra))
 
 
 @pytest.mark.parametrize("pos_tile", [1, 3, 8])

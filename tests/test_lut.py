@@ -1,9 +1,9 @@
 """The lookup-table dense kernels (``releq_tvm.kernels.lut``): bit-exact against numpy on every
 instruction path this host runs, codegen checks for the other paths on any host.
 
-Each path is built for a CPU that has just its instructions (AVX-512 path for the host when it
-has AVX-512BW, the AVX2 path for ``haswell``, the scalar path for generic ``x86-64``), so the AVX2
-and scalar code that AVX2-only and older hosts would run is the code tested here.
+Each path is built for a CPU that has just its instructions (the host's own path, ``skylake-avx512``
+for the vpshufb AVX-512 path under a VBMI host, ``haswell`` for AVX2, generic ``x86-64`` for the
+scalar path), so the code that older hosts would run is the code tested here.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from releq_tvm.kernels.encoding import bit_planes
 
 SEED = 20260119
 HOST_LUT = K.vector_isa().lut
-#: the CPU each path is built for, and whether this host can run it
-PATH_CPU = {"avx512bw": "host", "avx2": "host" if HOST_LUT == "avx2" else "haswell", "scalar": "x86-64"}
-RUNNABLE = {"scalar": True, "avx2": HOST_LUT in ("avx2", "avx512bw"), "avx512bw": HOST_LUT == "avx512bw"}
-PATHS = ("avx512bw", "avx2", "scalar")
-#: a CPU with each path, for packing and codegen checks that need no execution
-PATH_CODEGEN_CPU = {"avx512bw": "znver4", "avx2": "haswell", "scalar": "x86-64"}
+PATHS = L.LUT_PATHS
+#: a CPU with each path (and none of the paths before it), for packing and codegen checks that need no execution
+PATH_CODEGEN_CPU = {"avx512vbmi": "znver4", "avx512bw": "skylake-avx512", "avx2": "haswell", "scalar": "x86-64"}
+#: the CPU each path is built for, and whether this host can run it (a host runs its path and every later one)
+PATH_CPU = {path: "host" if path == HOST_LUT else cpu for path, cpu in PATH_CODEGEN_CPU.items()}
+RUNNABLE = {path: PATHS.index(path) >= PATHS.index(HOST_LUT) for path in PATHS}
 
 
 def rng_for(*key) -> np.random.Generator:
@@ -124,6 +124,20 @@ def _unpack(packed: np.ndarray, plan: L.LutPlan) -> np.ndarray:
     return u
 
 
+def _unpack_vpermb(packed: np.ndarray, plan: L.LutPlan) -> np.ndarray:
+    """The same for the avx512vbmi layout: byte ``[b, k, p, r, 4s + g]``, channels ``s`` (low) and ``16 + s`` (high)."""
+    tiles, blocks, w_bits, vec_tile, width = packed.shape
+    u = np.zeros((plan.out_pad, blocks * L.BLOCK), dtype=np.int64)
+    for b, k, p, r, xb in np.ndindex(packed.shape):
+        s, g = divmod(xb, 4)
+        byte = int(packed[b, k, p, r, xb])
+        for half, nibble in enumerate((byte & 15, byte >> 4)):
+            o = b * plan.tile + r * 32 + 16 * half + s
+            for i in range(4):
+                u[o, 4 * (4 * k + g) + i] += ((nibble >> i) & 1) << p
+    return u
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("w_bits", [1, 3])
 def test_pack_lut_weights_puts_each_bit_where_the_docstring_says(path, w_bits):
@@ -133,7 +147,7 @@ def test_pack_lut_weights_puts_each_bit_where_the_docstring_says(path, w_bits):
     packed = K.pack_lut_weights(q, w_bits, isa, path)
     plan = K.plan_lut_dense(shape, w_bits, isa=isa, path=path)
     assert packed.dtype == np.uint8 and packed.shape == plan.weight_shape and packed.flags.c_contiguous
-    u = _unpack(packed, plan)
+    u = (_unpack_vpermb if path == "avx512vbmi" else _unpack)(packed, plan)
     np.testing.assert_array_equal(u[:70, :37], K.encode_weights(q, w_bits))
     assert not u[70:].any() and not u[:, 37:].any()  # padding is code 0: it looks up T[0] = 0
 
@@ -155,6 +169,7 @@ SHAPES = [
     K.DenseShape(70, 37, batch=3),  # K not a multiple of 4, O below one register
     K.DenseShape(100, 200),  # K a multiple of 4 but not of a block, O not a multiple of a register
     K.DenseShape(300, 96, batch=3),  # several uint16 flushes plus a partial one
+    K.DenseShape(333, 4 * 128 + 32),  # K odd; several 128-channel avx512vbmi tiles, the last one padded
 ]
 
 
@@ -253,6 +268,10 @@ def test_errors_say_what_to_pass():
         K.plan_lut_dense(K.DenseShape(64, 64), 5)
     with pytest.raises(ValueError, match="lacks"):
         K.plan_lut_dense(K.DenseShape(64, 64), 2, isa=K.vector_isa("haswell"), path="avx512bw")
+    with pytest.raises(ValueError, match="lacks"):
+        K.plan_lut_dense(K.DenseShape(64, 64), 2, isa=K.vector_isa("cascadelake"), path="avx512vbmi")
+    with pytest.raises(ValueError, match="unknown lookup path"):
+        K.plan_lut_dense(K.DenseShape(64, 64), 2, path="avx512")
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         K.pack_lut_weights(np.full((4, 16), 2), 2)
     with pytest.raises(ValueError, match="-1 or \\+1"):
@@ -273,15 +292,33 @@ def _assembly(cpu: str, w_bits: int = 2, shape=K.DenseShape(512, 256)) -> str:
 
 
 @pytest.mark.parametrize("cpu, path", [
-    ("znver4", "avx512bw"), ("skylake-avx512", "avx512bw"), ("icelake-server", "avx512bw"),
+    ("znver4", "avx512vbmi"), ("icelake-server", "avx512vbmi"), ("sapphirerapids", "avx512vbmi"),
+    ("skylake-avx512", "avx512bw"), ("cascadelake", "avx512bw"),  # VNNI without VBMI: no vpermb
     ("haswell", "avx2"), ("alderlake", "avx2"), ("x86-64", "scalar"),
 ])
 def test_lookup_path_follows_the_target(cpu, path):
     assert K.vector_isa(cpu).lut == path
 
 
+@pytest.mark.parametrize("cpu", ["znver4", "icelake-server"])
+@pytest.mark.parametrize("w_bits", [1, 4])
+def test_vbmi_path_looks_up_with_vpermb_and_accumulates_with_vpdpbusd(cpu, w_bits):
+    asm = _assembly(cpu, w_bits)
+    # per block, plane and register: 2 index vectors x (low, high) tables, each one vpermb + one vpdpbusd
+    assert len(re.findall(r"vpermb\s+%zmm\d+, %zmm\d+, %zmm\d+", asm)) >= 4 * w_bits * 4
+    assert len(re.findall(r"vpdpbusd\s+%zmm\d+, %zmm\d+, %zmm\d+", asm)) >= 4 * w_bits * 4
+    assert "prefetcht0" in asm
+    assert not re.search(r"vpshufb\s+%zmm", asm) and "vpmaddubsw" not in asm
+
+
+@pytest.mark.parametrize("cpu", ["haswell", "skylake-avx512", "cascadelake", "x86-64"])
+def test_targets_without_vbmi_and_vnni_get_no_vpermb_or_vpdpbusd(cpu):
+    asm = _assembly(cpu)
+    assert "vpermb" not in asm and "vpdpbusd" not in asm
+
+
 def test_avx512_path_looks_up_64_channels_per_zmm_vpshufb():
-    asm = _assembly("znver4")
+    asm = _assembly("skylake-avx512")
     # 4 groups x 2 nibble tables x 2 planes x 2 registers per block, the tables broadcast to every lane
     assert len(re.findall(r"vpshufb\s+%zmm\d+, %zmm\d+, %zmm\d+", asm)) >= 32
     assert re.search(r"vpmaddubsw\s+[^\n]*%zmm", asm) and re.search(r"vbroadcasti32x4\s", asm)
