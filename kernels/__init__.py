@@ -8,7 +8,7 @@ returns exact int32 results. Import it as ``releq_tvm.kernels``.
   weight layouts and :func:`pack_weights`;
 * :mod:`.bitserial`: the bit-serial TE computes + TensorIR schedules and their PrimFuncs;
 * :mod:`.int8`: the plain int8 kernels (``vpdpbusd`` on AVX-512 VNNI / AVX-VNNI, else AVX2 ``vpmaddwd``);
-* :mod:`.lut`: the lookup-table dense kernels for 1-4 bit weights (T-MAC style tables: ``vpermb`` + ``vpdpbusd`` on AVX512-VBMI/VNNI, ``vpshufb`` otherwise);
+* :mod:`.lut`: the lookup-table dense kernels for 1-4 bit weights (T-MAC style ``vpshufb``/``vpermb`` tables, and on AVX512-VBMI/VNNI the packed codes multiplied directly by ``vpdpbusd``);
 * :mod:`.epilogue`: the output stage (requantize, residual, ReLU, next quantizer) as data;
 * :mod:`.common`: TE helpers both share (layouts, padded input reads);
 * :mod:`.reference`: int64 numpy references;

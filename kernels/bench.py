@@ -29,7 +29,8 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-from .int8 import INT32_LANES, _replace_with_pmaddwd, _replace_with_vpdpbusd
+from .common import dense_as_conv
+from .int8 import INT32_LANES, _replace_with_pmaddwd, _replace_with_vpdpbusd, int8_weight_shape
 from .lut import plan_lut_dense
 from .runtime import (
     BuiltKernel,
@@ -320,11 +321,17 @@ def _layer_kernels(shape, bit_pairs: Sequence[tuple[int, int]], lut_w_bits: Sequ
 
 
 def _mode(kernel: BuiltKernel) -> str:
-    if kernel.family in ("int8", "lut"):
-        return kernel.family
+    """The kernel's weight layout or method: bit-serial ``conv``/``dense`` layouts, int8 ``channel``/
+    ``column``/``window``, lut ``lookup``/``unpack``."""
+    isa = vector_isa(tvm.target.Target(kernel.target))
+    if kernel.family == "lut":
+        return plan_lut_dense(kernel.shape, kernel.w_bits, kernel.parallel, isa).method
+    if kernel.family == "int8":
+        shape = dense_as_conv(kernel.shape) if isinstance(kernel.shape, DenseShape) else kernel.shape
+        return int8_weight_shape(shape, isa)[0]
     from .encoding import conv_weight_layout, dense_weight_layout
 
-    lanes = vector_isa(tvm.target.Target(kernel.target)).uint64_lanes
+    lanes = isa.uint64_lanes
     if isinstance(kernel.shape, DenseShape):
         return dense_weight_layout(kernel.shape, kernel.w_bits, lanes).mode
     return conv_weight_layout(kernel.shape, kernel.w_bits, lanes).mode

@@ -1,4 +1,5 @@
-r"""Lookup-table dense kernels (T-MAC style) for 1-4 bit weights and 8-bit activations.
+r"""Lookup-table dense kernels (T-MAC style) for 1-4 bit weights and 8-bit activations, and the
+unpack method that multiplies the packed codes directly where ``vpdpbusd`` makes that faster.
 
 ``y[n, o] = sum_k x[n, k] * q[o, k]`` with ``x`` uint8 levels and ``q`` signed ``w_bits`` levels in
 the bit-serial encoding of :mod:`releq_tvm.kernels.encoding` (``q = s*u - M``, ``u`` unsigned
@@ -42,7 +43,8 @@ inside a tile, so a tile's weights are read from memory once per call.
 
 Instruction paths (:attr:`VectorIsa.lut`)
 ------------------------------------------
-* ``"avx512vbmi"`` (AVX512-VBMI and AVX512-VNNI): the two tables of a block are each one 64-byte
+* ``"avx512vbmi"`` (AVX512-VBMI and AVX512-VNNI): by default the unpack method (below); with
+  ``method="lookup"`` (and for reductions too long for the unpack) the two tables of a block are each one 64-byte
   register (group ``j``'s 16 entries at bytes ``16j..16j+15``) and ``vpermb``
   (``llvm.x86.avx512.permvar.qi.512``) looks up all four groups at once: index byte ``4s + g``
   carries the nibble of group ``g`` for channel ``s`` and ``16 g`` in bits 4-5. ``vpdpbusd``
@@ -76,6 +78,31 @@ On the avx512vbmi path the packed weights are ``(tiles, blocks, w_bits, vec_tile
 ``[b, k, p, r, 4s + g]`` holds the 4 bits of plane ``p`` of group ``4k + g`` for output channel
 ``b * vec_tile * 32 + r * 32 + s`` (low nibble) and ``... + 16 + s`` (high nibble), ``s < 16``; the
 int32 accumulators come out in channel order.
+
+The unpack method (:attr:`LutPlan.method`, :func:`lut_method`)
+-------------------------------------------------------------
+On AVX512-VNNI the codes need no tables: ``vpdpbusd`` (``llvm.x86.avx512.vpdpbusd.512``) multiplies 64
+uint8 activations by 64 int8 bytes and adds each 4 into an int32 lane, so a weight byte whose bits are
+cut into fields (:data:`UNPACK_FIELDS`: two 4-bit codes, four 2-bit, eight 1-bit, or the 3-bit mix of
+3 + 3 + 2 / 3 + 3 + 1 + 1 / 3 + 3 + 2 bits per 3 bytes, two codes split into 2 low bits and 1 high bit)
+multiplies all its codes at once if its fields are taken apart *after* the sums. Byte ``4s + j`` of a
+weight vector holds input ``4g + j`` of 16-channel slot ``s``'s channels, one field per slot; the 4
+inputs of group ``g`` are broadcast to every int32 lane (``vpbroadcastd``). With fields starting at
+bits ``b_0 = 0 < b_1 < ...``, vector ``v`` (bit 7 flipped, see below) and ``m_i`` the mask of bits
+``b_i..7``, ``vpdpbusd`` adds ``int8(v & m_i) * x`` into accumulator ``i`` (``v`` itself for ``i = 0``):
+``F`` products and ``F - 1`` ands per 64 weight bytes (4 bits: 2 and 1). As ``int8(v & m_i)`` is
+``(raw & m_i) - 128``, accumulator ``i`` minus accumulator ``i + 1`` is ``2^b_i`` times the sum of
+field ``i``, and the top field's sum is ``(acc >> b_top) + (128 >> b_top) * sum x``: exact shifts of
+exact int32 sums, since every byte is in ``[-128, 127]`` (any ``in_features`` below 65,793,
+:func:`unpack_fits`). Codes are then ``sum_fields 2^code bit * field`` per slot, and ``s * sum u x -
+M * sum x`` is stored as on the lookup paths. A tile is :data:`UNPACK_SLOTS` slots (128 channels,
+``w_bits`` vectors per group, 8 to 10 accumulators); tiles are the parallel loop and stream their
+weights once; no software prefetch (:data:`UNPACK_PREFETCH_BYTES`).
+
+Packed weights ``(tiles, 4 * blocks, w_bits, 64)``: byte ``[b, g, v, 4s + j]`` is ``0x80 ^ sum_fields
+(((u >> code bit) & (2^bits - 1)) << first bit)`` over vector ``v``'s fields ``(first bit, bits, slot,
+code bit)``, with ``u`` the code of output channel ``128 b + 16 slot + s`` at input ``4g + j`` (0 past
+the ends): ``w_bits / 8`` bytes per weight, as the lookups.
 
 The PrimFunc takes ``(data uint8 (N, K), weights, *epilogue arguments, out (N, O))`` like the
 int8 and bit-serial dense kernels, and finishes through the shared :func:`output_stage`.
@@ -121,6 +148,36 @@ _VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 #: Bytes of weights the avx512vbmi path prefetches ahead of the block it reads: enough lines in flight
 #: to cover DRAM latency at one core's bandwidth (~100 ns x 26 GB/s), as one tile's weights stream by.
 PREFETCH_BYTES = 4096
+#: How a plan computes: ``"lookup"`` (the tables above) or ``"unpack"`` (codes unpacked in registers and
+#: multiplied by ``vpdpbusd``, see "The unpack method").
+LUT_METHODS = ("lookup", "unpack")
+#: Weight widths the unpack method serves by default on the avx512vbmi path: all, since it beat the vpermb
+#: lookups side by side at each (AlexNet fc6/fc7, batch 1, cold weights, Zen 4: ~1.15x at 4 bits, ~1.3x at 2,
+#: ~1.1-1.2x at 3, ~1.05-1.1x at 1, where one lookup plane needs only 4 vpermb + 4 vpdpbusd per 512 weights
+#: against the unpack's 8 vpdpbusd). The lookups remain for targets without AVX512-VNNI and for reductions
+#: too long for the unpack's int32 sums.
+UNPACK_W_BITS = (1, 2, 3, 4)
+#: The unpack method's fields, per weight width: the ``w_bits`` 64-byte vectors that hold one group of 4
+#: inputs for a tile of :data:`UNPACK_SLOTS` x 16 output channels, each a tuple of fields
+#: ``(first bit, bits, slot, code bit)``: bits ``first .. first + bits - 1`` of byte ``4s + j`` hold bits
+#: ``code bit ..`` of the code of output channel ``16 slot + s`` at input ``4 group + j``. 3-bit codes take
+#: 3 bytes per 8 channels: six whole codes, and two split into 2 low bits and 1 high bit.
+UNPACK_FIELDS = {
+    1: (tuple((i, 1, i, 0) for i in range(8)),),
+    2: tuple(tuple((2 * i, 2, 4 * v + i, 0) for i in range(4)) for v in range(2)),
+    3: (((0, 3, 0, 0), (3, 3, 1, 0), (6, 2, 6, 0)),
+        ((0, 3, 2, 0), (3, 3, 3, 0), (6, 1, 6, 2), (7, 1, 7, 2)),
+        ((0, 3, 4, 0), (3, 3, 5, 0), (6, 2, 7, 0))),
+    4: tuple(((0, 4, 2 * v, 0), (4, 4, 2 * v + 1, 0)) for v in range(4)),
+}
+#: Output channel slots (of 16, one int32 vector each) per tile of the unpack method: 128 channels.
+UNPACK_SLOTS = 8
+#: Largest magnitude of a byte the unpack method multiplies (a signed byte); with activations up to 255 an
+#: int32 accumulator stays exact below ``2^31 / (255 * 128)`` = 65,793 inputs.
+UNPACK_BYTE_MAX = 128
+#: The same for the unpack method: 0, no software prefetch (its tiles stream linearly and the hardware
+#: prefetcher keeps up; prefetching 4 KiB ahead made AlexNet fc6 at 4 bits ~15 % slower on Zen 4).
+UNPACK_PREFETCH_BYTES = 0
 #: Lookups (MACs * w_bits) below which one core beats two: waking the second thread costs microseconds.
 LUT_PARALLEL_MIN_LOOKUPS = 4_000_000
 #: int32 vector ``t`` of a widened register holds the bytes ``4l + b`` with ``t = _WIDEN_ORDER[b]``.
@@ -163,11 +220,13 @@ class LutPlan:
     vec_tile: int
     parallel: bool
     isa: VectorIsa
+    #: ``"lookup"`` or ``"unpack"`` (:func:`lut_method`)
+    method: str = "lookup"
 
     @property
     def lanes(self) -> int:
-        """Output channels per lookup (index bytes of one register)."""
-        return LUT_LANES[self.path]
+        """Output channels per lookup (index bytes of one register); per int32 accumulator when unpacking."""
+        return 16 if self.method == "unpack" else LUT_LANES[self.path]
 
     @property
     def tile(self) -> int:
@@ -194,6 +253,8 @@ class LutPlan:
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
+        if self.method == "unpack":  # w_bits 64-byte vectors per group of 4 inputs and tile
+            return (self.tiles, GROUPS_PER_BLOCK * self.blocks, self.w_bits, 64)
         if self.path == "avx512vbmi":  # one 64-byte register holds two nibbles of 32 channels x 4 groups
             return (self.tiles, self.blocks, self.w_bits, self.vec_tile, 2 * self.lanes)
         return (self.tiles, self.blocks, self.w_bits, 2, self.vec_tile, self.lanes)
@@ -203,12 +264,26 @@ class LutPlan:
         return int(np.prod(self.weight_shape))
 
 
+def unpack_fits(shape: DenseShape) -> bool:
+    """Whether the unpack method's int32 sums stay exact for ``shape`` (:data:`UNPACK_BYTE_MAX`)."""
+    return -(-shape.in_features // BLOCK) * BLOCK * 255 * UNPACK_BYTE_MAX < 2**31
+
+
+def lut_method(isa: VectorIsa, w_bits: int, path: str | None = None, shape: DenseShape | None = None) -> str:
+    """``"unpack"`` where it is the faster method: the avx512vbmi path (whose targets have AVX512-VNNI)
+    at :data:`UNPACK_W_BITS` and a reduction short enough for its int32 sums; ``"lookup"`` elsewhere."""
+    path = path or isa.lut
+    fits = shape is None or unpack_fits(shape)
+    return "unpack" if path == "avx512vbmi" and check_lut_bits(w_bits) in UNPACK_W_BITS and fits else "lookup"
+
+
 def plan_lut_dense(shape: DenseShape, w_bits: int, parallel: bool | None = None,
-                   isa: VectorIsa | None = None, path: str | None = None) -> LutPlan:
+                   isa: VectorIsa | None = None, path: str | None = None, method: str | None = None) -> LutPlan:
     """The tiling of a lookup-table dense layer for ``isa`` (default: this host's, :func:`vector_isa`).
 
     ``path`` overrides ``isa.lut`` with a path the target also runs (``"scalar"`` always runs; a
-    vector path needs its instructions). ``parallel=None`` uses all cores only for big layers.
+    vector path needs its instructions); ``method`` overrides :func:`lut_method` (``"unpack"`` needs
+    an AVX-512 path and AVX512-VNNI). ``parallel=None`` uses all cores only for big layers.
     """
     w_bits = check_lut_bits(w_bits)
     isa = isa or vector_isa()
@@ -217,8 +292,22 @@ def plan_lut_dense(shape: DenseShape, w_bits: int, parallel: bool | None = None,
         raise ValueError(f"unknown lookup path {path!r}; expected one of {LUT_PATHS}")
     if LUT_PATHS.index(path) < LUT_PATHS.index(isa.lut):
         raise ValueError(f"lookup path {path!r} needs instructions this target lacks (its path is {isa.lut!r})")
+    method = method or lut_method(isa, w_bits, path, shape)
+    if method not in LUT_METHODS:
+        raise ValueError(f"unknown lut method {method!r}; expected one of {LUT_METHODS}")
     if shape.in_features * 255 * (2**w_bits - 1) >= 2**31:
         raise ValueError(f"in_features={shape.in_features} is too long for exact int32 sums at {w_bits} bits")
+    if method == "unpack":
+        if path not in ("avx512vbmi", "avx512bw") or isa.int8 != "avx512-vnni":
+            raise ValueError(f"the unpack method needs AVX-512 and AVX512-VNNI (zmm vpdpbusd); this target's lookup "
+                             f"path is {path!r} and its int8 dot product {isa.int8!r}: use method='lookup'")
+        if not unpack_fits(shape):
+            raise ValueError(f"in_features={shape.in_features} is too long for the unpack method's exact int32 sums "
+                             "(below 65,793): use method='lookup'")
+        vec_tile = UNPACK_SLOTS
+        if parallel is None:
+            parallel = shape.macs * w_bits >= LUT_PARALLEL_MIN_LOOKUPS
+        return LutPlan(shape, w_bits, path, vec_tile, bool(parallel), isa, method)
     regs = -(-shape.out_features // LUT_LANES[path])
     if path == "avx512vbmi":
         # four registers (128 channels, 8 int32 accumulators) share each block's two table loads and
@@ -230,14 +319,14 @@ def plan_lut_dense(shape: DenseShape, w_bits: int, parallel: bool | None = None,
         vec_tile = 2 if path == "avx512bw" and regs % 2 == 0 else 1
     if parallel is None:
         parallel = shape.macs * w_bits >= LUT_PARALLEL_MIN_LOOKUPS
-    return LutPlan(shape, w_bits, path, vec_tile, bool(parallel), isa)
+    return LutPlan(shape, w_bits, path, vec_tile, bool(parallel), isa, method)
 
 
 def pack_lut_weights(q: np.ndarray, w_bits: int, isa: VectorIsa | None = None,
-                     path: str | None = None) -> np.ndarray:
+                     path: str | None = None, method: str | None = None) -> np.ndarray:
     """Lay out signed weight levels ``q`` (``(out_features, in_features)``) for the lookup kernel.
 
-    ``isa``/``path`` as in :func:`plan_lut_dense` (pack with the plan the kernel was built from);
+    ``isa``/``path``/``method`` as in :func:`plan_lut_dense` (pack with the plan the kernel was built from);
     returns a C-contiguous uint8 array shaped ``plan.weight_shape`` (see the module docstring),
     ``w_bits * K * O / 8`` bytes up to padding. Raises ``ValueError`` for levels off the grid.
     """
@@ -245,9 +334,11 @@ def pack_lut_weights(q: np.ndarray, w_bits: int, isa: VectorIsa | None = None,
     if q.ndim != 2:
         raise ValueError(f"dense weights must be (out_features, in_features); got shape {q.shape}")
     o, k = q.shape
-    plan = plan_lut_dense(DenseShape(k, o), w_bits, False, isa, path)
+    plan = plan_lut_dense(DenseShape(k, o), w_bits, False, isa, path, method)
     u = np.zeros((plan.out_pad, plan.blocks * BLOCK), dtype=np.uint8)
     u[:o, :k] = encode_weights(q, plan.w_bits)
+    if plan.method == "unpack":
+        return _pack_unpack_weights(u, plan)
     # the index of plane p over group t: bit i is plane p of input 4t + i
     codes = u.reshape(plan.out_pad, -1, GROUP)  # (O', groups, i)
     nibbles = np.zeros(codes.shape[:2] + (plan.w_bits,), dtype=np.uint8)
@@ -269,6 +360,19 @@ def pack_lut_weights(q: np.ndarray, w_bits: int, isa: VectorIsa | None = None,
     return np.ascontiguousarray(packed.transpose(0, 3, 5, 4, 1, 2))
 
 
+def _pack_unpack_weights(u: np.ndarray, plan: LutPlan) -> np.ndarray:
+    """The unpack method's bytes (module docstring): fields of :data:`UNPACK_FIELDS`, then bit 7 flipped."""
+    codes = u.reshape(plan.tiles, UNPACK_SLOTS, 16, -1, GROUP)  # (tile, slot, s, group, j)
+    packed = np.zeros(plan.weight_shape, dtype=np.uint8)  # (tile, group, vector, 4s + j)
+    for v, fields in enumerate(UNPACK_FIELDS[plan.w_bits]):
+        byte = np.zeros((plan.tiles, codes.shape[3], 16, GROUP), dtype=np.uint8)  # (tile, group, s, j)
+        for first, bits, slot, code_bit in fields:
+            field = (codes[:, slot] >> code_bit) & ((1 << bits) - 1)  # (tile, s, group, j)
+            byte |= (field << first).transpose(0, 2, 1, 3).astype(np.uint8)
+        packed[:, :, v] = byte.reshape(plan.tiles, -1, 16 * GROUP) ^ 0x80
+    return packed
+
+
 # --------------------------------------------------------------------------------------------
 # TIR: tables, then lookups; the output stage is the shared TE epilogue
 
@@ -286,8 +390,6 @@ def _int8_pairs(weight: int, odd: bool, lanes: int):
 def _table_stmt(plan: LutPlan, x, tables, asum):
     """Fill ``tables[n, block, half, 16j + e]`` (uint8, the low / high nibble sums of group ``4 block + j``)
     and ``asum[n] = sum_k x[n, k]`` (int32)."""
-    k, n_rows = plan.shape.in_features, plan.shape.batch
-    full, tail = divmod(k, BLOCK)
     ramp64 = tirx.Ramp(tirx.const(0, "int32"), 1, 64)
     # mask_i: lane 16j + e is 0xff where bit i of e is set (LLVM folds this to a constant vector)
     masks = [tirx.Cast("uint8x64", (ramp64 >> i) & 1) * _u8(255, 64) for i in range(GROUP)]
@@ -305,6 +407,14 @@ def _table_stmt(plan: LutPlan, x, tables, asum):
                 total = total + (nib[half, i] & masks[i])
             T.buffer_store(tables, total, [n, blk, half, tirx.Ramp(0, 1, 64)])
 
+    return _activation_blocks(plan, x, asum, block)
+
+
+def _activation_blocks(plan: LutPlan, x, asum, block):
+    """Per batch row ``n``, ``block(n, blk, a16)`` for each block of 16 activations ``a16`` (uint8x16, the
+    inputs past the end read as zero), and ``asum[n] = sum_k x[n, k]`` (int32)."""
+    k, n_rows = plan.shape.in_features, plan.shape.batch
+    full, tail = divmod(k, BLOCK)
     with IRBuilder() as ib:
         with T.serial(0, n_rows) as n:
             lane_sum = T.alloc_buffer((16,), "int32", scope="local")
@@ -327,6 +437,72 @@ def _table_stmt(plan: LutPlan, x, tables, asum):
             for i in range(1, 16):
                 total = total + lane_sum[i]
             T.buffer_store(asum, total, [n])
+    return ib.get()
+
+
+def _unpack_activation_stmt(plan: LutPlan, x, words, asum):
+    """The unpack method's activations: ``words[n, g]`` (int32) holds inputs ``4g .. 4g + 3`` of row ``n``
+    (zero past the end), one ``vpbroadcastd`` operand; and ``asum[n] = sum_k x[n, k]``."""
+
+    def block(n, blk, a16):
+        T.buffer_store(words, tirx.reinterpret("int32x4", a16), [n, tirx.Ramp(blk * GROUPS_PER_BLOCK, 1, 4)])
+
+    return _activation_blocks(plan, x, asum, block)
+
+
+def _unpack_stmt(plan: LutPlan, words, asum, w, acc):
+    """The unpack method (module docstring): per tile, batch row and group of 4 inputs, the activations
+    broadcast to every int32 lane; per weight vector the byte itself and each field's ``& mask`` are
+    ``vpdpbusd``'s signed operand, one int32 accumulator each; at the end the fields' sums are taken
+    apart (differences and exact shifts) and added into the codes' sums per output channel."""
+    w_bits, fields = plan.w_bits, UNPACK_FIELDS[plan.w_bits]
+    scale, offset = weight_scale_offset(w_bits)
+    vec = tirx.Ramp(tirx.const(0, "int32"), 1, 64)
+    ahead = max(1, UNPACK_PREFETCH_BYTES // (64 * w_bits))  # groups; past the tile it reads the next tile's
+    accumulators = [(v, f) for v, vector in enumerate(fields) for f in range(len(vector))]
+    slot_of = {key: i for i, key in enumerate(accumulators)}
+
+    def i32(value):
+        return tirx.Broadcast(tirx.const(value, "int32"), 16)
+
+    with IRBuilder() as ib:
+        loop = T.parallel if plan.parallel and plan.tiles > 1 else T.serial
+        with loop(0, plan.tiles) as ob:
+            with T.serial(0, plan.shape.batch) as n:
+                acc32 = T.alloc_buffer((len(accumulators), 16), "int32", scope="local")
+                for i in range(len(accumulators)):
+                    T.buffer_store(acc32, i32(0), [i, tirx.Ramp(0, 1, 16)])
+                with T.serial(0, plan.blocks) as blk:
+                    for g in range(GROUPS_PER_BLOCK):
+                        group = blk * GROUPS_PER_BLOCK + g
+                        x4 = T.Bind(tirx.reinterpret("uint8x64", tirx.Broadcast(words[n, group], 16)))
+                        for v, vector in enumerate(fields):
+                            if UNPACK_PREFETCH_BYTES:
+                                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                                              T.address_of(w[ob, group + ahead, v, 0]), 0, 3, 1))
+                            packed = T.Bind(w[ob, group, v, vec])
+                            for f, (first, _, _, _) in enumerate(vector):
+                                operand = packed if first == 0 else packed & _u8((0xFF << first) & 0xFF, 64)
+                                i = slot_of[v, f]
+                                total = T.call_llvm_pure_intrin("int32x16", _VPDPBUSD, acc32[i, tirx.Ramp(0, 1, 16)],
+                                                                x4, operand)
+                                T.buffer_store(acc32, total, [i, tirx.Ramp(0, 1, 16)])
+                x_sum = tirx.Broadcast(asum[n], 16)
+                codes = {}  # slot -> sum_k u x of its 16 channels
+                for v, vector in enumerate(fields):
+                    for f, (first, _, slot, code_bit) in enumerate(vector):
+                        here = acc32[slot_of[v, f], tirx.Ramp(0, 1, 16)]
+                        if f + 1 < len(vector):  # the fields above it cancel: 2^first * its sum
+                            part = (here - acc32[slot_of[v, f + 1], tirx.Ramp(0, 1, 16)]) >> i32(first)
+                        else:  # the top field, minus 128 per input (the flipped bit 7)
+                            part = (here >> i32(first)) + x_sum * i32(128 >> first)
+                        if code_bit:
+                            part = part << i32(code_bit)
+                        codes[slot] = part if slot not in codes else codes[slot] + part
+                for slot in range(UNPACK_SLOTS):
+                    total = codes[slot] if scale == 1 else codes[slot] * i32(scale)
+                    base = ob * plan.tile + 16 * slot
+                    T.buffer_store(acc, total - x_sum * i32(offset), [n, tirx.Ramp(base, 1, 16)])
     return ib.get()
 
 
@@ -511,6 +687,24 @@ def lut_dense_tensors(plan: LutPlan, epilogue: Epilogue = PLAIN) -> list[te.Tens
     w = te.placeholder(plan.weight_shape, "uint8", name="weights")
     x_buf = tirx.decl_buffer(x.shape, "uint8", "data")
     w_buf = tirx.decl_buffer(w.shape, "uint8", "weights")
+    if plan.method == "unpack":
+        words_shape = (s.batch, GROUPS_PER_BLOCK * plan.blocks)
+        words, asum = te.extern(
+            [words_shape, (s.batch,)], [x],
+            lambda ins, outs: _unpack_activation_stmt(plan, ins[0], *outs),
+            name="lut_words", in_buffers=[x_buf],
+            out_buffers=[tirx.decl_buffer(words_shape, "int32", "words"), tirx.decl_buffer((s.batch,), "int32", "asum")],
+        )
+        acc = te.extern(
+            (s.batch, plan.out_pad), [words, asum, w],
+            lambda ins, outs: _unpack_stmt(plan, *ins, outs[0]),
+            name="lut_acc", in_buffers=[tirx.decl_buffer(words.shape, "int32", "words"),
+                                        tirx.decl_buffer(asum.shape, "int32", "asum"), w_buf],
+            out_buffers=[tirx.decl_buffer((s.batch, plan.out_pad), "int32", "acc")],
+        )
+        extra, out = output_stage(epilogue, lambda n, g, i, j, o: acc[n, o], (s.batch, s.out_features),
+                                  lambda n, c: (n, c, 0, 0), s.out_features, s.out_features)
+        return [x, w, *extra, out]
     table_shape = (s.batch, plan.blocks, 2, GROUPS_PER_BLOCK * 16)
     tables, asum = te.extern(
         [table_shape, (s.batch,)], [x],
@@ -548,7 +742,7 @@ def schedule_lut(func: tvm.tirx.PrimFunc, plan: LutPlan) -> tvm.tirx.PrimFunc:
 
 def lut_dense_primfunc(shape: DenseShape, w_bits: int, parallel: bool | None = None,
                        isa: VectorIsa | None = None, epilogue: Epilogue = PLAIN,
-                       path: str | None = None) -> tvm.tirx.PrimFunc:
+                       path: str | None = None, method: str | None = None) -> tvm.tirx.PrimFunc:
     """A scheduled PrimFunc ``main(data, weights, out)`` computing a lookup-table dense layer.
 
     * ``data``: uint8 ``(N, in_features)``, any values in ``[0, 255]``;
@@ -560,5 +754,5 @@ def lut_dense_primfunc(shape: DenseShape, w_bits: int, parallel: bool | None = N
     ``isa`` (default: this host's) must match the target the function is compiled for; ``path``
     overrides ``isa.lut`` (see :func:`plan_lut_dense`). No ``global_symbol``, as for the other families.
     """
-    plan = plan_lut_dense(shape, w_bits, parallel, isa, path)
+    plan = plan_lut_dense(shape, w_bits, parallel, isa, path, method)
     return without_global_symbol(schedule_lut(te.create_prim_func(lut_dense_tensors(plan, epilogue)), plan))

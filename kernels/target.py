@@ -133,7 +133,9 @@ class VectorIsa:
     int8: str
     #: the lookup-table kernels' table lookup: ``"avx512vbmi"`` (vpermb on 64-byte tables and
     #: vpdpbusd: AVX512-VBMI and AVX512-VNNI), ``"avx512bw"`` (vpshufb on zmm, 64 output channels
-    #: per lookup), ``"avx2"`` (vpshufb on ymm, 32) or ``"scalar"`` (plain loads, no AVX2)
+    #: per lookup), ``"avx2"`` (vpshufb on ymm, 32) or ``"scalar"`` (plain loads, no AVX2). On the
+    #: ``"avx512vbmi"`` path the lut plans unpack the codes in registers and multiply them with
+    #: vpdpbusd instead of looking them up (``releq_tvm.kernels.lut.lut_method``)
     lut: str = "scalar"
 
     @property

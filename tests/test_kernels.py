@@ -1121,7 +1121,9 @@ def test_bench_kernels_lut_rows_protocol_and_memory_bound(monkeypatch):
         ("bitserial", 1, 8), ("lut", 1, 8), ("lut", 4, 8), ("int8", 8, 8)]
     assert all(tuple(r) == CSV_COLUMNS for r in rows)
     lut = rows[1:3]
-    assert {r["isa"] for r in lut} == {K.vector_isa().lut} and {r["mode"] for r in lut} == {"lut"}
+    methods = {K.plan_lut_dense(shape, w).method for w in (1, 4)}
+    assert {r["isa"] for r in lut} == {K.vector_isa().lut} and {r["mode"] for r in lut} == methods
+    assert [r["mode"] for r in rows if r["kernel"] == "int8"] == ["channel"]  # a dense layer: 4 inputs per int32 lane
     assert [r["binary_ops"] for r in lut] == [shape.macs * 8, shape.macs * 4 * 8]
     assert all(r["efficiency_vs_popcount_peak"] == r["efficiency_vs_int8_peak"] == "" for r in lut)
     int8_ms = float(rows[-1]["latency_ms"])
