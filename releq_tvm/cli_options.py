@@ -19,3 +19,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 def bits_option(required: bool = False, help: str = "Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers)."):
     return click.option("--bits", "bits_text", required=required, default=None, help=help)
+
+
+def act_bits_option(
+    help: str = "Activation bits per layer: the bits of each weight layer's input, the first layer's being the "
+    "image (one value = all layers; default 8).",
+):
+    """``--act-bits``, checked by :func:`releq_tvm.bits.parse_bits` with ``what="--act-bits"`` where it is used."""
+    return click.option("--act-bits", "act_bits_text", default=None, help=help)

@@ -12,7 +12,7 @@ from torch import nn
 from releq_tvm.config import DEFAULTS
 from releq_tvm.data import TensorDataset
 from releq_tvm.progress import progress_bar
-from releq_tvm.quant import apply_bits
+from releq_tvm.quant import apply_act_bits, apply_bits, calibrate_input_ranges
 
 
 def model_hash(model: nn.Module) -> str:
@@ -53,7 +53,9 @@ def train_steps(
 ) -> nn.Module:
     """``steps`` Adam steps with a cosine learning-rate decay; batches drawn with a seeded generator.
 
-    Works for float and fake-quantized models alike (the quantizer's STE carries the gradient).
+    Works for float and fake-quantized models alike (the quantizer's STE carries the gradient);
+    every parameter that requires a gradient is trained, the learned clipping levels of the
+    activation quantizers (children of the model) included.
     ``progress(step, loss)`` is called after every step. Without it, a run longer than the
     search's short fine-tune (``DEFAULTS.finetune.short_steps``) shows a progress bar on a
     terminal; the short fine-tunes, one per search step, stay quiet.
@@ -95,8 +97,20 @@ def finetune_bits(
     lr: float = 1e-3,
     batch_size: int = 128,
     seed: int = 0,
+    act_bits: Sequence[int] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` in place to ``bits`` and fine-tune it for ``steps`` steps (0: no fine-tune)."""
+    """Quantize ``model`` in place to ``bits`` and fine-tune it for ``steps`` steps (0: no fine-tune).
+
+    With ``act_bits`` each weight layer's input is quantized too (:func:`apply_act_bits`), its
+    clipping level calibrated on the float model over ``calibration`` (images, required then)
+    and trained with the weights; the image entering the first layer keeps the fixed range [0, 1].
+    """
+    if act_bits is not None:
+        if calibration is None:
+            raise ValueError("act_bits needs calibration images to start the clipping levels from")
+        ranges, learn = calibrate_input_ranges(model, input_shape, calibration)
+        apply_act_bits(model, act_bits, input_shape, ranges, learn)
     apply_bits(model, bits, input_shape)
     return train_steps(model, data, steps, lr=lr, batch_size=batch_size, seed=seed)
 

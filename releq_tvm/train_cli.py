@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from releq_tvm.bits import format_bits, parse_bits
-from releq_tvm.cli_options import bits_option, checkpoint_option, data_dir_option, json_option, network_argument
+from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_option, data_dir_option, json_option, network_argument
 from releq_tvm.config import DEFAULTS
 
 
@@ -98,47 +98,79 @@ def train_cmd(network, steps, lr, batch_size, seed, out, data_dir) -> None:
     click.echo(f"{network}: test accuracy {acc:.2f}%  -> {out}")
 
 
+def _calibration_images(dataset: str, data_dir):
+    """The train images that start the activation clipping levels: the search's calibration set."""
+    from releq_tvm.data import load_dataset
+    from releq_tvm.search.config import SearchConfig
+
+    return load_dataset(dataset, "train", data_dir, limit=SearchConfig.calibration_images).images
+
+
+def _bits_label(bits, act_bits) -> str:
+    label = f"bits {format_bits(bits)}" if bits is not None else "float weights"
+    return label + (f", activations {format_bits(act_bits)}" if act_bits is not None else "")
+
+
 @click.command("finetune")
 @network_argument
 @bits_option(required=True)
+@act_bits_option(help="Activation bits per layer (one value = all layers; default: float activations). Each weight "
+                      "layer's input is quantized with a learned clipping level; the first layer's input, the image, "
+                      "at the first value with the fixed range [0, 1].")
 @click.option("--steps", type=click.IntRange(0), default=DEFAULTS.finetune.short_steps, show_default=True, help="Fine-tune steps (e.g. 200 short, 3000 long).")
 @click.option("--lr", type=float, default=DEFAULTS.finetune.learning_rate, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @checkpoint_option
 @data_dir_option
-def finetune_cmd(network, bits_text, steps, lr, seed, checkpoint, data_dir) -> None:
-    """Quantize NET to --bits, fine-tune it for --steps, and print float and quantized accuracy."""
+def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, checkpoint, data_dir) -> None:
+    """Quantize NET to --bits (and --act-bits), fine-tune it for --steps, and print float and quantized accuracy."""
     from releq_tvm.networks import get_network_spec, layer_table
+    from releq_tvm.quant import act_quantizers
     from releq_tvm.train import evaluate, finetune_bits, load_model
 
     spec = get_network_spec(network)
-    bits = parse_bits(bits_text, len(layer_table(network)), network)
+    n = len(layer_table(network))
+    bits = parse_bits(bits_text, n, network)
+    act_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
     model = load_model(network, checkpoint)
     train, test = _data(spec.dataset, "train", data_dir), _data(spec.dataset, "test", data_dir)
     fp = evaluate(model, test)
-    finetune_bits(model, bits, spec.input_shape, train, steps, lr=lr, seed=seed)
+    finetune_bits(model, bits, spec.input_shape, train, steps, lr=lr, seed=seed, act_bits=act_bits,
+                  calibration=_calibration_images(spec.dataset, data_dir) if act_bits is not None else None)
     q = evaluate(model, test)
     click.echo(f"{network} full precision: {fp:.2f}%")
-    click.echo(f"{network} bits {format_bits(bits)} after {steps} fine-tune steps: {q:.2f}% ({q - fp:+.2f} pp)")
+    click.echo(f"{network} {_bits_label(bits, act_bits)} after {steps} fine-tune steps: {q:.2f}% ({q - fp:+.2f} pp)")
+    if act_bits is not None:
+        levels = ", ".join(f"{quantizer.alpha.item():.4g}" for quantizer in act_quantizers(model).values())
+        click.echo(f"activation clipping levels (first layer fixed, the rest learned): {levels}")
 
 
 @click.command("eval")
 @network_argument
 @bits_option()
+@act_bits_option(help="Activation bits per layer (one value = all layers; default: float activations). Each weight "
+                      "layer's input is clipped at a range calibrated on train images; the first layer's input, the "
+                      "image, at the first value with the fixed range [0, 1].")
 @checkpoint_option
 @data_dir_option
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
-def eval_cmd(network, bits_text, checkpoint, data_dir, split) -> None:
-    """Accuracy of NET in float, or fake-quantized to --bits without fine-tuning."""
+def eval_cmd(network, bits_text, act_bits_text, checkpoint, data_dir, split) -> None:
+    """Accuracy of NET in float, or fake-quantized to --bits / --act-bits without fine-tuning."""
     from releq_tvm.networks import get_network_spec, layer_table
-    from releq_tvm.quant import apply_bits
+    from releq_tvm.quant import apply_act_bits, apply_bits, calibrate_input_ranges
     from releq_tvm.train import evaluate, load_model
 
     spec = get_network_spec(network)
-    bits = parse_bits(bits_text, len(layer_table(network)), network) if bits_text is not None else None
+    n = len(layer_table(network))
+    bits = parse_bits(bits_text, n, network) if bits_text is not None else None
+    act_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
     model = load_model(network, checkpoint)
     data = _data(spec.dataset, split, data_dir)
+    if act_bits is not None:
+        # ranges of the float model on train images, as the search and the fine-tunes start from
+        ranges, learn = calibrate_input_ranges(model, spec.input_shape, _calibration_images(spec.dataset, data_dir))
+        apply_act_bits(model, act_bits, spec.input_shape, ranges, learn)
     if bits is not None:
         apply_bits(model, bits, spec.input_shape)
-    label = f"bits {format_bits(bits)}" if bits is not None else "full precision"
+    label = _bits_label(bits, act_bits) if bits is not None or act_bits is not None else "full precision"
     click.echo(f"{network} {label}: {evaluate(model, data):.2f}% ({split})")

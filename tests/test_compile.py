@@ -612,3 +612,35 @@ def test_running_tvm_code_pins_the_thread_count_tvm_reads_per_parallel_loop(env)
     out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True)
     pinned, ours, runtime = out.stdout.split()
     assert pinned == ours == runtime == (env or str(max(1, (os.cpu_count() or 1) // 2)))
+
+
+def test_learned_clipping_levels_reach_the_integer_network():
+    """LeNet-5 fine-tuned 5 steps with learned activation clipping levels (PACT) at activation bits
+    8,4,4,2,4: the integer network takes the learned levels, and its numpy forward predicts what the
+    fake-quantized torch model predicts on 200 MNIST test images, image for image."""
+    from releq_tvm.quant import act_quantizers, remove_bits
+    from releq_tvm.train import finetune_bits, load_model
+
+    a_bits = (8, 4, 4, 2, 4)
+    train = load_dataset("mnist", "train", limit=2000)
+    model = load_model("lenet")
+    finetune_bits(model, LENET_BITS, (1, 28, 28), train, steps=5, lr=3e-3, batch_size=64, seed=0, act_bits=a_bits,
+                  calibration=train.images[:256])
+    learned = act_quantizers(model)
+    assert learned["0"].alpha.item() == 1.0 and all(q.alpha_factor.item() != 1.0 for n, q in learned.items() if n != "0")
+    test = load_dataset("mnist", "test", limit=200)
+    with torch.no_grad():
+        trained_logits = model(test.images)
+    remove_bits(model)  # the lowering quantizes the float weights itself; the input quantizers stay
+    net = quantize_network("lenet", LENET_BITS, model=model)
+    assert net.a_bits == a_bits  # the bits of the quantizers the model carries
+    assert [lq.act_range for lq in net.layers] == [learned[lq.spec.name].alpha.item() for lq in net.layers]
+    with torch.no_grad():
+        torch_logits = fake_quant_model(net)(test.images)
+    assert torch.equal(torch_logits, trained_logits)  # the reference is the fine-tuned model itself
+    int_logits = net.logits(integer_forward(net, net.quantize_input(test.images)))
+    np.testing.assert_array_equal(int_logits.argmax(1), torch_logits.argmax(1).numpy())
+    assert np.abs(int_logits - torch_logits.numpy()).max() < 0.01 * np.abs(torch_logits.numpy()).max()
+    assert _accuracy(int_logits.argmax(1), test.labels.numpy()) > 90.0  # a working network, not chance
+    with pytest.raises(ReleqError, match="learned its activation range at 2 bits, not 4"):
+        quantize_network("lenet", LENET_BITS, (8, 4, 4, 4, 4), model=model)

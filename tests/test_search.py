@@ -556,3 +556,51 @@ def test_unconverged_run_chooses_the_best_configuration_seen(tmp_path):
     # with the cut-off every training episode scores -1 and the read-off stands
     out = run_search(_config(tmp_path, "guarded"), echo=lambda s: None, oracle=FakeAccuracy())
     assert out["solution"]["source"].startswith("deterministic read-off")
+
+
+# ---------------------------------------------------------------------------------------------
+# activations: learned clipping levels in the oracle, and cache keys that name the quantizer
+# ---------------------------------------------------------------------------------------------
+def test_accuracies_with_activations_are_keyed_by_the_activation_quantizer(tmp_path):
+    from releq_tvm.quant import ACT_QUANTIZER_VERSION
+    from releq_tvm.search.accuracy import AccuracyCache
+
+    cache = AccuracyCache(tmp_path / "acc.sqlite")
+    key = cache.register({"network": "lenet", "steps": 2})
+    w, a = (8, 2, 2, 3, 2), (8, 4, 4, 2, 4)
+    # an entry written by the fixed-range quantizer (the key before activation ranges were learned)
+    cache.store.put(f"accuracy/{key}", "w 8,2,2,3,2|a 8,4,4,2,4", {"accuracy": 91.0, "seconds": 1.0, "created": 0.0})
+    cache.store.put(f"accuracy/{key}", "w 8,2,2,3,2|a ", {"accuracy": 97.5, "seconds": 1.0, "created": 0.0})
+    assert cache.get(key, w, a) is None  # measured with other activation values: fine-tuned again
+    assert cache.get(key, w) == 97.5  # weights-only accuracies did not change and stay valid
+    cache.put(key, w, a, 96.0, 1.0)
+    assert cache.get(key, w, a) == 96.0
+    assert cache.store.get(f"accuracy/{key}", f"w 8,2,2,3,2|a 8,4,4,2,4|{ACT_QUANTIZER_VERSION}")["accuracy"] == 96.0
+    cache.close()
+
+
+def test_oracle_short_finetune_trains_the_clipping_levels(tmp_path):
+    from releq_tvm.data import load_dataset
+    from releq_tvm.quant import act_quantizers
+    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings
+    from releq_tvm.train import load_model, model_hash, train_steps
+
+    model = load_model("lenet")
+    train = load_dataset("mnist", "train", limit=512)
+    val = load_dataset("mnist", "val", limit=100)
+    settings = FinetuneSettings("lenet", model_hash(model), 3, 1e-2, 64, 0, len(val), 512, 64)
+    oracle = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    quantized = oracle.quantized_model((8, 2, 2, 3, 2), (8, 4, 4, 2, 4))
+    carried = act_quantizers(quantized)
+    assert [q.bits for q in carried.values()] == [8, 4, 4, 2, 4]
+    ranges, _ = oracle._input_ranges()
+    # the image at the fixed [0, 1], the other layers start at their calibrated ranges
+    assert ranges[0] == 1.0 and [q.alpha.item() for q in carried.values()] == pytest.approx(ranges)
+    assert not carried["0"].learned and all(q.learned for name, q in carried.items() if name != "0")
+    train_steps(quantized, train, 3, lr=1e-2, batch_size=64, seed=0)
+    moved = [q.alpha.item() / r - 1.0 for q, r in zip(carried.values(), ranges)]
+    assert moved[0] == 0.0 and all(0 < abs(m) <= 3 * 3 * 1e-2 for m in moved[1:]), moved
+    # the oracle's own float model is untouched (every configuration starts from it)
+    assert not act_quantizers(oracle.model)
+    acc = oracle.accuracy((8, 2, 2, 3, 2), (8, 4, 4, 2, 4))
+    assert 50.0 < acc <= 100.0 and not oracle.last_hit

@@ -8,13 +8,13 @@ import time
 
 import click
 
-from releq_tvm.cli_options import bits_option, checkpoint_option, json_option, network_argument
+from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_option, json_option, network_argument
 
 
 @click.command("compile")
 @network_argument
 @bits_option(help="Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers; default: the published bits).")
-@click.option("--act-bits", "act_bits_text", default=None, help="Activation bits per layer (default 8 everywhere).")
+@act_bits_option()
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for net.so, params.npz, manifest.json (default runs/compile/<net>-<bits>).")
 @checkpoint_option

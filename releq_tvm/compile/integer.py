@@ -11,11 +11,13 @@ power-of-two scaling that is exact in float64.
 
 Weight layer ``l`` (conv, depthwise conv or dense; ``w`` weight bits, ``a`` activation bits):
 
-1. input quantizer (METHOD.md section 2, unsigned, calibrated range ``r_l``, step
-   ``s_l = r_l / (2^a - 1)``): ``x = clip((v * Qm + 2^(Qs-1)) >> Qs, 0, 2^a - 1)`` with
-   ``Qm = round(2^(Qs - F) / s_l)``, i.e. ``round(real / s_l)`` in fixed point. The network
-   input is quantized on the host instead (``quantize_activation_int`` with range 1.0:
-   inputs are images in [0, 1]), so the library takes uint8 levels;
+1. input quantizer (unsigned, range ``r_l``, step ``s_l = r_l / (2^a - 1)``):
+   ``x = clip((v * Qm + 2^(Qs-1)) >> Qs, 0, 2^a - 1)`` with ``Qm = round(2^(Qs - F) / s_l)``,
+   i.e. ``round(real / s_l)`` in fixed point. ``r_l`` is the learned clipping level alpha of
+   the model's :class:`~releq_tvm.quant.PactActivation` on that layer when it carries one (a
+   fine-tuned model), else calibrated on the model with quantized weights. The network input
+   is quantized on the host instead (``quantize_activation_int`` with range 1.0: inputs are
+   images in [0, 1]), so the library takes uint8 levels;
 2. ``acc = sum q * x`` over the reduction window, exact int32 (the bit-serial kernel; ``q`` the
    WRPN weight levels of ``quantize_weight_int``, step ``d``);
 3. dequantization, bias and batch norm folded into one per-channel fixed-point affine map
@@ -31,10 +33,11 @@ Between layers: ReLU is ``max(v, 0)``; max pooling is exact on integers; residua
 saturating int32 add; uniform average pooling is ``floor((2 * sum + n) / (2 * n))`` (round half
 up of ``sum / n``); flatten is a reshape.
 
-Against the fake-quantized torch model (weights through ``apply_bits``, activations through
-``quantize_activation`` before each weight layer) the only differences are the fixed-point
-resolution ``2^-F`` of intermediate values and the round-half-up of ties, so the two agree on
-almost every activation level and on classification accuracy.
+Against the fake-quantized torch model (weights through ``apply_bits``, activations through a
+:class:`~releq_tvm.quant.PactActivation` at ``r_l`` before each weight layer) the only
+differences are the fixed-point resolution ``2^-F`` of intermediate values and the
+round-half-up of ties, so the two agree on almost every activation level and on
+classification accuracy.
 """
 
 from __future__ import annotations
@@ -52,14 +55,21 @@ from releq_tvm.bits import parse_bits
 from releq_tvm.config import DEFAULT_ACT_BITS
 from releq_tvm.errors import ReleqError
 from releq_tvm.networks import LayerSpec, create_network, get_network_spec, checkpoint_path, weight_modules
-from releq_tvm.quant import apply_bits, calibrate_range, quantize_activation, quantize_activation_int, quantize_weight_int
+from releq_tvm.quant import (
+    INPUT_RANGE,
+    act_quantizers,
+    apply_act_bits,
+    apply_bits,
+    calibrate_range,
+    quantize_activation_int,
+    quantize_weight_int,
+    remove_bits,
+)
 from releq_tvm.quant.quantizers import weight_levels
 
 from releq_tvm.compile.graph import NetworkGraph, extract_graph
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-#: Range of the network input (images scaled to [0, 1], data.py): the first quantizer's range.
-INPUT_RANGE = 1.0
 #: int64 products and sums stay below this bound (one bit of margin under 2^63).
 _INT64_SAFE = 2**62
 #: Largest activation magnitude is mapped below 2^HEADROOM_BITS in the int32 fixed-point format.
@@ -249,8 +259,10 @@ def quantize_network(
     """Quantize ``network`` to integer arithmetic at ``w_bits`` / ``a_bits`` (default 8) per layer.
 
     ``model`` (a float torch model) overrides the checkpoint / random weights; ``calibration``
-    (images in [0, 1]) overrides :func:`calibration_images`. Activation ranges are calibrated on
-    the model with quantized weights (``calibrate_range`` of each weight layer's input).
+    (images in [0, 1]) overrides :func:`calibration_images`. A layer whose input quantizer the
+    model carries (:func:`releq_tvm.quant.apply_act_bits`, after a fine-tune) keeps its learned
+    clipping level, and ``a_bits=None`` takes its bits; the other activation ranges are calibrated
+    on the model with quantized weights (``calibrate_range`` of each weight layer's input).
     A model that is not registered needs ``model``, ``calibration`` and ``input_shape``
     (``network`` is then only its name).
     """
@@ -267,8 +279,14 @@ def quantize_network(
     graph = extract_graph(model, input_shape, network)
     n = len(graph.layers)
     w_bits = parse_bits([w_bits] if isinstance(w_bits, int) else w_bits, n, network)
-    a_bits = [DEFAULT_ACT_BITS] if a_bits is None else [a_bits] if isinstance(a_bits, int) else a_bits
-    a_bits = parse_bits(a_bits, n, network, what="--act-bits")
+    learned = act_quantizers(model)
+    if a_bits is None:
+        a_bits = [learned[row.name].bits if row.name in learned else DEFAULT_ACT_BITS for row in graph.layers]
+    a_bits = parse_bits([a_bits] if isinstance(a_bits, int) else a_bits, n, network, what="--act-bits")
+    for i, row in enumerate(graph.layers):
+        if row.name in learned and learned[row.name].bits != a_bits[i]:
+            raise ReleqError(f"{network}: layer {row.name} learned its activation range at {learned[row.name].bits} bits, "
+                             f"not {a_bits[i]}; pass its bits or drop --act-bits")
     if calibration is None:
         calibration, calib_text = calibration_images(network, seed=seed)
     else:
@@ -288,7 +306,15 @@ def quantize_network(
         i = op.attrs["index"]
         row = graph.layers[i]
         reads_input = op.inputs[0] == input_name
-        act_range = INPUT_RANGE if reads_input else calibrate_range(inputs[row.name])
+        if reads_input:
+            act_range = INPUT_RANGE
+            if row.name in learned and learned[row.name].alpha.item() != INPUT_RANGE:
+                raise ReleqError(f"{network}: layer {row.name} reads the image, quantized on the host at range "
+                                 f"{INPUT_RANGE}; its learned range {learned[row.name].alpha.item():g} cannot be built")
+        elif row.name in learned:
+            act_range = learned[row.name].alpha.item()
+        else:
+            act_range = calibrate_range(inputs[row.name])
         q, step = quantize_weight_int(modules[row.name].weight.detach().double().numpy(), w_bits[i])
         act_step = act_range / (2 ** a_bits[i] - 1)
         g, b = _affine(model, graph, i)
@@ -415,17 +441,18 @@ def integer_forward(net: IntegerNetwork, x_levels: np.ndarray, keep: bool = Fals
 
 def fake_quant_model(net: IntegerNetwork, model: nn.Module | None = None) -> nn.Module:
     """A copy of the float model with WRPN weights (``apply_bits``) and an unsigned activation
-    quantizer (``quantize_activation`` at each layer's bits and range) before every weight layer.
+    quantizer (:class:`~releq_tvm.quant.PactActivation` at each layer's bits and range) before
+    every weight layer; input quantizers the model carries are replaced by ones at the same
+    ranges, so a fine-tuned model computes exactly what it computed before.
 
     This is the float model the integer network reproduces; its accuracy is the reference.
     """
     model = copy.deepcopy(model if model is not None else net.model)
     if model is None:
         raise ValueError("no torch model attached to this IntegerNetwork")
+    remove_bits(model)  # activations first: tracing the layers is cheap while the weights are float
+    by_name = {lq.spec.name: lq for lq in net.layers}
+    order = [by_name[name] for name, _ in weight_modules(model, net.input_shape)]
+    apply_act_bits(model, [lq.a_bits for lq in order], net.input_shape, [lq.act_range for lq in order], learn=False)
     apply_bits(model, net.w_bits, net.input_shape)
-    for (_, module), lq in zip(weight_modules(model, net.input_shape), net.layers):
-        def pre_hook(mod, args, bits=lq.a_bits, act_range=lq.act_range):
-            return (quantize_activation(args[0], bits, act_range),)
-
-        module.register_forward_pre_hook(pre_hook)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Quantizers named by what they are: WRPN mid-tread symmetric weights, unsigned calibrated activations.
+"""Quantizers named by what they are: WRPN mid-tread symmetric weights, unsigned learned-clip (PACT) activations.
 
 Weights (METHOD.md section 2), k bits of which one is the sign, one scale per layer and bitwidth:
 
@@ -19,14 +19,23 @@ all at 1 bit 97 %, so 2 bits scored worse than 1 bit and the search learnt to av
 The integer backends consume ``q`` and ``step = scale / (2^(k-1)-1)``
 (``scale`` for k = 1); the torch model consumes ``w_q`` through a straight-through estimator.
 
-Activations are unsigned: a = round(clip(x / range, 0, 1) * (2^b - 1)), with ``range`` calibrated
-on data (the maximum seen, or a percentile of it).
+Activations are unsigned, b bits, with a clipping level alpha (PACT, Choi et al. 2018):
+
+    y = clip(x, 0, alpha)
+    a = round(y / alpha * (2^b - 1))    integer level in [0, 2^b - 1]
+    x_q = a / (2^b - 1) * alpha         in [0, alpha]
+
+alpha starts from a calibrated range (a high percentile of the values seen, see
+:func:`calibrate_range`) and is learned in the fine-tunes (:class:`PactActivation`); the image
+entering the first layer is clipped at the fixed :data:`INPUT_RANGE` instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from releq_tvm.config import BITS_MAX
 
 
 def weight_levels(bits: int) -> int:
@@ -38,6 +47,15 @@ def weight_levels(bits: int) -> int:
 
 #: Names the weight quantizer in every accuracy cache key; change it when quantized values change.
 QUANTIZER_VERSION = "wrpn-lsq-grid32"
+
+#: Names the activation quantizer in the cache key of every accuracy measured with quantized
+#: activations; change it when quantized activation values change (pact-1: learned clipping
+#: level, the image at the fixed INPUT_RANGE; before it, fixed calibrated ranges everywhere).
+ACT_QUANTIZER_VERSION = "pact-1"
+
+#: Range of the network input: images are scaled to [0, 1] (data.py), so the first layer's input
+#: quantizer clips at 1.0, is never learned, and runs on the host in the compiled network.
+INPUT_RANGE = 1.0
 
 #: Candidate scales as fractions of max|w|: 32 steps, geometric from 1/16 to 1 (~9 % apart).
 SCALE_FRACTIONS: tuple[float, ...] = tuple(2.0 ** (-4.0 + 4.0 * j / 31) for j in range(32))
@@ -100,11 +118,72 @@ def quantize_activation_int(x, bits: int, act_range: float) -> np.ndarray:
     return q.astype(np.uint8 if bits <= 8 else np.int32)
 
 
-def quantize_activation(x: torch.Tensor, bits: int, act_range: float) -> torch.Tensor:
-    """Fake-quantized unsigned activations (torch), straight-through in the backward pass."""
+def round_ste(u: torch.Tensor) -> torch.Tensor:
+    """``round(u)`` in the forward pass, identity gradient in the backward (straight-through)."""
+    return u + (torch.round(u) - u).detach()
+
+
+def pact_quantize(x: torch.Tensor, bits: int, alpha: torch.Tensor) -> torch.Tensor:
+    """Fake-quantized unsigned activations at ``bits`` with clipping level ``alpha`` (a tensor).
+
+    Gradients (round is straight-through, so this is the derivative of the formula itself):
+    d/dx = 1 for 0 < x < alpha and 0 elsewhere; d/d alpha = 1 where x >= alpha (PACT), 0 where
+    x <= 0, and ``(x_q - x) / alpha`` inside (the quantization-error term of LSQ): without it
+    alpha hears only from the clipped values (a 99.99th-percentile start clips almost none),
+    while at 2-4 bits the rounding error of the values inside is what a lower alpha trades off.
+    """
+    if bits < 1:
+        raise ValueError(f"activation bits must be >= 1, got {bits}")
     levels = 2**bits - 1
-    q = torch.round(torch.clamp(x / act_range, 0.0, 1.0) * levels) * (act_range / levels)
-    return x + (q - x).detach()
+    y = torch.where(x >= alpha, alpha, torch.relu(x))  # where, not minimum: a tie goes to alpha whole
+    # y / alpha * levels, not y / step: an input exactly halfway between levels (0.5 at 8 bits,
+    # an MNIST pixel) stays exactly halfway and rounds as the integer backends round it.
+    # k / levels * alpha, not k * step: the top level is alpha exactly (levels * step exceeds
+    # alpha by one float32 ulp for ~6 % of alphas at 2 bits)
+    return round_ste(y / alpha * levels) / levels * alpha
+
+
+def quantize_activation(x: torch.Tensor, bits: int, act_range: float) -> torch.Tensor:
+    """:func:`pact_quantize` at a fixed range (a number; no gradient reaches it)."""
+    return pact_quantize(x, bits, torch.tensor(float(act_range), dtype=x.dtype))
+
+
+class PactActivation(torch.nn.Module):
+    """Unsigned ``bits``-bit activation quantizer with a learned clipping level alpha (PACT).
+
+    ``alpha = alpha_init * alpha_factor``; ``alpha_factor`` (starts at 1) is the parameter.
+    Why a factor and not alpha: Adam moves a parameter by about its learning rate per step
+    whatever the gradient's scale, so learning alpha itself would move a layer whose range is
+    0.5 and one whose range is 50 by the same absolute amount; the factor makes each step
+    relative to the layer's calibrated range (lr 1e-3: at most ~0.1 % per step). A quantizer
+    built from a learned alpha (``PactActivation(bits, q.alpha.item())``) has exactly the same
+    alpha, since ``alpha_init * 1.0`` is exact. ``learn=False`` keeps alpha fixed (the image).
+    """
+
+    def __init__(self, bits: int, alpha: float, learn: bool = True):
+        super().__init__()
+        if not 1 <= int(bits) <= BITS_MAX:
+            raise ValueError(f"activation bits must lie in 1..{BITS_MAX}, got {bits}")
+        if not float(alpha) > 0:
+            raise ValueError(f"the clipping level must be positive, got {alpha}")
+        self.bits = int(bits)
+        self.register_buffer("alpha_init", torch.tensor(float(alpha), dtype=torch.float32))
+        self.alpha_factor = torch.nn.Parameter(torch.tensor(1.0), requires_grad=learn)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """The clipping level (0-dim float32 tensor, carries the gradient to ``alpha_factor``)."""
+        return self.alpha_init * self.alpha_factor
+
+    @property
+    def learned(self) -> bool:
+        return self.alpha_factor.requires_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pact_quantize(x, self.bits, self.alpha)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, alpha={self.alpha.item():.4g}, learned={self.learned}"
 
 
 def calibrate_range(samples: torch.Tensor, percentile: float = 99.99) -> float:

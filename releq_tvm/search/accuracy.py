@@ -23,11 +23,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from releq_tvm.config import BITS_MAX
-from releq_tvm.quant.quantizers import QUANTIZER_VERSION
+from releq_tvm.quant.apply import calibrate_input_ranges
+from releq_tvm.quant.quantizers import ACT_QUANTIZER_VERSION, QUANTIZER_VERSION
 from releq_tvm.store import Store, open_store
 
 Bits = tuple[int, ...]
@@ -44,6 +43,8 @@ class AccuracyCache:
     live in the namespace ``accuracy/settings`` (for humans reading the file), the accuracies of
     one settings key in ``accuracy/<key>``, keyed by ``w <bits>|a <bits>``. Accuracy files of the
     old format (``accuracy.sqlite``) are not read: their configurations are fine-tuned again.
+    With activation bits the key ends in the activation quantizer's version
+    (``w <bits>|a <bits>|pact-1``, :data:`ACT_QUANTIZER_VERSION`).
     """
 
     SETTINGS = "accuracy/settings"
@@ -68,7 +69,11 @@ class AccuracyCache:
 
     @staticmethod
     def _entry_key(w_bits: Sequence[int], a_bits: Sequence[int] | None) -> str:
-        return f"w {_bits_text(w_bits)}|a {_bits_text(a_bits)}"
+        # the activation quantizer is named only where activations are quantized, so a new one
+        # re-measures those configurations and keeps every weights-only accuracy
+        if a_bits is None:
+            return f"w {_bits_text(w_bits)}|a "
+        return f"w {_bits_text(w_bits)}|a {_bits_text(a_bits)}|{ACT_QUANTIZER_VERSION}"
 
     def get(self, key: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float | None:
         entry = self.store.get(f"accuracy/{key}", self._entry_key(w_bits, a_bits))
@@ -87,59 +92,6 @@ class AccuracyCache:
     def close(self) -> None:
         if self._owned:
             self.store.close()
-
-
-class ActivationQuantizerHooks:
-    """Unsigned fake quantization of each weight layer's *input* (``a_bits[l]`` bits, calibrated range).
-
-    ``a_bits[l]`` is the precision of the activations entering layer l, i.e. the output
-    precision of whatever feeds it, so "the next layer's input bitwidth equals the previous
-    layer's output bitwidth" holds by construction. A layer above ``BITS_MAX`` is left in float,
-    as :func:`releq_tvm.quant.apply_bits` does for weights.
-    """
-
-    def __init__(self, modules: Sequence[nn.Module], ranges: Sequence[float], a_bits: Sequence[int]):
-        from releq_tvm.quant import quantize_activation
-
-        self._handles = []
-        for module, act_range, bits in zip(modules, ranges, a_bits):
-            if int(bits) > BITS_MAX:
-                continue
-
-            def pre_hook(mod, inputs, _bits=int(bits), _range=float(act_range)):
-                return (quantize_activation(inputs[0], _bits, _range),) + tuple(inputs[1:])
-
-            self._handles.append(module.register_forward_pre_hook(pre_hook))
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def calibrate_input_ranges(model: nn.Module, input_shape: tuple[int, int, int], images: torch.Tensor) -> list[float]:
-    """Range of each weight layer's input on ``images`` (a high percentile, see ``calibrate_range``)."""
-    from releq_tvm.networks import weight_modules
-    from releq_tvm.quant import calibrate_range
-
-    modules = [m for _, m in weight_modules(model, input_shape)]
-    seen: dict[int, torch.Tensor] = {}
-
-    def record(index: int):
-        def pre_hook(mod, inputs):
-            seen.setdefault(index, inputs[0].detach())
-
-        return pre_hook
-
-    handles = [m.register_forward_pre_hook(record(i)) for i, m in enumerate(modules)]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
-    return [calibrate_range(seen[i]) for i in range(len(modules))]
 
 
 @dataclass(frozen=True)
@@ -178,7 +130,7 @@ class FinetunedAccuracy:
         self.lookups = self.hits = 0
         self.last_hit = False
         self.seconds = 0.0
-        self._ranges: list[float] | None = None
+        self._ranges: tuple[list[float], list[bool]] | None = None
         fp = cache.get(self.key, (), None)  # the float reference is cached under the empty bit vector
         if fp is None:
             from releq_tvm.train import evaluate
@@ -188,7 +140,8 @@ class FinetunedAccuracy:
             cache.put(self.key, (), None, fp, time.perf_counter() - start)
         self.full_precision = float(fp)
 
-    def _input_ranges(self) -> list[float]:
+    def _input_ranges(self) -> tuple[list[float], list[bool]]:
+        """Initial clipping level of each layer's input quantizer, and whether it is learned."""
         if self._ranges is None:
             n = self.settings.calibration_images
             self._ranges = calibrate_input_ranges(self.model, self.input_shape, self.train.images[:n])
@@ -209,29 +162,28 @@ class FinetunedAccuracy:
         self.cache.put(self.key, w_bits, a_bits, acc, seconds)
         return acc
 
-    def quantized_model(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> tuple[nn.Module, ActivationQuantizerHooks | None]:
-        """A fresh copy of the float model with ``w_bits`` (and input quantizers for ``a_bits``) applied."""
-        from releq_tvm.networks import weight_modules
-        from releq_tvm.quant import apply_bits
+    def quantized_model(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> nn.Module:
+        """A fresh copy of the float model with ``w_bits`` (and input quantizers for ``a_bits``) applied.
+
+        The input quantizers (:class:`releq_tvm.quant.PactActivation`) start from the calibrated
+        ranges and are children of the model, so a fine-tune trains their clipping levels.
+        """
+        from releq_tvm.quant import apply_act_bits, apply_bits
 
         model = copy.deepcopy(self.model)
         apply_bits(model, list(w_bits), self.input_shape)
-        hooks = None
         if a_bits is not None:
-            modules = [m for _, m in weight_modules(model, self.input_shape)]
-            hooks = ActivationQuantizerHooks(modules, self._input_ranges(), a_bits)
-        return model, hooks
+            ranges, learn = self._input_ranges()
+            apply_act_bits(model, list(a_bits), self.input_shape, ranges, learn)
+        return model
 
     def _finetune_and_evaluate(self, w_bits, a_bits) -> float:
         from releq_tvm.train import evaluate, train_steps
 
         s = self.settings
-        model, hooks = self.quantized_model(w_bits, a_bits)
+        model = self.quantized_model(w_bits, a_bits)
         train_steps(model, self.train, s.short_steps, lr=s.learning_rate, batch_size=s.batch_size, seed=s.seed)
-        acc = evaluate(model, self.val)
-        if hooks is not None:
-            hooks.remove()
-        return float(acc)
+        return float(evaluate(model, self.val))
 
 
 class NoAccuracy:
@@ -279,14 +231,12 @@ def long_finetune(
     tried = []
     before = None
     for lr in learning_rates:
-        model, hooks = oracle.quantized_model(w_bits, a_bits)
+        model = oracle.quantized_model(w_bits, a_bits)
         if before is None:
             before = evaluate(model, test)
         train_steps(model, oracle.train, steps, lr=float(lr), batch_size=batch_size, seed=seed)
         tried.append({"learning_rate": float(lr), "val_accuracy": round(evaluate(model, oracle.val), 4),
                       "test_accuracy": round(evaluate(model, test), 4)})
-        if hooks is not None:
-            hooks.remove()
     chosen = max(tried, key=lambda t: t["val_accuracy"])
     return {
         "steps": int(steps),
