@@ -34,9 +34,21 @@ the same ``isa`` the kernel was planned for, e.g. through ``BuiltKernel.pack``):
   flattened to (column, channel) terms, where a kernel row's terms at one output column are
   contiguous: one block is still one 32-bit broadcast. AlexNet's 3-channel 11x11 conv1 on VNNI
   multiplies 36 terms per kernel row instead of 44 (11 columns x 4 channel slots);
-* ``window`` (one input channel per group: depthwise or a 1-channel image):
-  ``(groups, out_per_group, kh, kw)``, vectorised over output columns instead (the same code
-  for every ISA: 8 int32 lanes, int16 activations).
+* ``window`` (one input channel per group: depthwise or a 1-channel image), vectorised over
+  output columns instead of output channels: ``(groups, out_per_group, kh, taps)``, weight
+  ``w[o, 0, i, j]`` at ``[g, o % out_per_group, i, j]`` for ``g = o // out_per_group``.
+
+  - AVX-512 VNNI with VBMI (``isa.lut == "avx512vbmi"``): ``taps = 4 * ceil(kw / 4)`` (zeros
+    past ``kw``): each kernel row's taps in quads, one int32 per quad. 16 output columns per zmm
+    accumulator: one 64-byte load of an image row, a ``vpermb`` that lays out the 16 columns'
+    4-tap windows as one quad per int32 lane (zeroing the padding) and one ``vpdpbusd`` with the
+    broadcast weight quad, per kernel row and quad (:func:`_replace_with_window_vpdpbusd`). No
+    padded copy of the input; a register tile of several output rows shares each shuffled input
+    row; a fused epilogue runs on whole 16-column vectors (on padded rows, then cropped, when the
+    rows are not a multiple of 16 columns). Strides up to 4 (a 16-column window spans ``15 *
+    stride + 4`` bytes); wider strides run the int16 code below on the same layout.
+  - other ISAs: ``taps = kw``; int16 activations (a padded copy), 8 int32 lanes of int16
+    multiply-adds, the same code for every ISA.
 
 Layouts of data and output are as in :mod:`releq_tvm.kernels.bitserial` (NCHW default).
 """
@@ -59,7 +71,7 @@ from .common import (
     without_global_symbol,
 )
 from .encoding import round_up
-from .epilogue import PLAIN, Epilogue, output_stage
+from .epilogue import PLAIN, Epilogue, epilogue_placeholders, epilogue_value, output_stage
 from .shapes import ConvShape, DenseShape
 from .target import VectorIsa, vector_isa
 
@@ -177,6 +189,12 @@ class Int8Plan:
     parallel: bool
     #: The target's vector unit the plan is for (``isa.int8`` picks the product instruction).
     isa: VectorIsa
+    #: window mode only: the product is :func:`_replace_with_window_vpdpbusd` (16 output columns per
+    #: zmm, kernel rows' taps in quads), not int16 multiply-adds over 8 columns
+    window_quads: bool = False
+    #: quad-window mode: output rows per register tile (``vec_tile`` vectors of 16 columns each);
+    #: with stride 1 the rows of a tile share each shuffled input row
+    row_tile: int = 1
 
     @property
     def lanes(self) -> int:
@@ -204,7 +222,9 @@ def int8_weight_shape(shape: ConvShape, isa: VectorIsa | None = None) -> tuple[s
     kh, kw = shape.kernel
     og, cg = shape.out_per_group, shape.in_per_group
     if cg == 1:
-        return "window", (shape.groups, og, kh, kw)
+        # VNNI + VBMI: a kernel row's taps in quads, one int32 per quad (zeros past kw)
+        taps = round_up(kw, 4) if _window_by_quads(isa) else kw
+        return "window", (shape.groups, og, kh, taps)
     lanes, dot = isa.int32_lanes, int8_dot(isa)
     regs = round_up(og, lanes) // lanes
     # AVX-512: up to 4 registers (64 outputs) per tile, so a dense layer (one output position)
@@ -214,6 +234,34 @@ def int8_weight_shape(shape: ConvShape, isa: VectorIsa | None = None) -> tuple[s
     if _packs_kernel_columns(cg, kw, dot):
         return "column", (shape.groups, -(-og // tile), kh, 1, -(-(kw * cg) // dot), dot * tile)
     return "channel", (shape.groups, -(-og // tile), kh, kw, -(-cg // dot), dot * tile)
+
+
+def _window_by_quads(isa: VectorIsa) -> bool:
+    """Whether ``window`` convs run on :func:`_replace_with_window_vpdpbusd` (``vpermb`` + ``vpdpbusd``
+    on zmm): AVX-512 VNNI with VBMI (``isa.lut == "avx512vbmi"`` says both)."""
+    return isa.int8 == "avx512-vnni" and isa.lut == "avx512vbmi"
+
+
+#: int32 lanes (output columns) of one quad-window accumulator (a zmm register).
+WINDOW_QUAD_LANES = 16
+#: Bytes of one quad-window activation load (a zmm register): the ``vpermb`` table.
+WINDOW_QUAD_BYTES = 64
+#: Accumulator registers along one output row of a quad-window tile; wider rows are split.
+WINDOW_MAX_VECTORS = 8
+#: Accumulator registers of one quad-window tile (rows x vectors); the other zmm hold the shuffled activations, the broadcast weights and the
+#: shuffle constants. Below 16: TVM puts a tile's accumulator buffer on the stack only under 1 KiB
+#: (``kMaxStackAlloca``); a bigger one inside a parallel loop is a TVMBackendAllocWorkspace call
+#: per tile, even at one thread (a 16-register tile ran ~2x slower for that).
+WINDOW_MAX_ACCUMULATORS = 15
+
+
+def _quad_window_fits(shape: ConvShape) -> bool:
+    """Whether one 64-byte load holds the taps of a quad-window vector: 16 output columns at
+    stride ``sw`` read a span of ``15 * sw + 4`` bytes per tap quad; and whether the input (one
+    image plane per group) holds at least one load, which the clamped loads need."""
+    h, w = shape.in_size
+    span = (WINDOW_QUAD_LANES - 1) * shape.stride[1] + 4
+    return span <= WINDOW_QUAD_BYTES and shape.batch * shape.groups * h * w >= WINDOW_QUAD_BYTES
 
 
 def _packs_kernel_columns(in_per_group: int, kw: int, dot: int) -> bool:
@@ -260,7 +308,16 @@ def plan_int8_conv2d(shape: ConvShape, layout: str = "NCHW", parallel: bool | No
     isa = _isa(isa)
     mode, wshape = int8_weight_shape(shape, isa)
     ow = shape.out_size[1]
-    if mode == "window":
+    quads = mode == "window" and _window_by_quads(isa) and _quad_window_fits(shape)
+    rows = 1
+    if quads:
+        # whole output rows per tile where they fit in WINDOW_MAX_VECTORS accumulators; as many
+        # rows as divide the output's height within WINDOW_MAX_ACCUMULATORS
+        vectors = -(-ow // WINDOW_QUAD_LANES)
+        vec = -(-vectors // -(-vectors // WINDOW_MAX_VECTORS))
+        pos, owp = WINDOW_QUAD_LANES * vec, round_up(ow, WINDOW_QUAD_LANES * vec)
+        rows = _largest_divisor(shape.out_size[0], WINDOW_MAX_ACCUMULATORS // vec)
+    elif mode == "window":
         padded, neg_vec = min((round_up(ow, INT32_LANES * v), -v) for v in (2, 1))
         pos, vec, owp = INT32_LANES * -neg_vec, -neg_vec, padded
     else:
@@ -280,7 +337,7 @@ def plan_int8_conv2d(shape: ConvShape, layout: str = "NCHW", parallel: bool | No
             owp = round_up(ow, pos)
     if parallel is None:
         parallel = shape.macs >= INT8_PARALLEL_MIN_MACS
-    return Int8Plan(shape, layout, mode, wshape, pos, vec, owp, bool(parallel), isa)
+    return Int8Plan(shape, layout, mode, wshape, pos, vec, owp, bool(parallel), isa, quads, rows)
 
 
 def pack_int8_weights(q: np.ndarray, groups: int = 1, isa: VectorIsa | None = None) -> np.ndarray:
@@ -305,7 +362,9 @@ def pack_int8_weights(q: np.ndarray, groups: int = 1, isa: VectorIsa | None = No
     og = o // groups
     qg = q.astype(np.int8).reshape(groups, og, cg, kh, kw)
     if mode == "window":
-        return np.ascontiguousarray(qg.reshape(wshape))
+        full = np.zeros(wshape, dtype=np.int8)  # taps past kw (quad padding) are zero
+        full[..., :kw] = qg.reshape(groups, og, kh, kw)
+        return full
     dot = int8_dot(isa)
     tiles, blocks, tile = wshape[1], wshape[4], wshape[5] // dot
     if mode == "column":
@@ -331,6 +390,8 @@ def _int8_graph(plan: Int8Plan, x: te.Tensor, w: te.Tensor):
     load = input_loader(x, s, plan.layout)
     rkh = te.reduce_axis((0, kh), name="rkh")
     rkw = te.reduce_axis((0, kw), name="rkw")
+    if plan.window_quads:
+        return _window_quad_graph(plan, x, w, rkh)
     if plan.mode == "window":
         zero = tirx.const(0, "int16")
 
@@ -399,8 +460,134 @@ def _int8_graph(plan: Int8Plan, x: te.Tensor, w: te.Tensor):
     return lambda n, g, i, j, o: acc[n, g, i, j, o]
 
 
+def _window_quad_graph(plan: Int8Plan, x: te.Tensor, w: te.Tensor, rkh):
+    """The window-mode sums read straight from the image planes (no pad stage), kernel columns in
+    quads ``rb`` of taps ``rk``; :func:`_replace_with_window_vpdpbusd` replaces the product.
+
+    The image plane of group ``g`` is ``x[n, g]`` in NCHW; an NHWC input is first transposed to
+    planes (``plane``), so the product loads 64 contiguous bytes of one row either way.
+    """
+    s = plan.shape
+    (h, wd), (sh, sw), (ph, pw) = s.in_size, s.stride, s.padding
+    oh, owp = s.out_size[0], plan.out_w_pad
+    src = x
+    if plan.layout == "NHWC":
+        src = te.compute((s.batch, s.groups, h, wd), lambda n, g, r, c: x[n, r, c, g], name="plane")
+    rb = te.reduce_axis((0, plan.weight_shape[3] // 4), name="rb")
+    rk = te.reduce_axis((0, 4), name="rk")
+
+    def tap(n, g, o, i, j):
+        r, c = i * sh + rkh - ph, j * sw + rb * 4 + rk - pw
+        valid = tirx.all(r >= 0, r < h, c >= 0, c < wd)
+        value = src[n, g, te.max(te.min(r, h - 1), 0), te.max(te.min(c, wd - 1), 0)]
+        return tirx.Select(valid, value, tirx.const(0, "uint8")).astype("int32") \
+            * w[g, o, rkh, rb * 4 + rk].astype("int32")
+
+    acc = te.compute((s.batch, s.groups, s.out_per_group, oh, owp),
+                     lambda n, g, o, i, j: te.sum(tap(n, g, o, i, j), axis=[rkh, rb, rk]), name="acc")
+    return lambda n, g, i, j, o: acc[n, g, o, i, j]
+
+
+def _replace_with_window_vpdpbusd(sch: tvm.s_tir.Schedule, block, plan: Int8Plan) -> None:
+    """Replace a blockized 16-column x 4-tap window product with ``vpermb`` + ``vpdpbusd`` (zmm).
+
+    ``block`` adds, for output columns ``j0 .. j0+15`` of output row ``i``, the taps ``4rb ..
+    4rb+3`` of kernel row ``rkh``: ``acc[j] += sum_k x[row, j*sw + 4rb + k - pw] * w[rkh, 4rb + k]``.
+    One 64-byte load of the image row (no padded copy) holds all 16 x 4 activations (the span
+    is ``15 * sw + 4`` bytes); ``vpermb`` lays them out as 16 quads, one per int32 lane, zeroing
+    the lanes that fall in the padding; ``vpdpbusd`` multiplies them by the broadcast weight quad
+    (uint8 x int8, 4 products per lane: exact). The load starts at the quads' first column,
+    clamped into the input tensor (so it never reads outside it); the shuffle indices absorb the
+    clamp. A kernel row in the padding reads a real (clamped) row with every lane zeroed: no
+    branch, so LLVM shares one input row's shuffle among the tile's output rows that read it.
+    """
+    s = plan.shape
+    (h, wd), (sh, sw), (ph, pw) = s.in_size, s.stride, s.padding
+    lanes, width = WINDOW_QUAD_LANES, WINDOW_QUAD_BYTES
+    old = sch.get(block)
+    acc_region, = old.writes
+    reads = {r.source.name: r for r in old.reads}
+    w_region = reads["weights"]
+    src = reads["plane"].source if "plane" in reads else reads["data"].source
+    n, g, _, i, j0 = (r.min for r in acc_region.region)
+    rkh, rb4 = w_region.region[2].min, w_region.region[3].min
+
+    def i32(value):
+        return tirx.const(value, "int32")
+
+    def u8(value):  # a scalar int32 expression, broadcast as uint8
+        return tirx.Broadcast(tirx.Cast("uint8", value), width)
+
+    row = i * sh + rkh - ph
+    image_row = te.max(te.min(row, i32(h - 1)), i32(0))  # padding rows: a real row, zeroed below
+    start = j0 * sw + rb4 - pw  # image column of the first tap of the first lane
+    row_base = ((n * s.groups + g) * h + image_row) * wd  # flat offset of the row in the planes
+    total = s.batch * s.groups * h * wd
+    col = te.max(te.min(start, total - width - row_base), -row_base)  # load start, inside the tensor
+    lane = tirx.Ramp(tirx.const(0, "uint8"), tirx.const(1, "uint8"), width)
+    # byte 4t + k of the product reads image column start + t*sw + k: offset t*sw + k of the span
+    offset = (lane >> tirx.const(2, "uint8")) * tirx.const(sw, "uint8") + (lane & tirx.const(3, "uint8"))
+    loaded = tirx.BufferLoad(src, [n, g, image_row, tirx.Ramp(col, 1, width)])
+    # vpermb reads the low 6 bits of each index: masking keeps the cast non-negative
+    index = offset + u8((start - col) & i32(width - 1))
+    quads = tirx.call_llvm_pure_intrin(f"uint8x{width}", "llvm.x86.avx512.permvar.qi.512", loaded, index)
+    # lanes inside the image: offsets in [-start, wd - start), none in a padding row
+    first = te.max(te.min(-start, i32(width)), i32(0))
+    end = tirx.Select(tirx.all(row >= 0, row < h), te.max(te.min(wd - start, i32(width)), i32(0)), i32(0))
+    inside = tirx.all(offset >= u8(first), offset < u8(end))
+    quads = tirx.Select(inside, quads, tirx.Broadcast(tirx.const(0, "uint8"), width))
+    weight = tirx.reinterpret("int32", tirx.BufferLoad(w_region.source, _ramp(w_region, 4)))
+    acc_idx = _ramp(acc_region, lanes)
+    total_acc = tirx.call_llvm_pure_intrin(
+        f"int32x{lanes}", "llvm.x86.avx512.vpdpbusd.512",
+        tirx.BufferLoad(acc_region.source, acc_idx), quads,
+        tirx.reinterpret(f"uint8x{width}", tirx.Broadcast(weight, lanes)),
+    )
+    _replace_body(sch, block, tirx.BufferStore(acc_region.source, total_acc, acc_idx))
+
+
+def _vectorize_row_output(sch: tvm.s_tir.Schedule, out_block) -> None:
+    """Vectorise the ``out`` block's innermost loop (a tile's output columns, contiguous in NCHW)
+    in the widest power-of-two vectors, up to 16 lanes, that divide it: a 112-column row in 7
+    vectors of 16, a 56-column row in 7 of 8 (no ragged tail), so the epilogue runs on vectors."""
+    loop = sch.get_loops(out_block)[-1]
+    extent = int(sch.get(loop).extent)
+    width = max(v for v in (16, 8, 4, 2, 1) if extent % v == 0)
+    if width > 1:
+        sch.vectorize(sch.split(loop, [None, width])[1])
+
+
 def _crop(plan: Int8Plan, acc_at, out_shape, index_map, epilogue: Epilogue):
+    if _epilogue_on_padded_rows(plan, epilogue):
+        return _padded_row_output_stage(plan, acc_at, out_shape, index_map, epilogue)
     return output_stage(epilogue, acc_at, out_shape, index_map, plan.shape.out_channels, plan.shape.out_per_group)
+
+
+def _epilogue_on_padded_rows(plan: Int8Plan, epilogue: Epilogue) -> bool:
+    """Whether a quad-window kernel runs its epilogue on whole 16-column vectors of the padded rows
+    (``epilogue`` stage) before cropping them (``out``): when the rows are not a multiple of 16
+    columns, the out stage alone would run the int64 steps on vectors of 2 (14 columns) or 1 (7)."""
+    return plan.window_quads and epilogue.requantize and plan.shape.out_size[1] % WINDOW_QUAD_LANES != 0
+
+
+def _padded_row_output_stage(plan: Int8Plan, acc_at, out_shape, index_map, epilogue: Epilogue):
+    """:func:`~releq_tvm.kernels.epilogue.output_stage`'s result in two stages: the epilogue steps
+    (:func:`~releq_tvm.kernels.epilogue.epilogue_value`, the same arithmetic) on every padded column
+    ``j < out_w_pad``, then the crop to the output. The padding columns' values are dropped; they read
+    the residual at the row's last column (any in-bounds index would do)."""
+    s = plan.shape
+    ow, og = s.out_size[1], s.out_per_group
+    args = epilogue_placeholders(epilogue, s.out_channels, out_shape)
+    nhwc = plan.layout == "NHWC"
+
+    def padded(n, c, i, j):
+        jj = te.min(j, ow - 1)
+        out_index = (n, i, jj, c) if nhwc else (n, c, i, jj)
+        return epilogue_value(epilogue, acc_at(n, c // og, i, j, c % og), c, out_index, args)
+
+    rows = te.compute((s.batch, s.out_channels, s.out_size[0], plan.out_w_pad), padded, name="epilogue")
+    out = te.compute(tuple(out_shape), lambda *idx: rows[index_map(*idx)], name="out")
+    return list(args.values()), out
 
 
 def int8_conv2d_tensors(plan: Int8Plan, epilogue: Epilogue = PLAIN) -> list[te.Tensor]:
@@ -424,7 +611,8 @@ def int8_dense_tensors(plan: Int8Plan, epilogue: Epilogue = PLAIN) -> list[te.Te
 
 
 def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
-    """Register-tile the int8 product, replace it with ``vpdpbusd``/``vpmaddwd`` and parallelise the tiles."""
+    """Register-tile the int8 product, replace it with ``vpdpbusd``/``vpmaddwd`` (the quad window:
+    ``vpermb`` + ``vpdpbusd``) and parallelise the tiles."""
     sch = tvm.s_tir.Schedule(func)
     if has_block(sch, "as_image"):
         sch.compute_inline(sch.get_sblock("as_image"))
@@ -441,7 +629,18 @@ def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
         rows = plan.shape.batch * plan.shape.groups * int(sch.get(r).extent)
         if plan.parallel and rows >= 4:  # a dense layer's single row is not worth a parallel launch
             sch.parallel(sch.fuse(n, g, r))
-    if plan.mode == "window":
+    if plan.window_quads:
+        n, g, o, i, j, rkh, rb, rk = sch.get_loops(acc)
+        io, ii = sch.split(i, [None, plan.row_tile])
+        jo, jv, jl = sch.split(j, [None, plan.vec_tile, WINDOW_QUAD_LANES])
+        # kernel rows outside the tile's rows: LLVM shares the shuffled activations of an input
+        # row among the tile's output rows that read it (stride 1: row i + rkh)
+        sch.reorder(n, g, o, io, jo, rkh, rb, ii, jv, jl, rk)
+        chunk = sch.fuse(n, g, o, io, jo)
+        for loop in (rkh, rb, ii, jv):
+            sch.unroll(loop)
+        tile_loop, product, first_reduction = chunk, None, rkh
+    elif plan.mode == "window":
         n, g, o, i, j, rkh, rkw = sch.get_loops(acc)
         jo, jv, jl = sch.split(j, [None, plan.vec_tile, INT32_LANES])
         sch.reorder(n, g, o, i, jo, rkh, rkw, jv, jl)
@@ -469,9 +668,22 @@ def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
         tile_loop, product, first_reduction = os, ol, reduction[0]
     if plan.parallel:
         sch.parallel(chunk)
+    if has_block(sch, "epilogue"):  # the quad window's epilogue on padded rows (_padded_row_output_stage)
+        staged = sch.get_sblock("epilogue")
+        sch.reverse_compute_at(staged, tile_loop)
+        sch.vectorize(sch.split(sch.get_loops(staged)[-1], [None, WINDOW_QUAD_LANES])[1])
     sch.reverse_compute_at(out, tile_loop)
-    vectorize_output(sch, out)
+    if plan.window_quads:
+        _vectorize_row_output(sch, out)
+    else:
+        vectorize_output(sch, out)
     init = sch.decompose_reduction(acc, first_reduction)
+    if plan.window_quads:
+        init_loops = sch.get_loops(init)
+        sch.vectorize(init_loops[-1])
+        sch.unroll(init_loops[-2])
+        sch.unroll(init_loops[-3])
+        _replace_with_window_vpdpbusd(sch, sch.blockize(jl), plan)
     if product is not None:
         sch.vectorize(sch.get_loops(init)[-1])
         if plan.dot == 4:

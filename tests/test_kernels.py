@@ -1140,3 +1140,168 @@ def test_bench_kernels_lut_rows_protocol_and_memory_bound(monkeypatch):
         assert float(r["memory_bound_ms"]) == pytest.approx(bound_ms, rel=1e-5)
         # latency_ms is rounded to 1 ns in the row, over_memory_bound is not
         assert float(r["over_memory_bound"]) == pytest.approx(float(r["latency_ms"]) / bound_ms, rel=1e-2)
+
+
+# ------------------------------------------------------------------------------------------
+# int8 window mode on AVX-512 VNNI + VBMI: 16 output columns per zmm, vpermb + vpdpbusd on tap quads
+
+needs_vbmi_vnni = pytest.mark.skipif(
+    not (HOST_INT8 == "avx512-vnni" and K.vector_isa().lut == "avx512vbmi"),
+    reason="the quad-window path runs on AVX-512 VNNI + VBMI hosts only (its assembly is checked on any host)",
+)
+
+QUAD_WINDOW_CASES = [
+    # (id, shape, layout, parallel)
+    ("dw_s1_odd_19ch", K.ConvShape(19, 19, (15, 17), (3, 3), padding=1, groups=19), "NCHW", False),
+    ("dw_s1_odd_19ch_parallel", K.ConvShape(19, 19, (15, 17), (3, 3), padding=1, groups=19), "NCHW", True),
+    ("dw_s2_odd_37ch_nhwc", K.ConvShape(37, 37, (9, 33), (3, 3), stride=2, padding=1, groups=37), "NHWC", False),
+    ("dw_s2_37ch_parallel", K.ConvShape(37, 37, (10, 33), (3, 3), stride=2, padding=1, groups=37), "NCHW", True),
+    ("dw_multiplier_2_batch2_nhwc", K.ConvShape(5, 10, (11, 13), (3, 3), padding=1, groups=5, batch=2), "NHWC", None),
+    ("mobilenet_dw_112_s1", K.ConvShape(32, 32, (112, 112), (3, 3), padding=1, groups=32), "NCHW", None),
+    ("mobilenet_dw_112_s2", K.ConvShape(64, 64, (112, 112), (3, 3), stride=2, padding=1, groups=64), "NCHW", None),
+    ("mobilenet_dw_7x7_1024ch", K.ConvShape(1024, 1024, (7, 7), (3, 3), padding=1, groups=1024), "NCHW", None),
+    ("lenet_conv1_1ch_5x5", K.ConvShape(1, 6, (32, 32), (5, 5)), "NCHW", None),
+    ("mnist_like_1ch_5x5_p2", K.ConvShape(1, 8, (28, 28), (5, 5), padding=2), "NHWC", None),
+    ("wide_row_3_tiles", K.ConvShape(3, 3, (5, 300), (3, 3), padding=1, groups=3), "NCHW", None),
+    ("dw_11x11_s4_3quads", K.ConvShape(2, 4, (31, 31), (11, 11), stride=4, padding=2, groups=2), "NCHW", None),
+    ("dw_s2x1_no_padding", K.ConvShape(7, 7, (12, 20), (3, 3), stride=(2, 1), groups=7), "NCHW", None),
+    ("dw_pad_wider_than_quads", K.ConvShape(3, 3, (6, 40), (5, 5), padding=(2, 5), groups=3), "NCHW", None),
+]
+
+
+@needs_vbmi_vnni
+@pytest.mark.parametrize("shape, layout, parallel",
+                         [pytest.param(s, lay, p, id=name) for name, s, lay, p in QUAD_WINDOW_CASES])
+def test_int8_quad_window_is_exact(shape, layout, parallel):
+    """Full-range uint8 x int8 on the vpermb + vpdpbusd window path: padding rows and columns,
+    clamped loads at both ends of the tensor, rows of 1..19 vectors, quads past kw."""
+    plan = plan_int8_conv2d(shape, layout, parallel)
+    assert plan.mode == "window" and plan.window_quads
+    assert plan.weight_shape[3] == -(-shape.kernel[1] // 4) * 4
+    kernel = K.build_int8_conv2d(shape, layout=layout, parallel=parallel)
+    x, q = _full_range(rng_for("int8quadwindow", shape, layout), shape, layout)
+    x.reshape(-1)[-3:] = 255  # the tensor's last bytes, read by loads clamped to its end
+    np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.conv2d_reference(x, q, shape, layout))
+
+
+@needs_vbmi_vnni
+@pytest.mark.parametrize("level", [-128, 127])
+def test_int8_quad_window_extremes_do_not_saturate(level):
+    shape = K.ConvShape(16, 16, (9, 20), (3, 3), padding=1, groups=16)
+    kernel = K.build_int8_conv2d(shape)
+    x = np.full(shape.input_shape(), 255, dtype=np.uint8)
+    q = np.full(shape.weight_shape(), level)
+    out = kernel(x, kernel.pack(q))
+    np.testing.assert_array_equal(out, K.conv2d_reference(x, q, shape))
+    assert out[0, 3, 4, 5] == 9 * 255 * level and out[0, 3, 0, 0] == 4 * 255 * level
+
+
+@needs_vbmi_vnni
+@pytest.mark.parametrize("shape", [
+    pytest.param(K.ConvShape(6, 6, (9, 40), (3, 3), stride=5, padding=1, groups=6), id="stride5_wider_than_a_load"),
+    pytest.param(K.ConvShape(2, 2, (4, 4), (3, 3), padding=1, groups=2), id="input_smaller_than_a_load"),
+])
+def test_int8_window_falls_back_to_int16_on_the_quad_layout(shape):
+    """Where one 64-byte load cannot serve (stride > 4, or an input under 64 bytes) the int16 window
+    code runs on the same packed weights (taps padded to quads), so packing never needs the stride."""
+    plan = plan_int8_conv2d(shape)
+    assert plan.mode == "window" and not plan.window_quads and plan.weight_shape[3] == 4
+    kernel = K.build_int8_conv2d(shape)
+    x, q = _full_range(rng_for("int8window_fallback", shape), shape)
+    np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.conv2d_reference(x, q, shape))
+
+
+def test_pack_int8_weights_window_layout_pads_taps_to_quads_on_vbmi_only():
+    """``w[o, 0, i, j]`` at ``[o // og, o % og, i, j]``; zeros past kw on VNNI + VBMI (any host: numpy only)."""
+    shape = K.ConvShape(3, 6, (8, 8), (3, 5), groups=3)
+    q = rng_for("int8window_layout").integers(-128, 128, size=shape.weight_shape())
+    expected_taps = {"znver4": 8, "icelake-server": 8, "cascadelake": 5, "alderlake": 5, "haswell": 5, "x86-64": 5}
+    for cpu, taps in expected_taps.items():
+        isa = vector_isa(cpu)
+        assert K.int8_weight_shape(shape, isa) == ("window", (3, 2, 3, taps)), cpu
+        packed = K.pack_int8_weights(q, shape.groups, isa=isa)
+        assert packed.shape == (3, 2, 3, taps) and packed.dtype == np.int8
+        np.testing.assert_array_equal(packed[..., :5], q.reshape(3, 2, 3, 5))
+        assert not packed[..., 5:].any()
+
+
+QUAD_WINDOW_EPILOGUE_CASES = [
+    # rows of 7 vectors of 16: the out stage alone, 16 lanes
+    pytest.param(K.ConvShape(24, 24, (10, 112), (3, 3), padding=1, groups=24), "NCHW", id="row112_s1"),
+    # rows of 56 and 14 columns: the epilogue stage on padded 16-column vectors, then the crop
+    pytest.param(K.ConvShape(24, 24, (10, 112), (3, 3), stride=2, padding=1, groups=24), "NCHW", id="row56_s2"),
+    pytest.param(K.ConvShape(6, 12, (9, 14), (3, 3), padding=1, groups=6, batch=2), "NHWC", id="row14_x2_nhwc"),
+]
+
+
+@needs_vbmi_vnni
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e.label)
+@pytest.mark.parametrize("shape, layout", QUAD_WINDOW_EPILOGUE_CASES)
+def test_fused_epilogue_on_the_int8_quad_window(epilogue, shape, layout):
+    """The quad-window tiles feed the common epilogue arithmetic, on whole rows of 16 columns or on
+    padded rows cropped afterwards (residuals and per-channel parameters at the right index)."""
+    import tvm
+
+    plan = plan_int8_conv2d(shape, layout)
+    assert plan.window_quads
+    staged = "epilogue" in str(K.int8_conv2d_primfunc(shape, layout, epilogue=epilogue))
+    assert staged == (shape.out_size[1] % 16 != 0)
+    rng = rng_for("epilogue_quad_window", epilogue.label, shape, layout)
+    func = K.int8_conv2d_primfunc(shape, layout, epilogue=epilogue)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.host_target())
+    x, q = _full_range(rng, shape, layout)
+    acc = K.conv2d_reference(x, q, shape, layout)
+    channel_axis = 1 if layout == "NCHW" else 3
+    extra = _epilogue_args(epilogue, rng, np.moveaxis(acc, channel_axis, 1))
+    if "residual" in extra:
+        extra["residual"] = np.ascontiguousarray(np.moveaxis(extra["residual"], 1, channel_axis))
+    out = np.zeros(acc.shape, dtype=epilogue.out_dtype)
+    tensors = [tvm.runtime.tensor(a) for a in (x, K.pack_int8_weights(q, shape.groups), *extra.values(), out)]
+    lib["main"](*tensors)
+    np.testing.assert_array_equal(tensors[-1].numpy(), K.epilogue_reference(epilogue, acc, channel_axis, **extra))
+
+
+#: MobileNet v1's depthwise shapes at stride 1 and 2 (channels trimmed: the code per channel is the same)
+MOBILENET_DW = [
+    pytest.param(K.ConvShape(32, 32, (112, 112), (3, 3), padding=1, groups=32), id="dw112_s1"),
+    pytest.param(K.ConvShape(64, 64, (112, 112), (3, 3), stride=2, padding=1, groups=64), id="dw112_s2"),
+    pytest.param(K.ConvShape(128, 128, (56, 56), (3, 3), padding=1, groups=128), id="dw56_s1"),
+    pytest.param(K.ConvShape(512, 512, (14, 14), (3, 3), padding=1, groups=512), id="dw14_s1"),
+]
+
+
+@pytest.mark.parametrize("cpu", ["znver4", "icelake-server"])
+@pytest.mark.parametrize("shape", MOBILENET_DW)
+def test_int8_quad_window_compiles_to_vpermb_and_vpdpbusd_without_spills(cpu, shape):
+    """Any host. One vpermb per shuffled input row and 16 columns, one zmm vpdpbusd per kernel row;
+    the row tile shares shuffles (fewer vpermb than vpdpbusd at stride 1), and on Zen 4 its
+    accumulators stay in zmm registers (no spill to the stack)."""
+    kernel = K.build_int8_conv2d(shape, target=cpu)
+    assert kernel.weight_shape == (shape.groups, 1, 3, 4)
+    asm = kernel.module.inspect_source("s")
+    permutes = len(re.findall(r"vpermb\s[^\n]*zmm", asm))
+    products = len(re.findall(r"vpdpbusd\s[^\n]*zmm", asm))
+    assert permutes and products and "vpmaddwd" not in asm and "vpmulld" not in asm
+    if shape.stride == (1, 1):
+        assert permutes < products
+    if cpu == "znver4":  # LLVM's Ice Lake scheduling spills 2 of 32 zmm on the 112-wide rows
+        assert not re.search(r"vmov\w*\s+%zmm\d+, -?\d*\(%rsp\)", asm)
+
+
+@pytest.mark.parametrize("cpu", ["haswell", "x86-64", "cascadelake", "alderlake"])
+def test_int8_window_without_vbmi_keeps_the_int16_path(cpu):
+    """AVX2 (vpmaddwd), plain x86-64, AVX-512 VNNI without VBMI and AVX-VNNI build the int16 window
+    code on unpadded taps; each runs exactly where this host can run it."""
+    shape = K.ConvShape(19, 19, (15, 17), (3, 3), stride=2, padding=1, groups=19)
+    isa = vector_isa(cpu)
+    plan = plan_int8_conv2d(shape, "NCHW", None, isa)
+    assert plan.mode == "window" and not plan.window_quads and plan.weight_shape == (19, 1, 3, 3)
+    kernel = K.build_int8_conv2d(shape, target=cpu)
+    asm = kernel.module.inspect_source("s")
+    assert "vpermb" not in asm and "vpdpbusd" not in asm
+    if cpu in ("haswell", "x86-64"):
+        assert "zmm" not in asm and (cpu == "haswell") == ("ymm" in asm)
+    runs_here = cpu in ("haswell", "x86-64") or (cpu == "cascadelake" and HOST_INT8 == "avx512-vnni")
+    if runs_here and (cpu == "x86-64" or K.vector_isa().name != "x86-64"):
+        x, q = _full_range(rng_for("int8window_int16", cpu), shape)
+        np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.conv2d_reference(x, q, shape))
