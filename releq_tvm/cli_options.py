@@ -12,7 +12,9 @@ data_dir_option = click.option(
     help="Folder with the torchvision dataset files (CIFAR-10, SVHN, ImageNet). MNIST needs none.",
 )
 checkpoint_option = click.option(
-    "--checkpoint", type=click.Path(dir_okay=False), default=None, help="Float model state_dict (default: the shipped one)."
+    "--checkpoint", type=click.Path(dir_okay=False), default=None,
+    help="Model file: a float state_dict (`releq-tvm train`) or a fine-tuned model (`releq-tvm finetune -o`, a search "
+         "run's finetuned.pt) with its bits and learned clipping levels (default: the shipped model).",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -115,24 +117,162 @@ def finetune_bits(
     return train_steps(model, data, steps, lr=lr, batch_size=batch_size, seed=seed)
 
 
-def load_model(name: str, checkpoint: str | None = None) -> nn.Module:
-    """The trained float model of ``name``: from ``checkpoint`` if given, else the shipped one.
+#: The ``format`` entry of a fine-tuned model file (:func:`save_finetuned`); :func:`read_model_file`
+#: reads version :data:`FINETUNED_VERSION` and refuses others.
+FINETUNED_FORMAT = "releq-tvm fine-tuned model"
+FINETUNED_VERSION = 1
 
-    Raises a one-line error when neither exists (see :class:`MissingCheckpointError`).
+_WEIGHT_ORIGINAL = ".parametrizations.weight.original"
+
+
+def _float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each quantized weight under its plain name (``<layer>.weight``),
+    holding the float latent values the quantizer reads: what :func:`remove_bits` would leave."""
+    return {
+        (key[: -len(_WEIGHT_ORIGINAL)] + ".weight" if key.endswith(_WEIGHT_ORIGINAL) else key): t.detach().cpu().clone()
+        for key, t in model.state_dict().items()
+    }
+
+
+def save_finetuned(path, model: nn.Module, network: str, input_shape: tuple[int, int, int], about: dict | None = None) -> Path:
+    """Write the fake-quantized ``model`` (after :func:`finetune_bits` or a search's fine-tune) to ``path``.
+
+    The file is one ``torch.save`` of a dict (readable with ``torch.load(..., weights_only=True)``):
+
+    * ``format``: :data:`FINETUNED_FORMAT`, ``version``: :data:`FINETUNED_VERSION`, ``network``;
+    * ``w_bits``: the weight bits of every layer (forward order), read off the model's quantizers;
+    * ``a_bits``: the activation bits of every layer's input, or None (float activations);
+    * ``act_learned``: per layer, whether its clipping level was trained (False for the image), or None;
+    * ``state_dict``: the float (latent) weights under their plain names (``<layer>.weight``, as in
+      a ``releq-tvm train`` checkpoint) plus every ``<layer>.act_quantizer.alpha_init`` and
+      ``.alpha_factor`` (the learned clipping level is their product);
+    * ``about``: how it was made (command, steps, accuracies), for humans.
+
+    Every weight layer must carry a weight quantizer; activation quantizers on every layer or none.
+    The write is atomic. Returns the path.
     """
-    from pathlib import Path
+    import io
 
+    from releq_tvm.io import atomic_write_bytes
+    from releq_tvm.networks import weight_modules
+    from releq_tvm.quant import act_quantizers, current_act_bits, current_bits
+
+    w_bits = current_bits(model, input_shape)
+    a_bits = current_act_bits(model, input_shape)
+    if None in w_bits:
+        raise ValueError(f"every weight layer must be quantized to save a fine-tuned model; bits {w_bits}")
+    if None in a_bits and any(b is not None for b in a_bits):
+        raise ValueError(f"activation quantizers on some layers only ({a_bits}) cannot be saved")
+    carried = act_quantizers(model)
+    learned = [carried[name].learned for name, _ in weight_modules(model, input_shape)] if carried else None
+    blob = {
+        "format": FINETUNED_FORMAT,
+        "version": FINETUNED_VERSION,
+        "network": network,
+        "w_bits": [int(b) for b in w_bits],
+        "a_bits": [int(b) for b in a_bits] if carried else None,
+        "act_learned": learned,
+        "state_dict": _float_state_dict(model),
+        "about": dict(about or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+@dataclass
+class ModelFile:
+    """A model read from a checkpoint file (:func:`read_model_file`).
+
+    ``model`` has float weights and, from a fine-tuned file with activation bits, the input
+    quantizers it was fine-tuned with (learned clipping levels); ``w_bits`` / ``a_bits`` are the
+    bits it was fine-tuned at (None: a plain state_dict, or float activations).
+    """
+
+    path: str
+    model: nn.Module
+    w_bits: tuple[int, ...] | None = None
+    a_bits: tuple[int, ...] | None = None
+    about: dict = field(default_factory=dict)
+
+    def bits_in_force(self, w_bits: Sequence[int] | None, a_bits: Sequence[int] | None):
+        """``(w_bits, a_bits)``: the given ones, else the file's (None where neither says).
+
+        Raises a one-line :class:`ReleqError` when a given vector differs from the bits the file
+        was fine-tuned at. Activation bits given for a file fine-tuned with float activations are
+        kept (their ranges are then calibrated, as for a plain checkpoint).
+        """
+        from releq_tvm.bits import format_bits
+        from releq_tvm.errors import ReleqError
+
+        for given, saved, option, what in ((w_bits, self.w_bits, "--bits", "weight"),
+                                           (a_bits, self.a_bits, "--act-bits", "activation")):
+            if given is not None and saved is not None and tuple(given) != tuple(saved):
+                raise ReleqError(f"{option} {format_bits(given)} disagrees with {self.path}, fine-tuned at {what} bits "
+                                 f"{format_bits(saved)}; drop {option} to use the file's")
+        return (tuple(w_bits) if w_bits is not None else self.w_bits,
+                tuple(a_bits) if a_bits is not None else self.a_bits)
+
+
+def read_model_file(name: str, checkpoint=None) -> ModelFile:
+    """Read ``checkpoint`` for network ``name``: a plain state_dict (``releq-tvm train``) or a
+    fine-tuned model (:func:`save_finetuned`); None: the shipped checkpoint. A missing, corrupt or
+    foreign file is a one-line :class:`ReleqError` (no shipped one: :class:`MissingCheckpointError`).
+    """
+    from releq_tvm.bits import parse_bits
     from releq_tvm.errors import ReleqError
-    from releq_tvm.networks import create_network
+    from releq_tvm.networks import create_network, get_network_spec, weight_modules
+    from releq_tvm.quant import apply_act_bits
 
     if checkpoint is None:
-        return create_network(name, pretrained=True)
+        return ModelFile(f"shipped checkpoint of {name}", create_network(name, pretrained=True))
     path = Path(checkpoint)
+    made_by = f"`releq-tvm train {name}` or `releq-tvm finetune {name} ... -o FILE`"
     if not path.is_file():
-        raise ReleqError(f"checkpoint {path} does not exist; pass a file written by `releq-tvm train {name}`")
-    model = create_network(name)
+        raise ReleqError(f"checkpoint {path} does not exist; pass a file written by {made_by}")
     try:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError) as exc:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file (and long texts): one line to the user
+        raise ReleqError(f"checkpoint {path} is corrupt or not a model checkpoint (torch.load failed with "
+                         f"{type(exc).__name__}); pass a file written by {made_by}") from None
+    model = create_network(name)
+    w_bits = a_bits = None
+    about: dict = {}
+    if isinstance(blob, dict) and "format" in blob:
+        if blob.get("format") != FINETUNED_FORMAT or blob.get("version") != FINETUNED_VERSION:
+            raise ReleqError(f"checkpoint {path} has format {blob.get('format')!r} version {blob.get('version')!r}; "
+                             f"this release reads {FINETUNED_FORMAT!r} version {FINETUNED_VERSION} and plain state_dicts")
+        if blob.get("network") != name:
+            raise ReleqError(f"checkpoint {path} holds a fine-tuned {blob.get('network')}, not {name}")
+        try:
+            state, about = blob["state_dict"], dict(blob.get("about") or {})
+            input_shape = get_network_spec(name).input_shape
+            n = len(weight_modules(model, input_shape))
+            w_bits = parse_bits(list(blob["w_bits"]), n, name, what=f"checkpoint {path}: w_bits")
+            if blob["a_bits"] is not None:
+                a_bits = parse_bits(list(blob["a_bits"]), n, name, what=f"checkpoint {path}: a_bits")
+                # placeholder levels: load_state_dict below sets each alpha_init and alpha_factor
+                apply_act_bits(model, a_bits, input_shape, [1.0] * n, [bool(f) for f in blob["act_learned"]])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReleqError(f"checkpoint {path} is a damaged fine-tuned model file ({exc})") from None
+    elif isinstance(blob, dict) and blob and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items()):
+        state = blob
+    else:
+        raise ReleqError(f"checkpoint {path} is not a model checkpoint (a {type(blob).__name__}); pass a file written by {made_by}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         raise ReleqError(f"checkpoint {path} does not fit {name} ({str(exc).splitlines()[0]})") from None
-    return model.eval()
+    return ModelFile(str(path), model.eval(), w_bits, a_bits, about)
+
+
+def load_model(name: str, checkpoint: str | None = None) -> nn.Module:
+    """The trained model of ``name``: from ``checkpoint`` if given, else the shipped one.
+
+    The weights are float; a fine-tuned file (:func:`save_finetuned`) with activation bits also
+    gives the input quantizers it learned (see :func:`read_model_file` for its bits). Raises a
+    one-line error when neither exists (see :class:`MissingCheckpointError`).
+    """
+    return read_model_file(name, checkpoint).model

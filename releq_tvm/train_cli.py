@@ -120,13 +120,21 @@ def _bits_label(bits, act_bits) -> str:
 @click.option("--steps", type=click.IntRange(0), default=DEFAULTS.finetune.short_steps, show_default=True, help="Fine-tune steps (e.g. 200 short, 3000 long).")
 @click.option("--lr", type=float, default=DEFAULTS.finetune.learning_rate, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="Save the fine-tuned model here: float weights, learned clipping levels and the bits, in one file "
+                   "that eval, compile and simulate take as --checkpoint.")
 @checkpoint_option
 @data_dir_option
-def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, checkpoint, data_dir) -> None:
-    """Quantize NET to --bits (and --act-bits), fine-tune it for --steps, and print float and quantized accuracy."""
+def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, out, checkpoint, data_dir) -> None:
+    """Quantize NET to --bits (and --act-bits), fine-tune it for --steps, and print float and quantized accuracy.
+
+    With -o FILE the fine-tuned model is saved (releq_tvm.train.save_finetuned: one torch.save dict
+    with the float weights, each layer's learned clipping level, the weight and activation bits and
+    how it was made); `releq-tvm compile NET --checkpoint FILE` then builds exactly this model.
+    """
     from releq_tvm.networks import get_network_spec, layer_table
     from releq_tvm.quant import act_quantizers
-    from releq_tvm.train import evaluate, finetune_bits, load_model
+    from releq_tvm.train import evaluate, finetune_bits, load_model, save_finetuned
 
     spec = get_network_spec(network)
     n = len(layer_table(network))
@@ -143,30 +151,46 @@ def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, checkpoint,
     if act_bits is not None:
         levels = ", ".join(f"{quantizer.alpha.item():.4g}" for quantizer in act_quantizers(model).values())
         click.echo(f"activation clipping levels (first layer fixed, the rest learned): {levels}")
+    if out is not None:
+        command = (f"releq-tvm finetune {network} --bits {format_bits(bits)}"
+                   + (f" --act-bits {format_bits(act_bits)}" if act_bits is not None else "")
+                   + f" --steps {steps} --lr {lr} --seed {seed}" + (f" --checkpoint {checkpoint}" if checkpoint else ""))
+        about = {"command": command, "steps": steps, "learning_rate": lr, "seed": seed,
+                 "test_accuracy_full_precision": fp, "test_accuracy_quantized": q}
+        save_finetuned(out, model, network, spec.input_shape, about)
+        click.echo(f"fine-tuned model -> {out} (build it: releq-tvm compile {network} --checkpoint {out})")
 
 
 @click.command("eval")
 @network_argument
-@bits_option()
-@act_bits_option(help="Activation bits per layer (one value = all layers; default: float activations). Each weight "
-                      "layer's input is clipped at a range calibrated on train images; the first layer's input, the "
-                      "image, at the first value with the fixed range [0, 1].")
+@bits_option(help="Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers; default: float, or the bits a "
+                  "fine-tuned --checkpoint was trained at).")
+@act_bits_option(help="Activation bits per layer (one value = all layers; default: float activations, or the bits a "
+                      "fine-tuned --checkpoint was trained at, with its learned levels). Without learned levels each "
+                      "weight layer's input is clipped at a range calibrated on train images; the first layer's input, "
+                      "the image, at the first value with the fixed range [0, 1].")
 @checkpoint_option
 @data_dir_option
 @click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
 def eval_cmd(network, bits_text, act_bits_text, checkpoint, data_dir, split) -> None:
-    """Accuracy of NET in float, or fake-quantized to --bits / --act-bits without fine-tuning."""
+    """Accuracy of NET in float, or fake-quantized to --bits / --act-bits without fine-tuning.
+
+    A fine-tuned --checkpoint (`releq-tvm finetune ... -o FILE`) is evaluated at its own bits and
+    learned clipping levels; --bits / --act-bits that differ from the file's are an error.
+    """
     from releq_tvm.networks import get_network_spec, layer_table
     from releq_tvm.quant import apply_act_bits, apply_bits, calibrate_input_ranges
-    from releq_tvm.train import evaluate, load_model
+    from releq_tvm.train import evaluate, read_model_file
 
     spec = get_network_spec(network)
     n = len(layer_table(network))
     bits = parse_bits(bits_text, n, network) if bits_text is not None else None
     act_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
-    model = load_model(network, checkpoint)
+    loaded = read_model_file(network, checkpoint)
+    bits, act_bits = loaded.bits_in_force(bits, act_bits)
+    model = loaded.model
     data = _data(spec.dataset, split, data_dir)
-    if act_bits is not None:
+    if act_bits is not None and loaded.a_bits is None:
         # ranges of the float model on train images, as the search and the fine-tunes start from
         ranges, learn = calibrate_input_ranges(model, spec.input_shape, _calibration_images(spec.dataset, data_dir))
         apply_act_bits(model, act_bits, spec.input_shape, ranges, learn)

@@ -333,3 +333,103 @@ def test_eval_with_act_bits_quantizes_every_layer_input():
     assert result.output.startswith("lenet float weights, activations 2,2,2,2,2: ")
     accuracy = float(result.output.split(": ")[1].split("%")[0])
     assert 96.0 < accuracy < 99.0, accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuned model files: finetune -o FILE, then eval / compile --checkpoint FILE at its bits
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finetuned_file(tmp_path_factory):
+    """LeNet-5 fine-tuned 2 steps at w 8,2,2,3,2, a 8,4,4,2,4 and saved by the CLI; and its output."""
+    path = tmp_path_factory.mktemp("finetuned") / "lenet-ft.pt"
+    result = run("finetune", "lenet", "--bits", "8,2,2,3,2", "--act-bits", "8,4,4,2,4", "--steps", "2", "-o", str(path))
+    assert result.exit_code == 0, result.output
+    return path, result.output
+
+
+def test_finetune_saves_a_model_that_eval_reproduces(finetuned_file):
+    import torch
+
+    path, output = finetuned_file
+    blob = torch.load(path, weights_only=True)
+    assert (blob["format"], blob["version"], blob["network"]) == ("releq-tvm fine-tuned model", 1, "lenet")
+    assert (blob["w_bits"], blob["a_bits"], blob["act_learned"]) == ([8, 2, 2, 3, 2], [8, 4, 4, 2, 4],
+                                                                      [False, True, True, True, True])
+    assert "3.act_quantizer.alpha_factor" in blob["state_dict"] and "3.weight" in blob["state_dict"]
+    assert blob["about"]["command"].startswith("releq-tvm finetune lenet --bits 8,2,2,3,2 --act-bits 8,4,4,2,4 --steps 2")
+    trained = output.splitlines()[1].split(": ")[1].split("%")[0]  # "... after 2 fine-tune steps: 97.12% (...)"
+    # no bits given: the file's bits and learned levels, so the fine-tuned accuracy to the digit
+    for args in ((), ("--bits", "8,2,2,3,2", "--act-bits", "8,4,4,2,4")):
+        result = run("eval", "lenet", "--checkpoint", str(path), *args)
+        assert result.exit_code == 0, result.output
+        assert result.output == f"lenet bits 8,2,2,3,2, activations 8,4,4,2,4: {trained}% (test)\n"
+
+
+def test_a_plain_state_dict_checkpoint_still_loads(tmp_path):
+    import torch
+
+    from releq_tvm.networks import create_network
+
+    path = tmp_path / "plain.pt"
+    torch.save(create_network("lenet", pretrained=True).state_dict(), path)
+    result = run("eval", "lenet", "--checkpoint", str(path))
+    assert result.exit_code == 0 and result.output == "lenet full precision: 99.18% (test)\n", result.output
+
+
+def _bad_checkpoint(kind: str, tmp_path, finetuned) -> str:
+    import torch
+
+    path = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint\n")
+    elif kind == "truncated":
+        path.write_bytes(finetuned.read_bytes()[:50_000])
+    elif kind == "list":
+        torch.save([1, 2, 3], path)
+    elif kind == "other-format":
+        torch.save({"format": "releq-tvm fine-tuned model", "version": 99}, path)
+    elif kind in ("damaged", "bad-bits"):
+        blob = torch.load(finetuned, weights_only=True)
+        if kind == "damaged":
+            del blob["w_bits"]
+        else:
+            blob["a_bits"] = [8, 4, 4, 2, 9]
+        torch.save(blob, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["eval", "compile"])
+@pytest.mark.parametrize(
+    "kind,fragments",
+    [
+        ("garbage", ["is corrupt or not a model checkpoint", "UnpicklingError", "releq-tvm finetune lenet ... -o FILE"]),
+        ("truncated", ["is corrupt or not a model checkpoint"]),
+        ("list", ["is not a model checkpoint (a list)"]),
+        ("other-format", ["version 99", "this release reads 'releq-tvm fine-tuned model' version 1"]),
+        ("damaged", ["is a damaged fine-tuned model file"]),
+        ("bad-bits", ["a_bits value 9 is outside the action set"]),
+    ],
+)
+def test_a_corrupt_checkpoint_is_one_line_and_exit_2(command, kind, fragments, tmp_path, finetuned_file):
+    path = _bad_checkpoint(kind, tmp_path, finetuned_file[0])
+    assert_one_line_error(run(command, "lenet", "--checkpoint", path, *(["--no-measure"] if command == "compile" else [])),
+                          f"checkpoint {path}", *fragments)
+
+
+@pytest.mark.parametrize("command", ["eval", "compile"])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--bits", "4"], ["--bits 4,4,4,4,4 disagrees with", "fine-tuned at weight bits 8,2,2,3,2", "drop --bits"]),
+        (["--act-bits", "8,4,4,4,4"], ["--act-bits 8,4,4,4,4 disagrees with", "activation bits 8,4,4,2,4",
+                                       "drop --act-bits"]),
+    ],
+)
+def test_bits_that_disagree_with_the_checkpoint_are_one_line_and_exit_2(command, args, fragments, finetuned_file):
+    extra = ["--no-measure"] if command == "compile" else []
+    assert_one_line_error(run(command, "lenet", "--checkpoint", str(finetuned_file[0]), *args, *extra), *fragments)
+
+
+def test_a_checkpoint_of_another_network_is_one_line(finetuned_file):
+    assert_one_line_error(run("eval", "lenet4", "--checkpoint", str(finetuned_file[0])),
+                          "holds a fine-tuned lenet, not lenet4")

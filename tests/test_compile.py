@@ -644,3 +644,43 @@ def test_learned_clipping_levels_reach_the_integer_network():
     assert _accuracy(int_logits.argmax(1), test.labels.numpy()) > 90.0  # a working network, not chance
     with pytest.raises(ReleqError, match="learned its activation range at 2 bits, not 4"):
         quantize_network("lenet", LENET_BITS, (8, 4, 4, 4, 4), model=model)
+
+
+def test_compile_checkpoint_builds_the_saved_finetuned_model(tmp_path):
+    """The route from a fine-tune to a build: LeNet-5 fine-tuned 5 steps at w 8,2,2,3,2, a 8,4,4,2,4
+    (learned clipping levels), saved with save_finetuned, built by `compile --checkpoint FILE` with
+    the file's bits: the library predicts what the fine-tuned torch model predicts on 200 MNIST test
+    images, and its integer outputs are exactly the numpy integer forward of the same file."""
+    from releq_tvm.quant import act_quantizers, apply_bits
+    from releq_tvm.train import finetune_bits, load_model, read_model_file, save_finetuned
+
+    a_bits = (8, 4, 4, 2, 4)
+    train = load_dataset("mnist", "train", limit=2000)
+    model = load_model("lenet")
+    finetune_bits(model, LENET_BITS, (1, 28, 28), train, steps=5, lr=3e-3, batch_size=64, seed=0, act_bits=a_bits,
+                  calibration=train.images[:256])
+    test = load_dataset("mnist", "test", limit=200)
+    with torch.no_grad():
+        trained_logits = model(test.images)
+    path = save_finetuned(tmp_path / "ft.pt", model, "lenet", (1, 28, 28), {"steps": 5})
+
+    # the file gives back the same model: bits, learned levels, and (with its weight bits) the same logits
+    loaded = read_model_file("lenet", path)
+    assert (loaded.w_bits, loaded.a_bits, loaded.about) == (LENET_BITS, a_bits, {"steps": 5})
+    assert {n: q.alpha.item() for n, q in act_quantizers(loaded.model).items()} == \
+        {n: q.alpha.item() for n, q in act_quantizers(model).items()}
+    assert [q.learned for q in act_quantizers(loaded.model).values()] == [False, True, True, True, True]
+    with torch.no_grad():
+        assert torch.equal(apply_bits(loaded.model, LENET_BITS, (1, 28, 28))(test.images), trained_logits)
+
+    result = CliRunner().invoke(main, ["compile", "lenet", "--checkpoint", str(path), "--no-measure", "--kernels",
+                                       "bitserial", "--batch", "50", "-o", str(tmp_path / "build")])
+    assert result.exit_code == 0, result.output
+    assert "weights: fine-tuned checkpoint" in result.output
+    built = load_compiled(tmp_path / "build")
+    assert (built.manifest["w_bits"], built.manifest["a_bits"]) == (list(LENET_BITS), list(a_bits))
+    np.testing.assert_array_equal(built.predict(test.images), trained_logits.argmax(1).numpy())
+    net = quantize_network("lenet", None, checkpoint=str(path))  # bits from the file, as the CLI
+    assert [lq.act_range for lq in net.layers] == [act_quantizers(model)[lq.spec.name].alpha.item() for lq in net.layers]
+    np.testing.assert_array_equal(built.run_levels(built.quantize_input(test.images)),
+                                  integer_forward(net, net.quantize_input(test.images)))

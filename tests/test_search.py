@@ -604,3 +604,34 @@ def test_oracle_short_finetune_trains_the_clipping_levels(tmp_path):
     assert not act_quantizers(oracle.model)
     acc = oracle.accuracy((8, 2, 2, 3, 2), (8, 4, 4, 2, 4))
     assert 50.0 < acc <= 100.0 and not oracle.last_hit
+
+
+def test_long_finetune_saves_the_model_it_reports(tmp_path):
+    """A tiny W+A run with the real oracle (small splits) and a 3-step long fine-tune: the run folder
+    holds finetuned.pt, best.json and the summary name it, and the file is exactly the fine-tuned
+    model: its bits are the solution's and its test accuracy is the one best.json reports."""
+    from releq_tvm.data import load_dataset
+    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings
+    from releq_tvm.search.cost import CpuLatencyCost
+    from releq_tvm.quant import apply_bits
+    from releq_tvm.train import evaluate, load_model, model_hash, read_model_file
+
+    model = load_model("lenet")
+    train = load_dataset("mnist", "train", limit=512)
+    val = load_dataset("mnist", "val", limit=100)
+    settings = FinetuneSettings("lenet", model_hash(model), 1, 1e-3, 64, 0, len(val), 512, 64)
+    oracle = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    config = _config(tmp_path, "run", episodes=1, final_episodes=1, measure="cpu", search_activations=True,
+                     act_action_set=(2, 4, 8), long_steps=3, long_lrs=(1e-3, 3e-3))
+    lines = []
+    best = run_search(config, echo=lines.append, oracle=oracle, cost=CpuLatencyCost("lenet", latency_ratio=fake_latency))
+    run_dir = tmp_path / "run"
+    long = best["long_finetune"]
+    assert long["model_file"] == "finetuned.pt" and (run_dir / "finetuned.pt").is_file()
+    assert any(f"--checkpoint {run_dir / 'finetuned.pt'}" in line for line in lines), lines
+    saved = read_model_file("lenet", run_dir / "finetuned.pt")
+    assert list(saved.w_bits) == best["solution"]["w_bits"] and list(saved.a_bits) == best["solution"]["a_bits"]
+    assert saved.about["learning_rate"] == long["learning_rate"]
+    test = load_dataset("mnist", "test")
+    assert round(evaluate(apply_bits(saved.model, saved.w_bits, (1, 28, 28)), test), 4) == long["test_accuracy_quantized"]
+    assert [t["learning_rate"] for t in long["learning_rates_tried"]] == [1e-3, 3e-3]

@@ -13,8 +13,11 @@ from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_optio
 
 @click.command("compile")
 @network_argument
-@bits_option(help="Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers; default: the published bits).")
-@act_bits_option()
+@bits_option(help="Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers; default: the bits a fine-tuned "
+                  "--checkpoint was trained at, else the published bits).")
+@act_bits_option(help="Activation bits per layer: the bits of each weight layer's input, the first layer's being the "
+                      "image (one value = all layers; default: a fine-tuned --checkpoint's, with its learned levels, "
+                      "else 8).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for net.so, params.npz, manifest.json (default runs/compile/<net>-<bits>).")
 @checkpoint_option
@@ -40,6 +43,10 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
     table). Prints a per-layer table (bits, latency,
     speedup over the all-8-bit bit-serial build, the int8 and fp32 builds, the kernel auto chose)
     and whole-network totals; --json prints the same as JSON.
+
+    --checkpoint takes a float state_dict (`releq-tvm train`) or a fine-tuned model
+    (`releq-tvm finetune ... -o FILE`, or a search run's finetuned.pt): the build then uses its learned
+    activation clipping levels and its bits, and computes what the fine-tuned torch model computes.
     """
     from pathlib import Path
 
@@ -50,11 +57,10 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
     from releq_tvm.compile.timing import Runner
     from releq_tvm.errors import ReleqError
     from releq_tvm.compile.target import resolve_target
-    from releq_tvm.networks import get_network_spec, layer_table
+    from releq_tvm.networks import layer_table
 
-    spec = get_network_spec(network)
     n = len(layer_table(network))
-    w_bits = parse_bits(bits_text if bits_text is not None else list(spec.published_bits), n, network)
+    w_bits = parse_bits(bits_text, n, network) if bits_text is not None else None  # None: the checkpoint's or published
     a_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
     target = resolve_target(target_text)
     if fidelity_csv and not measure:
@@ -66,13 +72,13 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
             click.echo(f"  .. {message}", err=True)
 
     started = time.perf_counter()
-    say(f"quantize {network} to integers (w {format_bits(w_bits)})")
     net = quantize_network(network, w_bits, a_bits, checkpoint=checkpoint)
-    say("lower to Relax and compile")
+    say(f"quantized {network} to integers (w {format_bits(net.w_bits)}, a {format_bits(net.a_bits)}); "
+        "lower to Relax and compile")
     t0 = time.perf_counter()
     compiled = compile_network(net, kernels, batch, target)
     compile_s = time.perf_counter() - t0
-    out = Path(out_dir) if out_dir else Path("runs") / "compile" / f"{network}-{format_bits(w_bits).replace(',', '')}"
+    out = Path(out_dir) if out_dir else Path("runs") / "compile" / f"{network}-{format_bits(net.w_bits).replace(',', '')}"
     compiled.export(out)
     result = {
         "network": network,

@@ -155,15 +155,35 @@ class IntegerNetwork:
 # building the integer network
 
 
+def _bit_vector(bits, n_layers: int, network: str, what: str):
+    """``bits`` (an int for every layer, a text or a sequence) as a checked vector; None stays None."""
+    if bits is None:
+        return None
+    return parse_bits([bits] if isinstance(bits, int) else bits, n_layers, network, what=what)
+
+
 def load_network_model(network: str, checkpoint: str | None = None, seed: int = 0) -> tuple[nn.Module, str]:
-    """The float model: ``checkpoint`` if given, else the shipped one, else seeded random weights."""
-    from releq_tvm.train import load_model
+    """The float model: ``checkpoint`` if given, else the shipped one, else seeded random weights.
+
+    A fine-tuned ``checkpoint`` (:func:`releq_tvm.train.save_finetuned`) gives its float weights
+    and the input quantizers it learned; :func:`load_network_file` also gives its bits.
+    """
+    loaded, source = load_network_file(network, checkpoint, seed)
+    return loaded.model, source
+
+
+def load_network_file(network: str, checkpoint: str | None = None, seed: int = 0):
+    """:func:`load_network_model` as a :class:`releq_tvm.train.ModelFile` (model and the bits a
+    fine-tuned checkpoint was trained at), and where the weights came from."""
+    from releq_tvm.train import ModelFile, read_model_file
 
     if checkpoint is not None:
-        return load_model(network, checkpoint), f"checkpoint {checkpoint}"
+        loaded = read_model_file(network, checkpoint)
+        kind = "fine-tuned checkpoint" if loaded.w_bits is not None else "checkpoint"
+        return loaded, f"{kind} {checkpoint}"
     if checkpoint_path(network) is not None:
-        return create_network(network, pretrained=True), f"shipped checkpoint {get_network_spec(network).checkpoint}"
-    return create_network(network, seed=seed), f"random weights (seed {seed}; no checkpoint ships)"
+        return read_model_file(network), f"shipped checkpoint {get_network_spec(network).checkpoint}"
+    return ModelFile("", create_network(network, seed=seed)), f"random weights (seed {seed}; no checkpoint ships)"
 
 
 def calibration_images(network: str, count: int | None = None, seed: int = 0) -> tuple[torch.Tensor, str]:
@@ -248,7 +268,7 @@ def _input_shift(act_step: float, frac_bits: int) -> tuple[int, int]:
 
 def quantize_network(
     network: str,
-    w_bits: int | str | Sequence[int],
+    w_bits: int | str | Sequence[int] | None,
     a_bits: int | str | Sequence[int] | None = None,
     model: nn.Module | None = None,
     checkpoint: str | None = None,
@@ -258,7 +278,11 @@ def quantize_network(
 ) -> IntegerNetwork:
     """Quantize ``network`` to integer arithmetic at ``w_bits`` / ``a_bits`` (default 8) per layer.
 
-    ``model`` (a float torch model) overrides the checkpoint / random weights; ``calibration``
+    ``model`` (a float torch model) overrides the checkpoint / random weights. A fine-tuned
+    ``checkpoint`` (``releq-tvm finetune ... -o FILE``, :func:`releq_tvm.train.save_finetuned`)
+    brings its learned clipping levels and its bits: ``w_bits`` / ``a_bits`` of None take the
+    file's, and others are a one-line :class:`ReleqError`. ``w_bits=None`` without such a file
+    takes the network's published bits. ``calibration``
     (images in [0, 1]) overrides :func:`calibration_images`. A layer whose input quantizer the
     model carries (:func:`releq_tvm.quant.apply_act_bits`, after a fine-tune) keeps its learned
     clipping level, and ``a_bits=None`` takes its bits; the other activation ranges are calibrated
@@ -272,17 +296,23 @@ def quantize_network(
     elif model is None or calibration is None:
         raise ValueError("an unregistered network needs model, calibration and input_shape")
     if model is None:
-        model, source = load_network_model(network, checkpoint, seed)
+        loaded, source = load_network_file(network, checkpoint, seed)
+        model = loaded.model
     else:
-        source = "caller's model"
+        loaded, source = None, "caller's model"
     model = model.eval()
     graph = extract_graph(model, input_shape, network)
     n = len(graph.layers)
-    w_bits = parse_bits([w_bits] if isinstance(w_bits, int) else w_bits, n, network)
+    w_bits = _bit_vector(w_bits, n, network, "--bits")
+    a_bits = _bit_vector(a_bits, n, network, "--act-bits")
+    if loaded is not None:
+        w_bits, a_bits = loaded.bits_in_force(w_bits, a_bits)
+    if w_bits is None:
+        w_bits = parse_bits(get_network_spec(network).published_bits, n, network)
     learned = act_quantizers(model)
     if a_bits is None:
         a_bits = [learned[row.name].bits if row.name in learned else DEFAULT_ACT_BITS for row in graph.layers]
-    a_bits = parse_bits([a_bits] if isinstance(a_bits, int) else a_bits, n, network, what="--act-bits")
+    a_bits = parse_bits(a_bits, n, network, what="--act-bits")
     for i, row in enumerate(graph.layers):
         if row.name in learned and learned[row.name].bits != a_bits[i]:
             raise ReleqError(f"{network}: layer {row.name} learned its activation range at {learned[row.name].bits} bits, "

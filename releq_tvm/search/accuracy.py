@@ -216,11 +216,13 @@ def long_finetune(
     learning_rates: Sequence[float],
     batch_size: int,
     seed: int,
-) -> dict:
-    """The LONG fine-tune of the chosen configuration; test accuracies in percent.
+) -> tuple[dict, nn.Module]:
+    """The LONG fine-tune of the chosen configuration: test accuracies in percent, and the model.
 
     One fine-tune per learning rate in ``learning_rates``; the one with the best accuracy on
-    the search's val subset is reported (the test split only measures, it never selects).
+    the search's val subset is reported and returned (fake-quantized, with its learned
+    activation clipping levels: :func:`releq_tvm.train.save_finetuned` writes it for a build).
+    The test split only measures, it never selects.
     Why several: the best rate depends on the bits (measured on LeNet-5, 3000 steps: all
     1-bit 98.16 % at 1e-3 but 98.58 % at 3e-4; 8,2,2,3,2 did best at 3e-3).
     """
@@ -230,6 +232,7 @@ def long_finetune(
     fp = evaluate(oracle.model, test)
     tried = []
     before = None
+    chosen_model = None
     for lr in learning_rates:
         model = oracle.quantized_model(w_bits, a_bits)
         if before is None:
@@ -237,8 +240,10 @@ def long_finetune(
         train_steps(model, oracle.train, steps, lr=float(lr), batch_size=batch_size, seed=seed)
         tried.append({"learning_rate": float(lr), "val_accuracy": round(evaluate(model, oracle.val), 4),
                       "test_accuracy": round(evaluate(model, test), 4)})
+        if chosen_model is None or tried[-1]["val_accuracy"] > max(t["val_accuracy"] for t in tried[:-1]):
+            chosen_model = model  # keep one model alive at a time, not one per rate
     chosen = max(tried, key=lambda t: t["val_accuracy"])
-    return {
+    result = {
         "steps": int(steps),
         "learning_rate": chosen["learning_rate"],
         "learning_rates_tried": tried,
@@ -248,3 +253,4 @@ def long_finetune(
         "loss_pp": round(fp - chosen["test_accuracy"], 4),
         "seconds": round(time.perf_counter() - start, 1),
     }
+    return result, chosen_model

@@ -46,6 +46,7 @@ from releq_tvm.search.run_files import (
     prepare_run_dir,
     record_resume,
     save_checkpoint,
+    save_finetuned_model,
     step_rows,
     write_best,
     write_config,
@@ -524,7 +525,7 @@ def run_search(
 
         echo(f"long fine-tune of {format_bits(solution['w_bits'])} for {config.long_steps} steps ...")
         test = load_dataset(parts.dataset, "test", config.data_dir)
-        state.long_result = long_finetune(
+        result, model = long_finetune(
             parts.oracle,
             solution["w_bits"],
             solution["a_bits"],
@@ -534,6 +535,9 @@ def run_search(
             batch_size=config.finetune_batch_size,
             seed=config.seed,
         )
+        # the model first: a kill before the checkpoint only repeats the long fine-tune on resume
+        result["model_file"] = save_finetuned_model(run_dir, model, config.network, parts.oracle.input_shape, result)
+        state.long_result = result
         search.save_checkpoint(agent)
     search.write_best()
     _summary(search, solution, echo)
@@ -565,6 +569,10 @@ def _summary(search: ReleqSearch, solution: dict, echo) -> None:
             f"long fine-tune ({r['steps']} steps, lr {r['learning_rate']:g} chosen on val): test accuracy {r['test_accuracy_quantized']:.2f}% vs full precision "
             f"{r['test_accuracy_full_precision']:.2f}% ({-r['loss_pp']:+.2f} pp)"
         )
+        if r.get("model_file"):
+            model_file = search.run_dir / r["model_file"]
+            echo(f"fine-tuned model in {model_file} (build it: releq-tvm compile {search.config.network} "
+                 f"--checkpoint {model_file})")
     elif not search.parts.oracle.scores_accuracy:
         echo("accuracy was not scored (--accuracy none): these bits optimise cost only")
     echo(f"results in {search.run_dir}")

@@ -8,6 +8,9 @@ A run directory (``--run-dir``; the report reads it with :mod:`releq_tvm.report.
 * ``action_probs.csv``: one row per step, the policy's probability of every bitwidth (:func:`step_rows`);
 * ``best.json``: the chosen configuration, the best one seen, convergence, cache and time (:func:`write_best`);
 * ``checkpoint.pt``: agent + :class:`RunState` + env state + RNG state (:func:`save_checkpoint`);
+* ``finetuned.pt``: the long fine-tune's model of the chosen configuration, with its bits and learned
+  activation clipping levels (:func:`save_finetuned_model`; best.json's ``long_finetune.model_file``
+  names it), so ``releq-tvm compile NET --checkpoint RUN/finetuned.pt`` builds what was fine-tuned;
 * ``ppo/progress*.csv``: PPO's own statistics per update (SB3's logger).
 
 Rows are appended with flush + fsync and every other file is replaced atomically, so a kill at
@@ -45,7 +48,9 @@ EPISODE_COLUMNS = (
 #: action_probs.csv's columns before the ``p_<bits>`` ones.
 STEP_COLUMNS = ("episode", "phase", "step", "layer", "kind", "bits")
 #: The files a run writes; ``overwrite`` deletes exactly these (never the whole folder).
-RUN_FILES = ("config.json", "episodes.csv", "action_probs.csv", "best.json", "checkpoint.pt")
+RUN_FILES = ("config.json", "episodes.csv", "action_probs.csv", "best.json", "checkpoint.pt", "finetuned.pt")
+#: The long fine-tune's model (:func:`save_finetuned_model`).
+FINETUNED_MODEL = "finetuned.pt"
 #: PPO's own statistics per update (SB3 logger): ``<run>/ppo/progress*.csv``.
 PPO_LOG_DIR = "ppo"
 
@@ -337,6 +342,22 @@ def write_best(run_dir: Path, config: SearchConfig, oracle, state: RunState, sol
     if not oracle.scores_accuracy:
         data["note"] = "--accuracy none: SA = 1 for every configuration; the bits optimise cost only"
     atomic_write_text(run_dir / "best.json", json.dumps(data, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# finetuned.pt
+# ----------------------------------------------------------------------------------------------
+def save_finetuned_model(run_dir: Path, model, network: str, input_shape, long_result: dict) -> str:
+    """Write the long fine-tune's ``model`` to ``run_dir/finetuned.pt`` (the format of
+    :func:`releq_tvm.train.save_finetuned`: float weights, learned clipping levels, bits) and
+    return the file's name relative to the run, for best.json."""
+    from releq_tvm.train import save_finetuned
+
+    about = {"made_by": f"the long fine-tune of the search run {run_dir} (best.json: long_finetune)",
+             **{k: long_result[k] for k in ("steps", "learning_rate", "test_accuracy_full_precision",
+                                             "test_accuracy_quantized") if k in long_result}}
+    save_finetuned(Path(run_dir) / FINETUNED_MODEL, model, network, tuple(input_shape), about)
+    return FINETUNED_MODEL
 
 
 # ----------------------------------------------------------------------------------------------
