@@ -610,6 +610,23 @@ def int8_dense_tensors(plan: Int8Plan, epilogue: Epilogue = PLAIN) -> list[te.Te
     return [x2, w, *extra, out]
 
 
+#: Iterations of a channel/column-mode kernel's parallel loop to aim for: enough to balance a few
+#: threads. Each iteration allocates the register tile's accumulator buffer, which is a
+#: TVMBackendAllocWorkspace call (a thread-pool lookup and, in the lambda, no ``noalias``) when
+#: it is 1 KiB or more (16+ zmm accumulators, TVM's kMaxStackAlloca), so one iteration is a
+#: chunk of whole output rows, not one tile.
+PARALLEL_MIN_CHUNKS = 16
+
+
+def _rows_per_chunk(plan: Int8Plan, outer: int) -> int:
+    """Output rows per parallel chunk: the most rows (a divisor of the height) that still leave
+    :data:`PARALLEL_MIN_CHUNKS` chunks over ``batch * groups * outer`` (the weight tiles) x rows."""
+    s = plan.shape
+    oh, others = s.out_size[0], s.batch * s.groups * outer
+    fits = [d for d in range(1, oh + 1) if oh % d == 0 and others * (oh // d) >= PARALLEL_MIN_CHUNKS]
+    return max(fits, default=1)
+
+
 def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
     """Register-tile the int8 product, replace it with ``vpdpbusd``/``vpmaddwd`` (the quad window:
     ``vpermb`` + ``vpdpbusd``) and parallelise the tiles."""
@@ -661,8 +678,15 @@ def schedule_int8(func: tvm.tirx.PrimFunc, plan: Int8Plan) -> tvm.tirx.PrimFunc:
             # and neighbouring columns' blocks overlap, so it would keep every overlapping
             # broadcast live across the unrolled blocks and spill accumulators
             reduction = (rp, rkh, rkw)
-        sch.reorder(n, g, oo, i, jo, os, *reduction, ji, ov, ol, rk)
-        chunk = sch.fuse(n, g, oo, i, jo)
+        if plan.parallel:
+            # parallel over chunks of whole rows, not over tiles: a tile's accumulator buffer is a
+            # TVMBackendAllocWorkspace call per iteration of a parallel loop (_rows_per_chunk)
+            io, ii = sch.split(i, [None, _rows_per_chunk(plan, int(sch.get(oo).extent))])
+            sch.reorder(n, g, oo, io, ii, jo, os, *reduction, ji, ov, ol, rk)
+            chunk = sch.fuse(n, g, oo, io)
+        else:
+            sch.reorder(n, g, oo, i, jo, os, *reduction, ji, ov, ol, rk)
+            chunk = sch.fuse(n, g, oo, i, jo)
         sch.unroll(ji)
         sch.unroll(ov)
         tile_loop, product, first_reduction = os, ol, reduction[0]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import releq_tvm.kernels as K
 from releq_tvm.kernels.bench import CSV_COLUMNS, bench_kernels, measure_popcount_peak
 from releq_tvm.kernels.encoding import WORD_BITS, bit_planes, pack_bits_along
-from releq_tvm.kernels.int8 import plan_int8_conv2d
+from releq_tvm.kernels.int8 import PARALLEL_MIN_CHUNKS, plan_int8_conv2d
 from releq_tvm.kernels.target import vector_isa
 
 SEED = 20240611
@@ -1305,3 +1305,122 @@ def test_int8_window_without_vbmi_keeps_the_int16_path(cpu):
     if runs_here and (cpu == "x86-64" or K.vector_isa().name != "x86-64"):
         x, q = _full_range(rng_for("int8window_int16", cpu), shape)
         np.testing.assert_array_equal(kernel(x, kernel.pack(q)), K.conv2d_reference(x, q, shape))
+
+
+# ------------------------------------------------------------------------------------------
+# epilogue extremes (32 x 32 -> 64-bit products) and the int8 kernels' parallel chunks
+
+def _extreme_epilogue_args(acc: np.ndarray, channels: int) -> dict[str, np.ndarray]:
+    """Per-channel parameters at the ends of what ``compile.integer`` produces: ``|mult| = 2^31 - 1``
+    (both signs) with shifts 0 (int32 saturation), 31 and 62, and a unit multiplier at shift 1 with
+    the rounding half as offset, so odd accumulators (both signs) land on ties; offsets keep
+    ``acc_max |mult| + |offset| < 2^62``, as the lowering guarantees."""
+    bound = int(np.abs(acc).max()) + 1
+    top = 2**31 - 1
+    table = [  # (mult, shift, offset)
+        (top, 0, 0), (-top, 0, 0), (top, 31, 1 << 30), (-top, 31, 1 << 30), (top, 62, 0), (-top, 62, 1 << 61),
+        (1, 1, 1), (-1, 1, 1), (1, 0, 0), (-1, 0, -5), (3, 2, 2), ((1 << 20) + 1, 20, -(1 << 19)),
+    ]
+    mult, shift, offset = (np.array([table[c % len(table)][k] for c in range(channels)], np.int64) for k in range(3))
+    assert (np.abs(mult) < 2**31).all() and (bound * np.abs(mult) + np.abs(offset) < 2**62).all()
+    return {"mult": mult, "offset": offset, "shift": shift}
+
+
+EXTREME_QUANTS = [  # (qm, qround, qshift): the largest multiplier and shift, a unit one, a tie-heavy one
+    pytest.param([2**31 - 1, 1 << 61, 62], id="qm_max_qs62"),
+    pytest.param([2**31 - 1, 1 << 30, 31], id="qm_max_qs31"),
+    pytest.param([1, 0, 0], id="qm_unit"),
+    pytest.param([5, 1 << 3, 4], id="qm_ties"),
+]
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("quant", EXTREME_QUANTS)
+def test_fused_epilogue_extremes_are_exact(parallel, quant):
+    """The largest multipliers and shifts the lowering can produce, negative accumulators and
+    rounding ties: the int8 kernel (channel mode, 16 accumulators per tile) equals the reference."""
+    import tvm
+
+    shape = K.ConvShape(24, 24, (9, 16), (3, 3), padding=(1, 1))
+    rng = rng_for("epilogue_extremes", parallel, *quant)
+    x, q = _full_range(rng, shape)
+    acc = K.conv2d_reference(x, q, shape)
+    assert acc.min() < 0 < acc.max() and (acc % 2 == 1).any()
+    for epilogue in (K.Epilogue(requantize=True), K.Epilogue(requantize=True, quantize_bits=8),
+                     K.Epilogue(requantize=True, relu=True, quantize_bits=4)):
+        func = K.int8_conv2d_primfunc(shape, parallel=parallel, epilogue=epilogue)
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.host_target())
+        extra = _extreme_epilogue_args(acc, shape.out_channels)
+        if epilogue.quantize_bits:
+            extra["quant"] = np.asarray(quant, np.int64)
+        out = np.zeros(acc.shape, dtype=epilogue.out_dtype)
+        tensors = [tvm.runtime.tensor(a) for a in (x, K.pack_int8_weights(q), *extra.values(), out)]
+        lib["main"](*tensors)
+        expected = K.epilogue_reference(epilogue, acc, 1, **extra)
+        np.testing.assert_array_equal(tensors[-1].numpy(), expected)
+        if not epilogue.quantize_bits:  # saturation both ways (shift 0) and the 2^62 shift's 0 / -1
+            assert expected.max() == 2**31 - 1 and expected.min() == -(2**31)
+
+
+@pytest.mark.parametrize("quant", EXTREME_QUANTS)
+def test_standalone_quantizer_extremes_are_exact(quant):
+    import tvm
+
+    v = np.array([2**31 - 1, -(2**31), 0, 1, -1, 7, -7, 8, 9, 2**30, -(2**30), 12345] * 8, np.int32).reshape(6, 16)
+    from releq_tvm.kernels.epilogue import quantize_primfunc
+
+    func = quantize_primfunc(v.shape, 8)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=K.host_target())
+    out = tvm.runtime.tensor(np.zeros(v.shape, np.uint8))
+    lib["main"](tvm.runtime.tensor(v), tvm.runtime.tensor(np.asarray(quant, np.int64)), out)
+    qm, qr, qs = quant
+    expected = np.clip((v.astype(np.int64) * qm + qr) >> qs, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def _workspace_allocations(func, target) -> list[int]:
+    """Sizes (bytes) of the TVMBackendAllocWorkspace calls one call of ``func`` makes, counted by
+    wrapping the library's ``__TVMBackendAllocWorkspace`` pointer."""
+    import ctypes
+    import os
+    import tempfile
+
+    import tvm
+
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.so")
+        ex.export_library(path)
+        module = tvm.runtime.load_module(path)
+        slot = ctypes.c_void_p.in_dll(ctypes.CDLL(path), "__TVMBackendAllocWorkspace")
+    proto = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_int, ctypes.c_int)
+    real, sizes = proto(slot.value), []
+
+    def counting(device_type, device_id, size, dtype_code, dtype_bits):
+        sizes.append(int(size))
+        return real(device_type, device_id, size, dtype_code, dtype_bits)
+
+    hook = proto(counting)
+    slot.value = ctypes.cast(hook, ctypes.c_void_p).value
+    args = [tvm.runtime.tensor(np.zeros([int(d) for d in p.shape], str(p.dtype))) for p in func.params]
+    module["main"](*args)
+    slot.value = ctypes.cast(real, ctypes.c_void_p).value
+    return sizes
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param(K.ConvShape(128, 128, (56, 56), (1, 1)), id="mobilenet_pw56"),  # 8 x 2 zmm tiles: 1 KiB
+    pytest.param(K.ConvShape(3, 64, (224, 224), (11, 11), stride=4, padding=2), id="alexnet_conv1"),  # column
+])
+def test_int8_parallel_allocates_tiles_per_chunk_not_per_tile(shape):
+    """A register tile of 16 zmm accumulators is a 1 KiB buffer, which TVM allocates with
+    TVMBackendAllocWorkspace inside a parallel loop (on the stack below 1 KiB): the parallel loop
+    runs over chunks of whole rows, so one call allocates it a few dozen times, not once per tile."""
+    plan = plan_int8_conv2d(shape, "NCHW", True)
+    assert plan.pos_tile * plan.vec_tile * plan.lanes * 4 >= 1024 or plan.isa.int8 != "avx512-vnni"
+    epilogue = K.Epilogue(requantize=True, relu=True, quantize_bits=8)
+    tiles = shape.out_size[0] * -(-shape.out_size[1] // plan.pos_tile) * plan.weight_shape[1]
+    serial = _workspace_allocations(K.int8_conv2d_primfunc(shape, parallel=False, epilogue=epilogue), K.host_target())
+    chunked = _workspace_allocations(K.int8_conv2d_primfunc(shape, parallel=True, epilogue=epilogue), K.host_target())
+    assert len(serial) <= 2
+    assert len(chunked) - len(serial) < max(shape.out_size[0], PARALLEL_MIN_CHUNKS) + 1 < tiles // 4
