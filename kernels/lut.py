@@ -687,36 +687,25 @@ def lut_dense_tensors(plan: LutPlan, epilogue: Epilogue = PLAIN) -> list[te.Tens
     w = te.placeholder(plan.weight_shape, "uint8", name="weights")
     x_buf = tirx.decl_buffer(x.shape, "uint8", "data")
     w_buf = tirx.decl_buffer(w.shape, "uint8", "weights")
+    # first the activations alone (the unpack method's 32-bit words of 4 activations, or the lookup
+    # tables of partial sums) and their sum, then the weights against them
     if plan.method == "unpack":
-        words_shape = (s.batch, GROUPS_PER_BLOCK * plan.blocks)
-        words, asum = te.extern(
-            [words_shape, (s.batch,)], [x],
-            lambda ins, outs: _unpack_activation_stmt(plan, ins[0], *outs),
-            name="lut_words", in_buffers=[x_buf],
-            out_buffers=[tirx.decl_buffer(words_shape, "int32", "words"), tirx.decl_buffer((s.batch,), "int32", "asum")],
-        )
-        acc = te.extern(
-            (s.batch, plan.out_pad), [words, asum, w],
-            lambda ins, outs: _unpack_stmt(plan, *ins, outs[0]),
-            name="lut_acc", in_buffers=[tirx.decl_buffer(words.shape, "int32", "words"),
-                                        tirx.decl_buffer(asum.shape, "int32", "asum"), w_buf],
-            out_buffers=[tirx.decl_buffer((s.batch, plan.out_pad), "int32", "acc")],
-        )
-        extra, out = output_stage(epilogue, lambda n, g, i, j, o: acc[n, o], (s.batch, s.out_features),
-                                  lambda n, c: (n, c, 0, 0), s.out_features, s.out_features)
-        return [x, w, *extra, out]
-    table_shape = (s.batch, plan.blocks, 2, GROUPS_PER_BLOCK * 16)
-    tables, asum = te.extern(
-        [table_shape, (s.batch,)], [x],
-        lambda ins, outs: _table_stmt(plan, ins[0], *outs),
-        name="lut_tables", in_buffers=[x_buf],
-        out_buffers=[tirx.decl_buffer(table_shape, "uint8", "tables"), tirx.decl_buffer((s.batch,), "int32", "asum")],
+        pre_shape, pre_dtype, pre_name = (s.batch, GROUPS_PER_BLOCK * plan.blocks), "int32", "words"
+        pre_stmt, acc_stmt = _unpack_activation_stmt, _unpack_stmt
+    else:
+        pre_shape, pre_dtype, pre_name = (s.batch, plan.blocks, 2, GROUPS_PER_BLOCK * 16), "uint8", "tables"
+        pre_stmt = _table_stmt
+        acc_stmt = {"scalar": _scalar_lookup_stmt, "avx512vbmi": _vpermb_lookup_stmt}.get(plan.path, _vector_lookup_stmt)
+    pre, asum = te.extern(
+        [pre_shape, (s.batch,)], [x],
+        lambda ins, outs: pre_stmt(plan, ins[0], *outs),
+        name=f"lut_{pre_name}", in_buffers=[x_buf],
+        out_buffers=[tirx.decl_buffer(pre_shape, pre_dtype, pre_name), tirx.decl_buffer((s.batch,), "int32", "asum")],
     )
-    lookup = {"scalar": _scalar_lookup_stmt, "avx512vbmi": _vpermb_lookup_stmt}.get(plan.path, _vector_lookup_stmt)
     acc = te.extern(
-        (s.batch, plan.out_pad), [tables, asum, w],
-        lambda ins, outs: lookup(plan, *ins, outs[0]),
-        name="lut_acc", in_buffers=[tirx.decl_buffer(tables.shape, "uint8", "tables"),
+        (s.batch, plan.out_pad), [pre, asum, w],
+        lambda ins, outs: acc_stmt(plan, *ins, outs[0]),
+        name="lut_acc", in_buffers=[tirx.decl_buffer(pre.shape, pre_dtype, pre_name),
                                     tirx.decl_buffer(asum.shape, "int32", "asum"), w_buf],
         out_buffers=[tirx.decl_buffer((s.batch, plan.out_pad), "int32", "acc")],
     )
