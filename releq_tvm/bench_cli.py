@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from releq_tvm.cli_options import checkpoint_option
+from releq_tvm.cli_options import act_bits_option, checkpoint_option
 from releq_tvm.peers import DEFAULT_NETWORKS, DEFAULT_THREADS, PEERS_TIMING, PeersConfig
 from releq_tvm.sim.bench import bench_cli as _sim_bench
 
@@ -59,7 +59,7 @@ def bench_kernels_cmd(out_path: str) -> None:
 @click.option("--bits", "bits_texts", multiple=True,
               help="Weight bits per layer for every NET (one value = all layers; 'published': each one's published "
                    "bits, the default). Repeat to time several configurations, e.g. --bits published --bits 4.")
-@click.option("--act-bits", "act_bits_text", default=None, help="Activation bits per layer (default 8 everywhere).")
+@act_bits_option(help="Activation bits per layer for every NET (one value = all layers; default 8).")
 @click.option("--threads", "threads_text", default=",".join(map(str, DEFAULT_THREADS)), show_default=True,
               help="Thread counts, comma-separated.")
 @click.option("--rounds", type=click.IntRange(1), default=PEERS_TIMING.repeats, show_default=True,

@@ -255,17 +255,24 @@ def test_accuracy_cache_survives_reopening(tmp_path):
     assert AccuracyCache(path).count(key) == 2
 
 
-def test_finetuned_accuracy_hits_the_cache_on_second_lookup(tmp_path):
+def _lenet_oracle(cache_path, steps: int, lr: float, train_images: int, val_images: int):
+    """The real LeNet-5 accuracy oracle (shipped weights) on the first MNIST train / val images,
+    ``steps`` short fine-tune steps at ``lr``, its cache at ``cache_path``."""
     from releq_tvm.data import load_dataset
     from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings
-    from releq_tvm.train import model_hash
-    from releq_tvm.train import load_model
+    from releq_tvm.train import load_model, model_hash
 
     model = load_model("lenet")
-    train = load_dataset("mnist", "train", limit=1024)
-    val = load_dataset("mnist", "val", limit=200)
-    settings = FinetuneSettings("lenet", model_hash(model), 2, 1e-3, 64, 0, len(val), 1024, 64)
-    oracle = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    train = load_dataset("mnist", "train", limit=train_images)
+    val = load_dataset("mnist", "val", limit=val_images)
+    settings = FinetuneSettings("lenet", model_hash(model), steps, lr, 64, 0, len(val), train_images, 64)
+    return FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(cache_path))
+
+
+def test_finetuned_accuracy_hits_the_cache_on_second_lookup(tmp_path):
+    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy
+
+    oracle = _lenet_oracle(tmp_path / "a.sqlite", 2, 1e-3, 1024, 200)
     assert oracle.full_precision > 95.0
     first = oracle.accuracy((8, 4, 4, 4, 8))
     assert not oracle.last_hit and 0.0 <= first <= 100.0
@@ -273,7 +280,8 @@ def test_finetuned_accuracy_hits_the_cache_on_second_lookup(tmp_path):
     with_acts = oracle.accuracy((8, 4, 4, 4, 8), (8, 4, 4, 4, 4))
     assert not oracle.last_hit and 0.0 <= with_acts <= 100.0
     # A fresh oracle on the same file (a new run, or a resumed one) trains nothing again.
-    again = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    again = FinetunedAccuracy(oracle.model, oracle.input_shape, oracle.train, oracle.val, oracle.settings,
+                              AccuracyCache(tmp_path / "a.sqlite"))
     assert again.accuracy((8, 4, 4, 4, 8)) == first and again.last_hit
     assert (again.hits, again.lookups) == (1, 1)
 
@@ -580,16 +588,11 @@ def test_accuracies_with_activations_are_keyed_by_the_activation_quantizer(tmp_p
 
 
 def test_oracle_short_finetune_trains_the_clipping_levels(tmp_path):
-    from releq_tvm.data import load_dataset
     from releq_tvm.quant import act_quantizers
-    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings
-    from releq_tvm.train import load_model, model_hash, train_steps
+    from releq_tvm.train import train_steps
 
-    model = load_model("lenet")
-    train = load_dataset("mnist", "train", limit=512)
-    val = load_dataset("mnist", "val", limit=100)
-    settings = FinetuneSettings("lenet", model_hash(model), 3, 1e-2, 64, 0, len(val), 512, 64)
-    oracle = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    oracle = _lenet_oracle(tmp_path / "a.sqlite", 3, 1e-2, 512, 100)
+    train = oracle.train
     quantized = oracle.quantized_model((8, 2, 2, 3, 2), (8, 4, 4, 2, 4))
     carried = act_quantizers(quantized)
     assert [q.bits for q in carried.values()] == [8, 4, 4, 2, 4]
@@ -611,16 +614,11 @@ def test_long_finetune_saves_the_model_it_reports(tmp_path):
     holds finetuned.pt, best.json and the summary name it, and the file is exactly the fine-tuned
     model: its bits are the solution's and its test accuracy is the one best.json reports."""
     from releq_tvm.data import load_dataset
-    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings
     from releq_tvm.search.cost import CpuLatencyCost
     from releq_tvm.quant import apply_bits
-    from releq_tvm.train import evaluate, load_model, model_hash, read_model_file
+    from releq_tvm.train import evaluate, read_model_file
 
-    model = load_model("lenet")
-    train = load_dataset("mnist", "train", limit=512)
-    val = load_dataset("mnist", "val", limit=100)
-    settings = FinetuneSettings("lenet", model_hash(model), 1, 1e-3, 64, 0, len(val), 512, 64)
-    oracle = FinetunedAccuracy(model, (1, 28, 28), train, val, settings, AccuracyCache(tmp_path / "a.sqlite"))
+    oracle = _lenet_oracle(tmp_path / "a.sqlite", 1, 1e-3, 512, 100)
     config = _config(tmp_path, "run", episodes=1, final_episodes=1, measure="cpu", search_activations=True,
                      act_action_set=(2, 4, 8), long_steps=3, long_lrs=(1e-3, 3e-3))
     lines = []

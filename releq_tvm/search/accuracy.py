@@ -232,7 +232,7 @@ def long_finetune(
     fp = evaluate(oracle.model, test)
     tried = []
     before = None
-    chosen_model = None
+    chosen = chosen_model = None
     for lr in learning_rates:
         model = oracle.quantized_model(w_bits, a_bits)
         if before is None:
@@ -240,9 +240,8 @@ def long_finetune(
         train_steps(model, oracle.train, steps, lr=float(lr), batch_size=batch_size, seed=seed)
         tried.append({"learning_rate": float(lr), "val_accuracy": round(evaluate(model, oracle.val), 4),
                       "test_accuracy": round(evaluate(model, test), 4)})
-        if chosen_model is None or tried[-1]["val_accuracy"] > max(t["val_accuracy"] for t in tried[:-1]):
-            chosen_model = model  # keep one model alive at a time, not one per rate
-    chosen = max(tried, key=lambda t: t["val_accuracy"])
+        if chosen is None or tried[-1]["val_accuracy"] > chosen["val_accuracy"]:  # the first best, as max() picks
+            chosen, chosen_model = tried[-1], model  # one model alive at a time, not one per rate
     result = {
         "steps": int(steps),
         "learning_rate": chosen["learning_rate"],
