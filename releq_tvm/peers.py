@@ -365,14 +365,13 @@ def _our_engine(name: str, build: OurBuild, x: np.ndarray) -> Engine:
     pin_tvm_threads()
     vm = relax.VirtualMachine(c.executable, device)
     main = vm["main"]
-    args = [tvm.runtime.tensor(np.ascontiguousarray(p), device) for p in c.params.values()]
     levels = tvm.runtime.tensor(c.quantize_input(x), device)
 
     def infer(images):
-        out = main(tvm.runtime.tensor(c.quantize_input(images), device), *args)
+        out = main(tvm.runtime.tensor(c.quantize_input(images), device))
         return out.numpy().astype(np.float64) * float(c.manifest["output_scale"])
 
-    return Engine(name, infer, lambda: main(levels, *args), [vm, args])
+    return Engine(name, infer, lambda: main(levels), [vm])
 
 
 def _peer_makers(models: PeerModels, model: torch.nn.Module, threads: int, x: np.ndarray) -> dict[str, Callable[[], Engine]]:

@@ -189,13 +189,13 @@ def test_lenet_integer_model_tracks_fake_quant_torch(lenet_net, mnist_images):
 
 def test_export_and_load_roundtrip(lenet_compiled, mnist_images, tmp_path):
     out = lenet_compiled.export(tmp_path / "lenet")
-    assert sorted(os.listdir(out)) == ["manifest.json", "net.so", "params.npz"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "net.so"]
     lenet_compiled.export(tmp_path / "lenet")  # replacing an existing folder works
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporaries left behind
     loaded = load_compiled(out)
     manifest = loaded.manifest
     assert manifest["w_bits"] == list(LENET_BITS) and manifest["batch"] == 4
-    assert manifest["input_shape"] == [1, 28, 28] and manifest["params"][0] == "l0_weight"
+    assert manifest["input_shape"] == [1, 28, 28] and manifest["constants"][0]["name"] == "l0_weight"
     assert [layer["w_bits"] for layer in manifest["layers"]] == list(LENET_BITS)
     np.testing.assert_array_equal(loaded.run_levels(loaded.quantize_input(mnist_images)),
                                   lenet_compiled.run_levels(lenet_compiled.quantize_input(mnist_images)))
@@ -592,8 +592,7 @@ def test_rpc_measurement_against_a_local_server(tmp_path):
         compiled = compile_network(net, "bitserial", batch=1)
         from releq_tvm.compile.measure import time_integer_network
 
-        timing = time_integer_network(runner, compiled.executable, compiled.params, net.input_shape, net.input_bits, 1,
-                                      FAST_TIMING)
+        timing = time_integer_network(runner, compiled.executable, net.input_shape, net.input_bits, 1, FAST_TIMING)
         assert timing["median_ms"] > 0
     finally:
         os.killpg(server.pid, 15)

@@ -1,11 +1,11 @@
-"""The deployable result: ``net.so`` + ``params.npz`` + ``manifest.json`` in one folder, and its loader.
+"""The deployable result: ``net.so`` + ``manifest.json`` in one folder, and its loader.
 
-``DIR/net.so``         the Relax VM executable (``ex.export_library``): ``main(x, *params)``
-                       with ``x`` uint8 input levels ``(batch, C, H, W)``, returning the int32
-                       fixed-point logits ``(batch, classes)``;
-``DIR/params.npz``     the arguments after ``x``, in call order (packed weight bit planes,
-                       per-channel fixed-point multipliers / offsets / shifts, input quantizers);
-``DIR/manifest.json``  bits, scales, shapes, the parameter order, how to quantize the input
+``DIR/net.so``         the Relax VM executable (``ex.export_library``): ``main(x)`` with ``x``
+                       uint8 input levels ``(batch, C, H, W)``, returning the int32 fixed-point
+                       logits ``(batch, classes)``. The packed weights, per-channel fixed-point
+                       multipliers / offsets / shifts and input quantizers are constants inside
+                       it (:func:`releq_tvm.compile.lower.build_network` says why);
+``DIR/manifest.json``  bits, scales, shapes, the bound constants, how to quantize the input
                        and scale the output, target / machine / versions, where weights came from.
 
 The folder is written to a temporary sibling and renamed into place, so a reader never sees a
@@ -16,12 +16,10 @@ float images in [0, 1] (or uint8 levels) and any number of them.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import os
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,22 +36,21 @@ from releq_tvm.compile.integer import INPUT_RANGE, IntegerNetwork
 from releq_tvm.compile.lower import build_network, layer_kernels
 from releq_tvm.compile.target import machine_info, resolve_target
 
-MANIFEST_FORMAT = 2  # 2: fused epilogues (l{i}_in_quant, per-channel 1-D requantization), per-layer kernels
+#: 2: fused epilogues (l{i}_in_quant, per-channel 1-D requantization), per-layer kernels;
+#: 3: the parameters are constants inside net.so, ``main(x)`` (no params.npz).
+MANIFEST_FORMAT = 3
 LIBRARY = "net.so"
-PARAMS = "params.npz"
 MANIFEST = "manifest.json"
 
 
 @dataclass
 class CompiledNetwork:
-    """A compiled integer network with its parameters, ready to run on this machine."""
+    """A compiled integer network (its parameters bound inside), ready to run on this machine."""
 
     manifest: dict
-    params: "OrderedDict[str, np.ndarray]"
     executable: object  # tvm.runtime.Executable (fresh build) or Module (loaded library)
     device: object = field(default_factory=tvm.cpu)
     _vm: relax.VirtualMachine | None = field(default=None, repr=False)
-    _args: list | None = field(default=None, repr=False)
 
     @property
     def batch(self) -> int:
@@ -68,7 +65,6 @@ class CompiledNetwork:
         if self._vm is None:
             pin_tvm_threads()  # parallel loops run inline at one thread (kernels.target.pin_tvm_threads)
             self._vm = relax.VirtualMachine(self.executable, self.device)
-            self._args = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in self.params.values()]
         return self._vm
 
     def quantize_input(self, images) -> np.ndarray:
@@ -90,7 +86,7 @@ class CompiledNetwork:
             n = len(chunk)
             if n < self.batch:  # the library has a static batch: pad the last chunk
                 chunk = np.concatenate([chunk, np.zeros((self.batch - n, *self.input_shape), np.uint8)])
-            out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(chunk), self.device), *self._args)
+            out = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(chunk), self.device))
             outs.append(out.numpy()[:n])
         return np.concatenate(outs) if outs else np.zeros((0, self.manifest["num_classes"]), np.int32)
 
@@ -102,7 +98,7 @@ class CompiledNetwork:
         return self.logits(images).argmax(axis=1)
 
     def export(self, directory: str | Path) -> Path:
-        """Write ``net.so``, ``params.npz`` and ``manifest.json`` into ``directory`` atomically."""
+        """Write ``net.so`` and ``manifest.json`` into ``directory`` atomically."""
         if not hasattr(self.executable, "export_library"):
             raise ReleqError("this network was loaded from a library; copy its folder instead of re-exporting")
         directory = Path(directory)
@@ -110,9 +106,6 @@ class CompiledNetwork:
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             self.executable.export_library(str(tmp / LIBRARY))
-            buf = io.BytesIO()
-            np.savez(buf, **self.params)
-            (tmp / PARAMS).write_bytes(buf.getvalue())
             (tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=1) + "\n", encoding="utf-8")
             _replace_dir(tmp, directory)
         except BaseException:
@@ -134,7 +127,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def build_manifest(net: IntegerNetwork, kernels: str, families: Sequence[str], batch: int, target,
-                   param_names: list[str]) -> dict:
+                   constants: dict[str, np.ndarray]) -> dict:
     """Everything needed to use the library besides the arrays (JSON-able). ``kernels`` is the policy
     asked for (``bitserial``, ``int8``, ``auto``), ``families`` what each layer runs."""
     layers = []
@@ -164,13 +157,14 @@ def build_manifest(net: IntegerNetwork, kernels: str, families: Sequence[str], b
         "output_dtype": "int32",
         "frac_bits": net.frac_bits,
         "output_scale": net.output_scale,
-        "params": param_names,
+        # what net.so holds, for readers: the arrays are inside it, not beside it
+        "constants": [{"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape)} for name, arr in constants.items()],
         "layers": layers,
         "weights": net.weights_source,
         "calibration": net.calibration,
         "machine": machine_info(target),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "entry": "relax.VirtualMachine(tvm.runtime.load_module('net.so'), dev)['main'](x, *params in manifest order)",
+        "entry": "relax.VirtualMachine(tvm.runtime.load_module('net.so'), dev)['main'](x)",
         "threads": "set TVM_NUM_THREADS to the thread count before the first call (TVM reads it on every parallel "
                    "loop; unset, a 1-thread pool still pays a launch per loop)",
     }
@@ -192,21 +186,19 @@ def compile_network(net: IntegerNetwork, kernels: str | Sequence[str] = "bitseri
         table = table or (default_table(target) if batch == 1 else LatencyTable(target, batch=batch))
         kernels = choose_kernels([lq.spec for lq in net.layers], net.w_bits, net.a_bits, table)
     families = layer_kernels(net, kernels)
-    ex, params = build_network(net, families, batch, target)
-    return CompiledNetwork(build_manifest(net, policy, families, batch, target, list(params)), params, ex)
+    ex, constants = build_network(net, families, batch, target)
+    return CompiledNetwork(build_manifest(net, policy, families, batch, target, constants), ex)
 
 
 def load_compiled(directory: str | Path, device=None) -> CompiledNetwork:
     """Load a folder written by :meth:`CompiledNetwork.export` (or ``releq-tvm compile -o DIR``)."""
     directory = Path(directory)
-    missing = [name for name in (LIBRARY, PARAMS, MANIFEST) if not (directory / name).is_file()]
+    missing = [name for name in (LIBRARY, MANIFEST) if not (directory / name).is_file()]
     if missing:
         raise ReleqError(f"{directory} is not a compiled network (missing {', '.join(missing)}); "
                          "write one with `releq-tvm compile NET -o DIR`")
     manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ReleqError(f"{directory}/{MANIFEST} has format {manifest.get('format')}, expected {MANIFEST_FORMAT}; recompile it")
-    with np.load(directory / PARAMS) as data:
-        params = OrderedDict((name, data[name]) for name in manifest["params"])
     lib = tvm.runtime.load_module(str(directory / LIBRARY))
-    return CompiledNetwork(manifest, params, lib, device or tvm.cpu())
+    return CompiledNetwork(manifest, lib, device or tvm.cpu())

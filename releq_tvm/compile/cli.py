@@ -19,7 +19,7 @@ from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_optio
                       "image (one value = all layers; default: a fine-tuned --checkpoint's, with its learned levels, "
                       "else 8).")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for net.so, params.npz, manifest.json (default runs/compile/<net>-<bits>).")
+              help="Folder for net.so and manifest.json (default runs/compile/<net>-<bits>).")
 @checkpoint_option
 @click.option("--target", "target_text", default=None,
               help='Target: host (default), an x86 CPU name, llvm/MCPU, or JSON {"kind": "llvm", "mcpu": ...}.')
@@ -83,7 +83,7 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
     result = {
         "network": network,
         "out_dir": str(out),
-        "files": ["net.so", "params.npz", "manifest.json"],
+        "files": ["net.so", "manifest.json"],
         "w_bits": format_bits(net.w_bits),
         "a_bits": format_bits(net.a_bits),
         "weights": net.weights_source,
@@ -124,7 +124,7 @@ def _short(row) -> str:
 
 def _print_report(result: dict) -> None:
     echo = click.echo
-    echo(f"{result['network']}: wrote {result['out_dir']}/ (net.so, params.npz, manifest.json, kernels {result['kernels']}) "
+    echo(f"{result['network']}: wrote {result['out_dir']}/ (net.so, manifest.json, kernels {result['kernels']}) "
          f"in {result['compile_s']:.1f} s; weights: {result['weights']}")
     m = result.get("measure")
     if not m:

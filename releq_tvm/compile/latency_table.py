@@ -45,6 +45,9 @@ from releq_tvm.timing import TimingConfig, interleaved_timing
 #: Bump when the meaning of a stored number changes (kernel protocol, timing protocol).
 #: 2: layers whose weights exceed the L2 are timed with cold weights (``compile.layers``).
 TABLE_FORMAT = 2
+#: Bump when the meaning of the stored fixed (non-layer) time changes; layer entries keep theirs.
+#: 2: the network's arrays are constants of the library, so ``main(x)`` checks one argument, not 25.
+FIXED_FORMAT = 2
 
 
 def shape_label(layer: LayerSpec) -> str:
@@ -197,12 +200,15 @@ class LatencyTable:
                 self.measure(layer, w_bits, a_bits, backend)
 
     # -- the rest of the network ---------------------------------------------------------------
+    def _fixed_key(self, network: str) -> str:
+        return f"network|{network} n{self.batch}|fixed|v{FIXED_FORMAT}"
+
     def fixed_us(self, network: str) -> float:
         """Latency (us) of everything in ``network`` that is not a weight layer, measured once.
 
         The whole 8-bit bit-serial network minus the sum of its 8-bit layers (floored at 0).
         """
-        key = f"network|{network} n{self.batch}|fixed"
+        key = self._fixed_key(network)
         entry = self._lookup(key)
         if entry is None:
             entry = self.measure_network_fixed(network)
@@ -223,10 +229,9 @@ class LatencyTable:
                 layers[key] = samplers[key] = layer_sampler(runner, "bitserial", row, BITS_MAX, BITS_MAX, self.batch,
                                                             self.target, self.timing)
         net = random_integer_network(network, [BITS_MAX] * len(rows))
-        executable, params = build_network(net, "bitserial", self.batch, self.target)
+        executable, _ = build_network(net, "bitserial", self.batch, self.target)
         x = np.random.default_rng(0).integers(0, 2**net.input_bits, size=(self.batch, *net.input_shape), dtype=np.uint8)
-        args = [runner.tensor(x)] + [runner.tensor(a) for a in params.values()]
-        samplers["network"] = main_sampler(runner, runner.vm(executable), args, self.timing)
+        samplers["network"] = main_sampler(runner, runner.vm(executable), [runner.tensor(x)], self.timing)
         self.builds += len(samplers)
         timings = interleaved_timing(samplers, self.timing)
         for key, layer in layers.items():
@@ -239,7 +244,7 @@ class LatencyTable:
             "layers_8bit_us": layers_us,
             "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        self._save(f"network|{network} n{self.batch}|fixed", entry)
+        self._save(self._fixed_key(network), entry)
         return entry
 
     def cost_ratio(self, network: str, w_bits: Sequence[int], a_bits: Sequence[int] | None = None,

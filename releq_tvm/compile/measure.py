@@ -55,13 +55,11 @@ def build_fp32_network(model: torch.nn.Module, input_shape, batch: int, target) 
     return tvm.compile(mod, target=target)
 
 
-def time_integer_network(runner: Runner, ex, params: dict, input_shape, input_bits: int, batch: int,
-                         config: TimingConfig) -> dict:
-    """Time ``main(x, *params)`` of a compiled integer network on seeded input levels."""
+def time_integer_network(runner: Runner, ex, input_shape, input_bits: int, batch: int, config: TimingConfig) -> dict:
+    """Time ``main(x)`` of a compiled integer network on seeded input levels."""
     rng = np.random.default_rng(0)
     x = _random_levels((batch, *input_shape), input_bits, rng)
-    args = [runner.tensor(x)] + [runner.tensor(a) for a in params.values()]
-    return time_main(runner, runner.vm(ex), args, config)
+    return time_main(runner, runner.vm(ex), [runner.tensor(x)], config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +243,7 @@ def measure_network(
             auto_kernels = [layer["family"] for layer in c.manifest["layers"]]
         compile_s[label] = time.perf_counter() - start
         x = _random_levels((batch, *spec.input_shape), int(c.manifest["input_quantizer"]["bits"]), rng)
-        args = [runner.tensor(x)] + [runner.tensor(arr) for arr in c.params.values()]
-        samplers[f"network|{label}"] = main_sampler(runner, runner.vm(c.executable), args, config)
+        samplers[f"network|{label}"] = main_sampler(runner, runner.vm(c.executable), [runner.tensor(x)], config)
     if baselines:
         say("build network (fp32: torch.export, from_exported_program)")
         start = time.perf_counter()

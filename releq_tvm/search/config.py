@@ -68,8 +68,13 @@ class SearchConfig:
         help="Weight bitwidths the agent picks from, e.g. 1-8 or 2,4,8.",
     )
     search_activations: bool = setting(False, help="Hardware-aware mode: search activation bits too.")
+    # 1 and 2 because that is where a CPU pays: a w x a bit-serial layer costs w*a bit planes and
+    # beats this host's int8 kernel only below w*a ~ 2-4 (results/kernels.csv); 4 and 8 keep the
+    # accurate end. Four values map onto the 8 action indices evenly (2 each), so the initial
+    # policy favours none of them.
     act_action_set: tuple[int, ...] = setting(
-        (2, 4, 8), min=1, max=8, parse=parse_action_set, metavar="BITS", help="Activation bitwidths with --search-activations."
+        (1, 2, 4, 8), min=1, max=8, parse=parse_action_set, metavar="BITS",
+        help="Activation bitwidths with --search-activations (the input of each layer; entry 1 is the image).",
     )
     latency_target: float | None = setting(
         None, min=0, max=1, min_open=True,
