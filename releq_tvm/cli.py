@@ -25,6 +25,8 @@ _COMMANDS = {
     "simulate": "releq_tvm.sim.cli:simulate_cmd",
     "search": "releq_tvm.search.cli:search_cmd",
     "search-efficiency": "releq_tvm.search.cli:search_efficiency_cmd",
+    "search-seeds": "releq_tvm.search.cli:search_seeds_cmd",
+    "compare-runs": "releq_tvm.search.cli:compare_runs_cmd",
     "report": "releq_tvm.report.cli:report_cmd",
     "bench": "releq_tvm.bench_cli:bench_group",
     "demo": "releq_tvm.demo:demo_cmd",

@@ -633,3 +633,74 @@ def test_long_finetune_saves_the_model_it_reports(tmp_path):
     test = load_dataset("mnist", "test")
     assert round(evaluate(apply_bits(saved.model, saved.w_bits, (1, 28, 28)), test), 4) == long["test_accuracy_quantized"]
     assert [t["learning_rate"] for t in long["learning_rates_tried"]] == [1e-3, 3e-3]
+
+
+# --------------------------------------------------------------------------------------------
+# search-seeds: one search per seed, and the front of what they saw
+def _episode(n, w, a, acc, cost):
+    from releq_tvm.report.runs import Episode
+
+    return Episode(n, "train", w, a, acc, acc / 99.0, cost, 0.0, None)
+
+
+def _fake_run(seed, episodes):
+    from releq_tvm.report.runs import SearchRun
+
+    meta = {"config": {"network": "lenet", "seed": seed, "measure": "cpu", "cpu_kernels": "auto", "episodes": 10}}
+    best = {"training_episodes": len(episodes), "converged_episode": None, "elapsed_seconds": 120.0,
+            "solution": {"w_bits": list(episodes[-1].bits), "a_bits": list(episodes[-1].a_bits),
+                         "accuracy_val": episodes[-1].accuracy, "cost_ratio": episodes[-1].cost, "reward": 0.1},
+            "long_finetune": {"test_accuracy_quantized": 98.5, "test_accuracy_full_precision": 99.0, "loss_pp": 0.5}}
+    return SearchRun(Path(f"seed{seed}"), meta, tuple(episodes), best, None, (), (1, 2, 4, 8))
+
+
+def test_seen_configurations_and_their_front_are_counted_once_over_seeds():
+    """Configurations: A (cost 0.5, 97 %), B (0.6, 96 %: dominated by A), C (0.9, 99 %), D (1.0, 99 %:
+    dominated by C, same accuracy, dearer). Seed 1 sees A again: one row, seen by both seeds."""
+    from releq_tvm.report.seeds import front_of, front_rows, seed_rows, seen_configurations
+
+    a8 = (8,) * 5
+    A, B, C, D = ((1,) * 5, (1,) * 5, 97.0, 0.5), ((2,) * 5, (1,) * 5, 96.0, 0.6), ((2,) * 5, a8, 99.0, 0.9), (a8, a8, 99.0, 1.0)
+    runs = [_fake_run(0, [_episode(1, *A), _episode(2, *B), _episode(3, *D)]),
+            _fake_run(1, [_episode(1, *C), _episode(2, *A)])]
+    seen = seen_configurations(runs)
+    assert len(seen) == 4
+    assert {s.w_bits: s.seeds for s in seen}[(1,) * 5] == ("0", "1")
+    assert [(s.cost, s.accuracy) for s in front_of(seen)] == [(0.5, 97.0), (0.9, 99.0)]
+    rows = front_rows(seen, {(A[0], A[1]): {"test_accuracy_quantized": 98.1, "loss_pp": 0.9}})
+    assert [r["on_front"] for r in rows] == [True, False, True, False]
+    assert [r["faster_than_reference"] for r in rows] == [True, True, True, False]
+    assert rows[0]["test_acc_long_finetune_pct"] == 98.1 and rows[1]["test_acc_long_finetune_pct"] is None
+    per_seed = seed_rows(runs)
+    assert [r["seed"] for r in per_seed] == ["0", "1"]
+    assert per_seed[0]["converged_episode"] == "not converged" and per_seed[0]["wall_min"] == 2.0
+    assert per_seed[1]["w_bits"] == "1,1,1,1,1" and per_seed[1]["loss_pp"] == 0.5
+
+
+def test_search_seeds_runs_each_seed_in_parallel_and_resumes_finished_runs(tmp_path):
+    """Two seeds in two processes on the SQ cost; the CSVs name both; a second call only reads the runs."""
+    from releq_tvm.cli import main
+
+    root, out = tmp_path / "runs", tmp_path / "seeds.csv"
+    args = ["search-seeds", "lenet", "--seeds", "2", "--jobs", "2", "--root", str(root), "-o", str(out),
+            "--accuracy", "none", "--episodes", "3", "--final-episodes", "1", "--cache", str(tmp_path / "c.sqlite")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(line for line in out.read_text().splitlines() if not line.startswith("#")))
+    assert [r["seed"] for r in rows] == ["0", "1"]
+    assert all(r["training_episodes"] == "3" and r["converged_episode"] == "not converged" for r in rows)
+    for seed in (0, 1):
+        best = json.loads((root / f"seed{seed}" / "best.json").read_text())
+        assert ",".join(map(str, best["solution"]["w_bits"])) == rows[seed]["w_bits"]
+        assert "search lenet" in (root / f"seed{seed}" / "search.log").read_text()
+    front = [l for l in (tmp_path / "seeds_front.csv").read_text().splitlines() if not l.startswith("#")]
+    assert len(front) >= 2 and (tmp_path / "seeds.png").stat().st_size > 1000
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert "seed 0: resume" in again.output
+    assert json.loads((root / "seed0" / "best.json").read_text())["training_episodes"] == 3
+    assert all(r["variant"] == "episodes=3" for r in rows)
+    compared = CliRunner().invoke(main, ["compare-runs", str(root / "seed1"), str(root / "seed0"), "-o", str(tmp_path / "c.csv")])
+    assert compared.exit_code == 0, compared.output
+    rows = list(csv.DictReader(line for line in (tmp_path / "c.csv").read_text().splitlines() if not line.startswith("#")))
+    assert [r["seed"] for r in rows] == ["1", "0"]  # in the order given

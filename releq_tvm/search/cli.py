@@ -9,11 +9,13 @@ from __future__ import annotations
 import click
 
 from releq_tvm.cli_options import checkpoint_option, data_dir_option, network_argument
-from releq_tvm.config_cli import settings_from, settings_options
+from releq_tvm.config_cli import option_fields, settings_from, settings_options
 from releq_tvm.search.config import SearchConfig
 
 #: Options of `search` that still count on --resume (the rest come from the run's config.json).
 _RESUME_OPTIONS = ("network", "run_dir", "resume", "episodes")
+#: The settings `search-seeds` passes on to every seed's search: all of them but the seed and the folder.
+_SEEDS_SETTINGS = tuple(f.name for f, _ in option_fields(SearchConfig) if f.name not in ("seed", "run_dir"))
 #: The settings `search-efficiency` offers: what changes its methods' shared reward.
 _EFFICIENCY_SETTINGS = ("measure", "cpu_kernels", "reward", "accuracy", "short_steps", "seed", "threads")
 
@@ -85,3 +87,79 @@ def search_efficiency_cmd(budget, methods, exhaustive_set, out, **settings) -> N
     click.echo(f"wrote {out} and {png}")
     winner = [r["method"] for r in rows if r["winner"]]
     click.echo(f"best accuracy/cost point (highest reward): {', '.join(winner)} -> {out}")
+
+
+_long_front_option = click.option(
+    "--long-front", type=click.IntRange(0), default=0, show_default=True,
+    help="Also long fine-tune up to this many configurations of the Pareto front the runs saw (cheapest first), "
+         "for their test accuracy (settings of the first run; results cached).")
+
+
+def _write_runs(runs, out: str, long_front: int) -> None:
+    """The per-run CSV, the front CSV and the figure of ``runs`` (with ``long_front`` front points fine-tuned)."""
+    import sys
+
+    from releq_tvm.report.seeds import front_of, long_results, seen_configurations, write_seed_files
+    from releq_tvm.search.seeds import long_finetune_configurations
+
+    long = long_results(runs)
+    if long_front:
+        config = SearchConfig.from_dict(runs[0].config)
+        if config.accuracy == "none":
+            raise click.UsageError("--long-front needs runs that scored accuracy (not --accuracy none)")
+        front = [(s.w_bits, s.a_bits) for s in front_of(seen_configurations(runs))][:long_front]
+        long.update(long_finetune_configurations(config, front, echo=click.echo))
+    paths = write_seed_files(runs, out, " ".join(["releq-tvm"] + sys.argv[1:]), long)
+    click.echo(f"wrote {', '.join(paths)}")
+
+
+@click.command("search-seeds")
+@network_argument
+@click.option("--seeds", "n_seeds", type=click.IntRange(1), default=5, show_default=True,
+              help="Number of searches: seeds 0 .. N-1.")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Searches run at a time, each in its own process (one torch thread each by default).")
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Folder of the runs, one seed<N> sub-folder each (default runs/seeds/<net>-<measure>-<reward>). "
+                   "Runs already there are resumed, finished ones only read.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default=None,
+              help="Per-seed CSV (default results/convergence_seeds_<net>.csv); <stem>_front.csv and <stem>.png beside it.")
+@_long_front_option
+@settings_options(SearchConfig, only=_SEEDS_SETTINGS)
+@checkpoint_option
+@data_dir_option
+def search_seeds_cmd(n_seeds: int, jobs: int, root, out, long_front: int, **settings) -> None:
+    """Run the search of NET once per seed and write how each ended (convergence episode or not, wall
+    time, chosen bits, reward, long fine-tune) with the Pareto front of every configuration they saw."""
+    from releq_tvm.networks import get_network_spec
+    from releq_tvm.report.runs import load_run
+    from releq_tvm.search.seeds import run_seeds, seed_run_dir
+
+    get_network_spec(settings["network"])
+    config = settings_from(SearchConfig, settings, long_finetune=settings["long_steps"] > 0)
+    if long_front and config.accuracy == "none":
+        raise click.UsageError("--long-front needs scored accuracy; drop --accuracy none")
+    tag = "-wa" if config.search_activations else ""
+    root = root or f"runs/seeds/{config.network}-{config.measure}-{config.reward}{tag}"
+    seeds = list(range(n_seeds))
+    run_seeds(config, seeds, root, jobs=jobs, echo=click.echo)
+    _write_runs([load_run(seed_run_dir(root, s)) for s in seeds],
+                out or f"results/convergence_seeds_{config.network}{tag}.csv", long_front)
+
+
+@click.command("compare-runs")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True,
+              help="Per-run CSV; <stem>_front.csv and <stem>.png beside it.")
+@_long_front_option
+def compare_runs_cmd(run_dirs, out, long_front: int) -> None:
+    """Finished search runs of one network side by side (ablations, seeds): each run's variant (the
+    settings that differ from the defaults), convergence, wall time, chosen bits and long fine-tune,
+    and the Pareto front of every configuration they saw."""
+    from releq_tvm.report.runs import discover_runs
+
+    runs = discover_runs(run_dirs)
+    networks = sorted({r.network for r in runs})
+    if len(networks) > 1:
+        raise click.UsageError(f"the runs are of several networks ({', '.join(networks)}); compare one network at a time")
+    _write_runs(runs, out, long_front)
