@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class NetworkSpec:
     name: str
     builder: Callable[[], nn.Module]
     input_shape: tuple[int, int, int]  # (C, H, W), batch excluded
-    dataset: str
+    dataset: str | None  # None: a user's model, whose data the tool does not know
     num_classes: int
     description: str
     published_bits: tuple[int, ...] | None = None
@@ -61,7 +62,10 @@ class NetworkSpec:
     published_bits_raw: tuple[int, ...] | None = None
     #: How ``published_bits_raw`` maps onto the layers (said in every report that uses it).
     published_bits_note: str = ""
-    checkpoint: str | None = None  # file name under networks/checkpoints
+    checkpoint: str | None = None  # file name under networks/checkpoints (a user model: its file's name)
+    #: A user's model (``--model``, :mod:`releq_tvm.networks.user_model`): the file or entry point
+    #: it came from. Its builder returns the trained model, so it needs no shipped checkpoint.
+    source: str | None = None
 
 
 _REGISTRY: dict[str, NetworkSpec] = {}
@@ -101,6 +105,21 @@ def register_network(
     return decorate
 
 
+def register_user_network(spec: NetworkSpec) -> NetworkSpec:
+    """Register a user's model (``spec.source`` set) at run time; it replaces an earlier one of its name.
+
+    A registered network's name is refused (ValueError): a user model never shadows one.
+    """
+    if spec.source is None:
+        raise ValueError(f"{spec.name}: a user network needs its source")
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old.source is None:
+        raise ValueError(f"{spec.name!r} is a registered network's name")
+    _REGISTRY[spec.name] = spec
+    _TABLE_CACHE.pop(spec.name, None)  # the table of the model it replaces
+    return spec
+
+
 def list_networks() -> list[str]:
     return list(_REGISTRY)
 
@@ -115,10 +134,13 @@ def get_network_spec(name: str) -> NetworkSpec:
 
 
 def checkpoint_path(name: str):
-    """Path of the shipped checkpoint of ``name``, or None when none ships."""
+    """Path of the file with the trained weights of ``name``: its shipped checkpoint or, for a user
+    model, its ONNX / .pt2 file; None when there is none (an entry point's model is built by code)."""
     spec = get_network_spec(name)
     if spec.checkpoint is None:
         return None
+    if spec.source is not None:
+        return Path(spec.source)
     path = resources.files("releq_tvm.networks") / "checkpoints" / spec.checkpoint
     return path if path.is_file() else None
 
@@ -132,13 +154,13 @@ def create_network(name: str, pretrained: bool = False, seed: int = 0) -> nn.Mod
     """Build ``name`` in eval mode; ``pretrained`` loads its shipped checkpoint.
 
     Without ``pretrained`` the weights are the seeded default initialisation, so two calls
-    give the same model.
+    give the same model. A user model (``spec.source``) always comes with its own weights.
     """
     spec = get_network_spec(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.builder()
-    if pretrained:
+    if pretrained and spec.source is None:
         path = checkpoint_path(name)
         if path is None:
             raise MissingCheckpointError(

@@ -34,9 +34,9 @@ _COMMANDS = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from releq_tvm.networks import MissingCheckpointError, UnknownNetworkError
+    from releq_tvm.networks import MissingCheckpointError, ModelSourceError, UnknownNetworkError
 
-    return (ReleqError, UnknownNetworkError, MissingCheckpointError)
+    return (ReleqError, UnknownNetworkError, MissingCheckpointError, ModelSourceError)
 
 
 class ReleqGroup(click.Group):

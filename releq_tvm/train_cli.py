@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 
 from releq_tvm.bits import format_bits, parse_bits
-from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_option, data_dir_option, json_option, network_argument
+from releq_tvm.cli_options import (
+    act_bits_option, bits_option, checkpoint_option, data_dir_option, json_option, network_argument, network_or_model,
+)
 from releq_tvm.config import DEFAULTS
 
 
@@ -46,10 +48,20 @@ def networks_cmd(as_json: bool) -> None:
             click.echo(f"note ({r['name']}): {r['note']}")
 
 
-def _data(dataset: str, split: str, data_dir):
+def _data(dataset: str | None, split: str, data_dir):
     from releq_tvm.data import load_dataset
 
-    return load_dataset(dataset, split, data_dir)
+    return load_dataset(_known(dataset), split, data_dir)
+
+
+def _known(dataset: str | None) -> str:
+    """``dataset``; None (a --model, whose data the tool does not know) is a one-line error."""
+    from releq_tvm.errors import ReleqError
+
+    if dataset is None:
+        raise ReleqError("accuracy needs the model's data, and a --model comes without a dataset; compile and "
+                         "simulate it (cost only)")
+    return dataset
 
 
 @click.command("train")
@@ -103,7 +115,7 @@ def _calibration_images(dataset: str, data_dir):
     from releq_tvm.data import load_dataset
     from releq_tvm.search.config import SearchConfig
 
-    return load_dataset(dataset, "train", data_dir, limit=SearchConfig.calibration_images).images
+    return load_dataset(_known(dataset), "train", data_dir, limit=SearchConfig.calibration_images).images
 
 
 def _bits_label(bits, act_bits) -> str:
@@ -112,7 +124,7 @@ def _bits_label(bits, act_bits) -> str:
 
 
 @click.command("finetune")
-@network_argument
+@network_or_model
 @bits_option(required=True)
 @act_bits_option(help="Activation bits per layer (one value = all layers; default: float activations). Each weight "
                       "layer's input is quantized with a learned clipping level; the first layer's input, the image, "
@@ -162,7 +174,7 @@ def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, out, checkp
 
 
 @click.command("eval")
-@network_argument
+@network_or_model
 @bits_option(help="Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers; default: float, or the bits a "
                   "fine-tuned --checkpoint was trained at).")
 @act_bits_option(help="Activation bits per layer (one value = all layers; default: float activations, or the bits a "

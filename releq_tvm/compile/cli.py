@@ -8,11 +8,11 @@ import time
 
 import click
 
-from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_option, json_option, network_argument
+from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_option, json_option, network_or_model
 
 
 @click.command("compile")
-@network_argument
+@network_or_model
 @bits_option(help="Weight bits per layer, e.g. 8,2,2,3,2 (one value = all layers; default: the bits a fine-tuned "
                   "--checkpoint was trained at, else the published bits).")
 @act_bits_option(help="Activation bits per layer: the bits of each weight layer's input, the first layer's being the "
@@ -36,7 +36,10 @@ from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_optio
 @json_option
 def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_text, rpc, batch, repeats, measure,
                 baselines, fidelity_csv, kernels, as_json) -> None:
-    """Compile NET at per-layer bits into a deployable folder and time it.
+    """Compile NET (or your own --model) at per-layer bits into a deployable folder and time it.
+
+    A --model (ONNX, .pt2 or package.module:function) has no published bits: pass --bits. Its
+    activation ranges are calibrated on seeded uniform [0, 1] images.
 
     --kernels auto (default) gives each layer the fastest of the bit-serial kernel at its bits, the
     lut kernel (dense layers at 1-4 weight bits) and the int8 kernel (from this machine's latency
@@ -57,9 +60,11 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
     from releq_tvm.compile.timing import Runner
     from releq_tvm.errors import ReleqError
     from releq_tvm.compile.target import resolve_target
-    from releq_tvm.networks import layer_table
+    from releq_tvm.networks import get_network_spec, layer_table
 
     n = len(layer_table(network))
+    if bits_text is None and checkpoint is None and get_network_spec(network).published_bits is None:
+        raise ReleqError(f"{network} has no published bitwidths; pass --bits with {n} values (one value = all layers)")
     w_bits = parse_bits(bits_text, n, network) if bits_text is not None else None  # None: the checkpoint's or published
     a_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
     target = resolve_target(target_text)

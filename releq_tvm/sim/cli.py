@@ -6,7 +6,7 @@ import json
 
 import click
 
-from releq_tvm.cli_options import act_bits_option
+from releq_tvm.cli_options import act_bits_option, network_or_model
 from releq_tvm.errors import ReleqError
 from releq_tvm.io import atomic_write_text
 from releq_tvm.sim.config import MODES
@@ -25,7 +25,7 @@ def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command("simulate")
-@click.argument("net")
+@network_or_model
 @click.option("--bits", default=None, help="Weight bits per layer, e.g. 8,2,2,3,2; one value for all. Default: the published bits.")
 @act_bits_option()
 @click.option("--mode", type=click.Choice(MODES), default="weights", show_default=True, help="Serial operand: weights (ReLeQ) or activations (Stripes as published).")
@@ -34,13 +34,16 @@ def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--method", type=click.Choice(["stepped", "closed"]), default="stepped", show_default=True, help="Step the schedule (counts stalls) or use the closed form.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write per-layer rows (both fc settings) to this CSV.")
-def simulate_cmd(net, bits, act_bits_text, mode, fc_serial, overrides, method, as_json, csv_path):
-    """Simulate NET on the Stripes bit-serial accelerator against the same accelerator at 8 bits."""
+def simulate_cmd(network, bits, act_bits_text, mode, fc_serial, overrides, method, as_json, csv_path):
+    """Simulate NET (or your own --model) on the Stripes bit-serial accelerator against the same accelerator at 8 bits.
+
+    A --model has no published bits: pass --bits.
+    """
     override_map = _parse_overrides(overrides)
-    run = simulate_network(net, bits, act_bits_text, mode, fc_serial, override_map, method)
+    run = simulate_network(network, bits, act_bits_text, mode, fc_serial, override_map, method)
     r = run.result
     if csv_path is not None:
-        cmd = command_line(net, r.w_bits, r.a_bits, mode, fc_serial, override_map, method, csv_path)
+        cmd = command_line(network, r.w_bits, r.a_bits, mode, fc_serial, override_map, method, csv_path)
         results = [r] if run.alternative is None else [r, run.alternative]
         atomic_write_text(csv_path, results_csv_text(results, provenance_lines(cmd, run.notes)))
     if as_json:
