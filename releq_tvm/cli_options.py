@@ -13,6 +13,14 @@ data_dir_option = click.option(
     default=None,
     help="Folder with the torchvision dataset files (CIFAR-10, SVHN, ImageNet). MNIST needs none.",
 )
+data_option = click.option(
+    "--data", "data_source", default=None, metavar="SPEC",
+    help="Images and labels to train and score on: imagefolder:DIR (train/, val/, test/ class folders), npz:FILE "
+         "(x_train, y_train, x_val, y_val, x_test, y_test) or a dataset name (mnist, cifar10, svhn, imagenet). "
+         "Default: the network's own dataset; a --model has none.",
+)
+split_option = click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True,
+                            help="The split the accuracy is reported on.")
 checkpoint_option = click.option(
     "--checkpoint", type=click.Path(dir_okay=False), default=None,
     help="Model file: a float state_dict (`releq-tvm train`) or a fine-tuned model (`releq-tvm finetune -o`, a search "

@@ -15,12 +15,28 @@ the test split), ``test`` for reported accuracy. The three are disjoint for ever
 
 Inputs are scaled to [0, 1] with no mean subtraction, so every layer input is non-negative and
 the integer backends can quantize the network input as unsigned activations like any other.
+
+A user's own data (``--data``, :func:`load_model_data`) comes in the same type and scale:
+
+- ``imagefolder:DIR``: torchvision ImageFolder folders ``DIR/train``, ``DIR/val`` and, if
+  present, ``DIR/test``, one sub-folder per class. The class index is the folder's rank among
+  ``train/``'s class folders (ImageFolder's sorted order); ``val/`` and ``test/`` may hold fewer
+  classes. Images are read as RGB (grey when the model takes one channel); one of another size is
+  resized (shorter side to the larger of the model's height and width) and centre-cropped. Each
+  split is ordered class by class within each rank, as ImageNet's val split, so ``limit`` (the
+  calibration images) takes a class-balanced subset.
+- ``npz:FILE``: a numpy ``.npz`` with ``x_train``, ``y_train``, ``x_val``, ``y_val`` and, if
+  present, ``x_test``, ``y_test``. Images are (N, C, H, W), or (N, H, W, C), or (N, H, W) for a
+  one-channel model, read by the model's input shape; uint8 (0..255, divided by 255) or float in
+  [0, 1]. Labels are integer class indices (N,).
+- a dataset name (:data:`DATASETS`): :func:`load_dataset`.
 """
 
 from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -36,6 +52,10 @@ SPLITS = ("train", "val", "test")
 HELD_OUT_IMAGES = 5000
 #: ImageNet's val split: the last 5 training images of each of its 1,000 classes (5,000 images).
 IMAGENET_HELD_OUT_PER_CLASS = 5
+#: The datasets :func:`load_dataset` knows by name (a registered network's ``dataset``, ``--data NAME``).
+DATASETS = ("mnist", "cifar10", "svhn", "imagenet")
+#: What ``--data`` takes, said in every error about its form.
+DATA_FORMS = f"imagefolder:DIR, npz:FILE or a dataset name ({', '.join(DATASETS)})"
 
 
 @dataclass
@@ -126,8 +146,22 @@ def load_dataset(dataset: str, split: str, data_dir: str | Path | None = None, l
         indices = _imagenet_split_indices(base.targets, base.wnids, split, data_dir)
     if limit is not None:
         indices = list(indices)[:limit]
-    images, labels = zip(*(base[i] for i in indices))
-    return TensorDataset(torch.stack(images), torch.as_tensor(labels, dtype=torch.int64))
+    return _in_memory(base, indices)
+
+
+def _in_memory(base, indices: Sequence[int], labels: Sequence[int] | None = None) -> TensorDataset:
+    """The ``(image, label)`` items ``indices`` of a torchvision dataset, stacked; ``labels``
+    replaces each item's label when given (by position)."""
+    images, own = zip(*(base[i] for i in indices))
+    return TensorDataset(torch.stack(images), torch.as_tensor(labels if labels is not None else own, dtype=torch.int64))
+
+
+def _class_by_class(by_class: dict[int, list[int]]) -> list[int]:
+    """The indices of ``by_class`` (class -> its indices in order) ordered rank by rank: the first of
+    every class, then the second, ...; a class with fewer indices drops out when it runs out."""
+    members = [indices for _, indices in sorted(by_class.items())]
+    longest = max((len(m) for m in members), default=0)
+    return [m[rank] for rank in range(longest) for m in members if rank < len(m)]
 
 
 def _imagenet_split_indices(targets: Sequence[int], wnids: Sequence[str], split: str, data_dir: Path) -> list[int]:
@@ -149,5 +183,151 @@ def _imagenet_split_indices(targets: Sequence[int], wnids: Sequence[str], split:
         )
     if split == "train":
         return sorted(i for members in by_class.values() for i in members[:-held_out])
-    tails = [members[-held_out:] for _, members in sorted(by_class.items())]
-    return [tail[rank] for rank in range(held_out) for tail in tails]
+    return _class_by_class({label: members[-held_out:] for label, members in by_class.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# a user's data: --data imagefolder:DIR | npz:FILE | a dataset name
+
+
+def load_model_data(
+    source: str,
+    split: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+) -> TensorDataset:
+    """``split`` of the data ``source`` (see the module docstring) for a model taking ``input_shape``
+    (C, H, W) images and giving ``num_classes`` logits; ``data_dir`` is :func:`load_dataset`'s, for
+    a dataset name. ``limit`` caps the number of images.
+
+    The images must have the model's shape and the labels lie in ``0 .. num_classes - 1``; a missing
+    folder, file, array or split, or data that does not fit the model is a one-line :class:`ReleqError`.
+    """
+    if split not in SPLITS:
+        raise ReleqError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    kind, _, where = source.partition(":")
+    if kind == "imagefolder" and where:
+        data = _load_image_folder(Path(where), split, input_shape, limit)
+    elif kind == "npz" and where:
+        data = _load_npz(Path(where), split, input_shape, limit)
+    elif source in DATASETS:
+        data = load_dataset(source, split, data_dir, limit)
+        if tuple(data.images.shape[1:]) != tuple(input_shape):
+            raise ReleqError(f"--data {source}: its images are {_shape_text(data.images.shape[1:])}, the model takes "
+                             f"{_shape_text(input_shape)}; pass data the model was trained on")
+    else:
+        raise ReleqError(f"--data {source}: expected {DATA_FORMS}")
+    _check_labels(data.labels, num_classes, f"--data {source} ({split})")
+    return data
+
+
+def _shape_text(shape) -> str:
+    return ",".join(str(int(s)) for s in shape)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ReleqError(f"{what}: labels run from {int(labels.min())} to {int(labels.max())}, but the model has "
+                         f"{num_classes} classes (0..{num_classes - 1})")
+
+
+def _load_image_folder(root: Path, split: str, input_shape: tuple[int, int, int], limit: int | None) -> TensorDataset:
+    from torchvision import datasets, transforms
+
+    what = f"--data imagefolder:{root}"
+    if not root.is_dir():
+        raise ReleqError(f"{what}: no such folder; pass a folder holding train/ and val/ (and test/) class folders")
+    for needed in ("train", "val"):
+        if not (root / needed).is_dir():
+            raise ReleqError(f"{what} has no {needed}/ folder; it needs train/ and val/ (test/ optional), "
+                             "each with one folder of images per class")
+    channels, height, width = input_shape
+    if channels not in (1, 3):
+        raise ReleqError(f"{what}: the model takes {channels}-channel images; image folders give 1 (grey) or 3 (RGB)")
+    fit = transforms.Compose([transforms.Resize(max(height, width)), transforms.CenterCrop((height, width))])
+    to_tensor = transforms.Compose([
+        transforms.Lambda(lambda img: img.convert("L" if channels == 1 else "RGB")),
+        transforms.Lambda(lambda img: img if img.size == (width, height) else fit(img)),
+        transforms.ToTensor(),
+    ])
+
+    def folder(name: str):
+        try:
+            return datasets.ImageFolder(str(root / name), transform=to_tensor)
+        except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in them
+            raise ReleqError(f"{what}: {name}/ holds no images ({str(exc).splitlines()[0]})") from None
+
+    train_classes = folder("train").class_to_idx
+    if not (root / split).is_dir():
+        raise ReleqError(f"{what} has no {split}/ folder; add one, or evaluate on --split val")
+    base = folder(split)
+    unknown = sorted(set(base.classes) - set(train_classes))
+    if unknown:
+        raise ReleqError(f"{what}: {split}/ has class folders that train/ lacks ({', '.join(unknown[:3])}); "
+                         "every class needs training images")
+    labels = [train_classes[base.classes[target]] for target in base.targets]
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    indices = _class_by_class(by_class)[:limit]
+    try:
+        return _in_memory(base, indices, [labels[i] for i in indices])
+    except OSError as exc:  # PIL: a truncated or unreadable image file
+        raise ReleqError(f"{what}: cannot read an image under {split}/ ({str(exc).splitlines()[0]})") from None
+
+
+def _load_npz(path: Path, split: str, input_shape: tuple[int, int, int], limit: int | None) -> TensorDataset:
+    what = f"--data npz:{path}"
+    if not path.is_file():
+        raise ReleqError(f"{what}: no such file; pass a .npz with x_train, y_train, x_val, y_val (x_test, y_test optional)")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            names = set(arrays.files)
+            missing = [n for n in ("x_train", "y_train", "x_val", "y_val") if n not in names]
+            if missing:
+                raise ReleqError(f"{what} lacks {', '.join(missing)}; it needs x_train, y_train, x_val, y_val "
+                                 "(x_test, y_test optional)")
+            if ("x_test" in names) != ("y_test" in names):
+                raise ReleqError(f"{what} has only one of x_test and y_test; store both or neither")
+            if f"x_{split}" not in names:
+                raise ReleqError(f"{what} has no {split} split (x_{split}, y_{split}); add it, or evaluate on --split val")
+            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # not an npz, damaged, or object arrays (pickles)
+        raise ReleqError(f"{what} is not a readable numpy .npz file ({str(exc).splitlines()[0]}); save it with "
+                         "numpy.savez") from None
+    images = _as_model_images(x, input_shape, f"{what}: x_{split}")
+    if y.ndim != 1 or len(y) != len(images) or not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+        raise ReleqError(f"{what}: y_{split} must be {len(images)} integer class indices, one per image of x_{split}; "
+                         f"got {y.dtype} of shape {y.shape}")
+    labels = torch.from_numpy(y.astype(np.int64))
+    return TensorDataset(images[:limit], labels[:limit])
+
+
+def _as_model_images(x: np.ndarray, input_shape: tuple[int, int, int], what: str) -> torch.Tensor:
+    """(N, C, H, W) float32 in [0, 1] from ``x`` laid out (N, C, H, W), (N, H, W, C) or, for one
+    channel, (N, H, W); uint8 divided by 255, floats taken as they are and checked to lie in [0, 1]."""
+    c, h, w = input_shape
+    layouts = {(c, h, w): None}  # (N, C, H, W) first: it wins where the shapes coincide (C == H == W)
+    layouts.setdefault((h, w, c), (0, 3, 1, 2))
+    if c == 1:
+        layouts[(h, w)] = "channel"
+    if x.ndim not in (3, 4) or tuple(x.shape[1:]) not in layouts:
+        raise ReleqError(f"{what} has shape {x.shape}, but the model takes images {_shape_text(input_shape)}; "
+                         f"store them as (N, {c}, {h}, {w}) or (N, {h}, {w}, {c})")
+    layout = layouts[tuple(x.shape[1:])]
+    if x.dtype == np.uint8:
+        images = x.astype(np.float32) / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        images = x.astype(np.float32)
+        if images.size and (not np.isfinite(images).all() or images.min() < 0.0 or images.max() > 1.0):
+            raise ReleqError(f"{what}: float images must lie in [0, 1] (got {np.nanmin(images):.4g} .. "
+                             f"{np.nanmax(images):.4g}); scale them, or store uint8 0..255")
+    else:
+        raise ReleqError(f"{what} is {x.dtype}; store images as uint8 0..255 or float in [0, 1]")
+    if layout == "channel":
+        images = images[:, None]
+    elif layout is not None:
+        images = images.transpose(layout)
+    return torch.from_numpy(np.ascontiguousarray(images))

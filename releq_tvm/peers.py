@@ -45,6 +45,8 @@ Accuracy (MNIST networks with trained weights only): top-1 of every engine on th
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import os
@@ -149,19 +151,26 @@ def parse_threads(text: str) -> tuple[int, ...]:
 PUBLISHED = "published"
 
 
-def network_bits(network: str, bits=None, act_bits=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(weight bits, activation bits) of ``network``: as given (text or ints), else (None or
-    :data:`PUBLISHED`) the published weight bits, and :data:`releq_tvm.config.DEFAULT_ACT_BITS`;
-    checked by :func:`parse_bits`."""
+def network_bits(network: str, bits=None, act_bits=None, checkpoint: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(weight bits, activation bits) of ``network``: as given (text or ints), else the bits a
+    fine-tuned ``checkpoint`` was trained at (``releq-tvm finetune -o``, a search's finetuned.pt),
+    else (None or :data:`PUBLISHED`) the published weight bits and
+    :data:`releq_tvm.config.DEFAULT_ACT_BITS`; checked by :func:`parse_bits`."""
     from releq_tvm.config import DEFAULT_ACT_BITS
     from releq_tvm.networks import get_network_spec, layer_table
 
     n = len(layer_table(network))
     if isinstance(bits, str) and bits.strip() == PUBLISHED:
         bits = None
-    w = parse_bits(bits if bits is not None else list(get_network_spec(network).published_bits), n, network)
-    a = parse_bits(act_bits if act_bits is not None else [DEFAULT_ACT_BITS], n, network, what="--act-bits")
-    return w, a
+    w = None if bits is None else parse_bits(bits, n, network)
+    a = None if act_bits is None else parse_bits(act_bits, n, network, what="--act-bits")
+    if checkpoint is not None:
+        from releq_tvm.train import read_model_file
+
+        w, a = read_model_file(network, checkpoint).bits_in_force(w, a)
+    w = w if w is not None else parse_bits(list(get_network_spec(network).published_bits), n, network)
+    a = a if a is not None else parse_bits([DEFAULT_ACT_BITS], n, network, what="--act-bits")
+    return tuple(w), tuple(a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,17 +282,22 @@ def build_peers(network: str, w_bits=None, a_bits=None, config: PeersConfig = Pe
     from releq_tvm.compile import compile_network, quantize_network, resolve_target
     from releq_tvm.compile.integer import calibration_images, load_network_model
     from releq_tvm.networks import get_network_spec
+    from releq_tvm.quant import remove_act_bits
 
     import_peer_engines()
     say = progress or (lambda message: None)
-    w, a = network_bits(network, w_bits, a_bits)
+    w, a = network_bits(network, w_bits, a_bits, checkpoint)
     target = resolve_target(target)
     input_shape = tuple(get_network_spec(network).input_shape)
     if like is not None and like.network == network:
         model, weights, peers = like.model, like.weights, like.peers
+        trained = model
     else:
-        model, weights = load_network_model(network, checkpoint, seed=config.seed)
-        model = model.eval()
+        trained, weights = load_network_model(network, checkpoint, seed=config.seed)
+        trained = trained.eval()
+        # the float network every other engine runs: a fine-tuned file's learned input quantizers
+        # belong to its own bits, so the peers, torch and our 8-bit builds go without them
+        model = remove_act_bits(copy.deepcopy(trained))
         say(f"{network}: export to ONNX, QDQ int8 calibrated on {config.calibration_images} images")
         images, images_text = calibration_images(network, count=config.calibration_images, seed=config.seed)
         peers = build_peer_models(model, input_shape, images, images_text)
@@ -293,7 +307,8 @@ def build_peers(network: str, w_bits=None, a_bits=None, config: PeersConfig = Pe
     ours: dict[str, OurBuild] = {}
     for engine, (backend, which) in OUR_BUILDS.items():
         if which not in nets:  # the compile stage's quantization: same weights, its calibration images
-            nets[which] = quantize_network(network, *bits[which], model=model, seed=config.seed)
+            nets[which] = quantize_network(network, *bits[which], model=trained if which == "bits" else model,
+                                           seed=config.seed)
         say(f"{network}: compile {engine} ({backend}, w {format_bits(bits[which][0])})")
         ours[engine] = OurBuild(backend, nets[which], compile_network(nets[which], backend, 1, target))
     return PeerBuilds(network, w, a, model, weights, input_shape, peers, ours, target, checkpoint)
@@ -701,7 +716,7 @@ def run_peers(networks: Sequence[str] = DEFAULT_NETWORKS, bits_list: Sequence = 
     target = resolve_target(target)
     bits_list = list(bits_list) or [None]
     # every error before any build
-    resolved = {network: list(dict.fromkeys(network_bits(network, bits, act_bits) for bits in bits_list))
+    resolved = {network: list(dict.fromkeys(network_bits(network, bits, act_bits, checkpoint) for bits in bits_list))
                 for network in networks}
     rows, notes = [], []
     for network, configs in resolved.items():

@@ -10,7 +10,8 @@ import click
 
 from releq_tvm.bits import format_bits, parse_bits
 from releq_tvm.cli_options import (
-    act_bits_option, bits_option, checkpoint_option, data_dir_option, json_option, network_argument, network_or_model,
+    act_bits_option, bits_option, checkpoint_option, data_dir_option, data_option, json_option, network_argument,
+    network_or_model, split_option,
 )
 from releq_tvm.config import DEFAULTS
 
@@ -48,20 +49,19 @@ def networks_cmd(as_json: bool) -> None:
             click.echo(f"note ({r['name']}): {r['note']}")
 
 
-def _data(dataset: str | None, split: str, data_dir):
-    from releq_tvm.data import load_dataset
-
-    return load_dataset(_known(dataset), split, data_dir)
-
-
-def _known(dataset: str | None) -> str:
-    """``dataset``; None (a --model, whose data the tool does not know) is a one-line error."""
+def _model_data(network: str, data_source: str | None, split: str, data_dir, limit: int | None = None):
+    """``split`` of ``--data`` (default: the network's own dataset), checked against the network's
+    input shape and classes; a --model without ``--data`` is a one-line error saying what to pass."""
+    from releq_tvm.data import DATA_FORMS, load_model_data
     from releq_tvm.errors import ReleqError
+    from releq_tvm.networks import get_network_spec
 
-    if dataset is None:
-        raise ReleqError("accuracy needs the model's data, and a --model comes without a dataset; compile and "
-                         "simulate it (cost only)")
-    return dataset
+    spec = get_network_spec(network)
+    source = data_source or spec.dataset
+    if source is None:
+        raise ReleqError(f"accuracy needs the model's data: pass --data with {DATA_FORMS}; compile and simulate "
+                         f"{network} need none")
+    return load_model_data(source, split, spec.input_shape, spec.num_classes, data_dir, limit)
 
 
 @click.command("train")
@@ -77,11 +77,10 @@ def train_cmd(network, steps, lr, batch_size, seed, out, data_dir) -> None:
     import torch
 
     from releq_tvm.io import atomic_write_bytes, atomic_write_text
-    from releq_tvm.networks import create_network, get_network_spec
+    from releq_tvm.networks import create_network
     from releq_tvm.train import evaluate, train_steps
 
-    spec = get_network_spec(network)
-    train, test = _data(spec.dataset, "train", data_dir), _data(spec.dataset, "test", data_dir)
+    train, test = _model_data(network, None, "train", data_dir), _model_data(network, None, "test", data_dir)
     torch.manual_seed(seed)
     model = create_network(network, seed=seed)
     every = max(1, steps // 10)
@@ -110,12 +109,11 @@ def train_cmd(network, steps, lr, batch_size, seed, out, data_dir) -> None:
     click.echo(f"{network}: test accuracy {acc:.2f}%  -> {out}")
 
 
-def _calibration_images(dataset: str, data_dir):
+def _calibration_images(network: str, data_source: str | None, data_dir):
     """The train images that start the activation clipping levels: the search's calibration set."""
-    from releq_tvm.data import load_dataset
     from releq_tvm.search.config import SearchConfig
 
-    return load_dataset(_known(dataset), "train", data_dir, limit=SearchConfig.calibration_images).images
+    return _model_data(network, data_source, "train", data_dir, limit=SearchConfig.calibration_images).images
 
 
 def _bits_label(bits, act_bits) -> str:
@@ -136,8 +134,11 @@ def _bits_label(bits, act_bits) -> str:
               help="Save the fine-tuned model here: float weights, learned clipping levels and the bits, in one file "
                    "that eval, compile and simulate take as --checkpoint.")
 @checkpoint_option
+@data_option
 @data_dir_option
-def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, out, checkpoint, data_dir) -> None:
+@split_option
+def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, out, checkpoint, data_source, data_dir,
+                 split) -> None:
     """Quantize NET to --bits (and --act-bits), fine-tune it for --steps, and print float and quantized accuracy.
 
     With -o FILE the fine-tuned model is saved (releq_tvm.train.save_finetuned: one torch.save dict
@@ -153,24 +154,27 @@ def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, out, checkp
     bits = parse_bits(bits_text, n, network)
     act_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
     model = load_model(network, checkpoint)
-    train, test = _data(spec.dataset, "train", data_dir), _data(spec.dataset, "test", data_dir)
+    train, test = _model_data(network, data_source, "train", data_dir), _model_data(network, data_source, split, data_dir)
     fp = evaluate(model, test)
     finetune_bits(model, bits, spec.input_shape, train, steps, lr=lr, seed=seed, act_bits=act_bits,
-                  calibration=_calibration_images(spec.dataset, data_dir) if act_bits is not None else None)
+                  calibration=_calibration_images(network, data_source, data_dir) if act_bits is not None else None)
     q = evaluate(model, test)
-    click.echo(f"{network} full precision: {fp:.2f}%")
-    click.echo(f"{network} {_bits_label(bits, act_bits)} after {steps} fine-tune steps: {q:.2f}% ({q - fp:+.2f} pp)")
+    on = "" if split == "test" else f" on {split}"  # test is the reported split unless asked otherwise
+    click.echo(f"{network} full precision{on}: {fp:.2f}%")
+    click.echo(f"{network} {_bits_label(bits, act_bits)} after {steps} fine-tune steps{on}: {q:.2f}% ({q - fp:+.2f} pp)")
     if act_bits is not None:
         levels = ", ".join(f"{quantizer.alpha.item():.4g}" for quantizer in act_quantizers(model).values())
         click.echo(f"activation clipping levels (first layer fixed, the rest learned): {levels}")
     if out is not None:
-        command = (f"releq-tvm finetune {network} --bits {format_bits(bits)}"
+        net = f"--model {spec.source}" if spec.source else network  # as a command line names it
+        command = (f"releq-tvm finetune {net} --bits {format_bits(bits)}"
                    + (f" --act-bits {format_bits(act_bits)}" if act_bits is not None else "")
-                   + f" --steps {steps} --lr {lr} --seed {seed}" + (f" --checkpoint {checkpoint}" if checkpoint else ""))
+                   + f" --steps {steps} --lr {lr} --seed {seed}" + (f" --checkpoint {checkpoint}" if checkpoint else "")
+                   + (f" --data {data_source}" if data_source else "") + (" --split val" if split == "val" else ""))
         about = {"command": command, "steps": steps, "learning_rate": lr, "seed": seed,
-                 "test_accuracy_full_precision": fp, "test_accuracy_quantized": q}
+                 f"{split}_accuracy_full_precision": fp, f"{split}_accuracy_quantized": q}
         save_finetuned(out, model, network, spec.input_shape, about)
-        click.echo(f"fine-tuned model -> {out} (build it: releq-tvm compile {network} --checkpoint {out})")
+        click.echo(f"fine-tuned model -> {out} (build it: releq-tvm compile {net} --checkpoint {out})")
 
 
 @click.command("eval")
@@ -182,9 +186,10 @@ def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, out, checkp
                       "weight layer's input is clipped at a range calibrated on train images; the first layer's input, "
                       "the image, at the first value with the fixed range [0, 1].")
 @checkpoint_option
+@data_option
 @data_dir_option
-@click.option("--split", type=click.Choice(["val", "test"]), default="test", show_default=True)
-def eval_cmd(network, bits_text, act_bits_text, checkpoint, data_dir, split) -> None:
+@split_option
+def eval_cmd(network, bits_text, act_bits_text, checkpoint, data_source, data_dir, split) -> None:
     """Accuracy of NET in float, or fake-quantized to --bits / --act-bits without fine-tuning.
 
     A fine-tuned --checkpoint (`releq-tvm finetune ... -o FILE`) is evaluated at its own bits and
@@ -201,10 +206,10 @@ def eval_cmd(network, bits_text, act_bits_text, checkpoint, data_dir, split) -> 
     loaded = read_model_file(network, checkpoint)
     bits, act_bits = loaded.bits_in_force(bits, act_bits)
     model = loaded.model
-    data = _data(spec.dataset, split, data_dir)
+    data = _model_data(network, data_source, split, data_dir)
     if act_bits is not None and loaded.a_bits is None:
         # ranges of the float model on train images, as the search and the fine-tunes start from
-        ranges, learn = calibrate_input_ranges(model, spec.input_shape, _calibration_images(spec.dataset, data_dir))
+        ranges, learn = calibrate_input_ranges(model, spec.input_shape, _calibration_images(network, data_source, data_dir))
         apply_act_bits(model, act_bits, spec.input_shape, ranges, learn)
     if bits is not None:
         apply_bits(model, bits, spec.input_shape)

@@ -184,6 +184,31 @@ def test_threads_and_bits_are_checked_in_one_line():
         peers.network_bits("lenet", "2,2")
 
 
+def test_a_finetuned_checkpoint_gives_its_own_bits(tmp_path):
+    """bench peers --checkpoint FILE of a fine-tuned model builds at the file's w and a bits (its
+    learned levels belong to them); bits given on the command line must agree with the file."""
+    from releq_tvm.data import load_dataset
+    from releq_tvm.quant import act_quantizers
+    from releq_tvm.train import finetune_bits, load_model, save_finetuned
+
+    w, a = (4, 2, 1, 8, 3), (8, 8, 8, 8, 4)
+    train = load_dataset("mnist", "train", limit=256)
+    model = load_model("lenet")
+    finetune_bits(model, w, (1, 28, 28), train, steps=1, lr=1e-3, batch_size=32, seed=0, act_bits=a,
+                  calibration=train.images[:64])
+    path = str(save_finetuned(tmp_path / "ft.pt", model, "lenet", (1, 28, 28), {"steps": 1}))
+    assert peers.network_bits("lenet", None, None, path) == (w, a)
+    assert peers.network_bits("lenet", "4,2,1,8,3", None, path) == (w, a)
+    with pytest.raises(ReleqError, match="disagrees"):
+        peers.network_bits("lenet", "2", None, path)
+    # our builds at the file's bits keep its learned levels; the 8-bit ones and the peers run the float network
+    builds = peers.build_peers("lenet", None, None, peers.PeersConfig(calibration_images=16), path)
+    assert (builds.w_bits, builds.a_bits) == (w, a)
+    assert builds.ours["ours_auto"].compiled.manifest["a_bits"] == list(a)
+    assert builds.ours["ours_int8"].compiled.manifest["a_bits"] == [8] * 5
+    assert not act_quantizers(builds.model)
+
+
 def test_missing_peer_package_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     out = tmp_path / "peers.csv"

@@ -253,5 +253,171 @@ def test_model_and_net_together_or_a_registered_name(onnx_file, tmp_path):
 
 
 def test_accuracy_commands_say_a_model_has_no_data(onnx_file):
-    assert_one_line_error(run("eval", "--model", onnx_file), "accuracy needs the model's data")
+    assert_one_line_error(run("eval", "--model", onnx_file), "accuracy needs the model's data", "pass --data",
+                          "imagefolder:DIR, npz:FILE", "compile and simulate smallcnn need none")
+    assert_one_line_error(run("finetune", "--model", onnx_file, "--bits", "8"), "pass --data")
     assert_one_line_error(run("compile", "--model", onnx_file), "smallcnn has no published bitwidths", "4 values")
+
+
+# ---------------------------------------------------------------------------------------------
+# data for a user model: --data npz:FILE | imagefolder:DIR | a dataset name
+
+
+def labels_with_accuracy(model: nn.Module, x: torch.Tensor, right: int) -> np.ndarray:
+    """Labels that ``model`` gets right on exactly the first ``right`` images of ``x``: its own
+    prediction there, the next class after it elsewhere. The accuracy is known by hand."""
+    with torch.no_grad():
+        predicted = model(x).argmax(1).numpy()
+    return np.where(np.arange(len(x)) < right, predicted, (predicted + 1) % 5).astype(np.int64)
+
+
+def write_npz(path, **overrides) -> dict[str, np.ndarray]:
+    """A small npz for SmallCNN (3, 12, 12; 5 classes): x_train uint8 (N, H, W, C), x_val and x_test
+    float (N, C, H, W), each with labels of a known accuracy (val: 3 of 8 right, test: 7 of 10)."""
+    rng = np.random.default_rng(14)
+    model = small_cnn()
+    x_val = rng.random((8, *SHAPE), dtype=np.float32)
+    x_test = rng.random((10, *SHAPE), dtype=np.float32)
+    arrays = {
+        "x_train": rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8),
+        "y_train": rng.integers(0, 5, 16),
+        "x_val": x_val, "y_val": labels_with_accuracy(model, torch.from_numpy(x_val), right=3),
+        "x_test": x_test, "y_test": labels_with_accuracy(model, torch.from_numpy(x_test), right=7),
+    }
+    arrays.update(overrides)
+    np.savez(path, **{name: value for name, value in arrays.items() if value is not None})
+    return arrays
+
+
+def test_npz_data_reads_both_layouts_and_scales(tmp_path):
+    from releq_tvm.data import load_model_data
+
+    arrays = write_npz(tmp_path / "d.npz")
+    train = load_model_data(f"npz:{tmp_path / 'd.npz'}", "train", SHAPE, 5, limit=4)
+    # uint8 (N, H, W, C) -> float (N, C, H, W) / 255
+    expected = torch.from_numpy(arrays["x_train"][:4].transpose(0, 3, 1, 2).astype(np.float32) / 255)
+    assert train.images.dtype == torch.float32 and torch.equal(train.images, expected)
+    assert train.labels.tolist() == arrays["y_train"][:4].tolist()
+    test = load_model_data(f"npz:{tmp_path / 'd.npz'}", "test", SHAPE, 5)
+    assert torch.equal(test.images, torch.from_numpy(arrays["x_test"])) and len(test) == 10
+
+
+def test_eval_with_npz_data_reports_the_accuracy(onnx_file, tmp_path):
+    write_npz(tmp_path / "d.npz")
+    data = f"npz:{tmp_path / 'd.npz'}"
+    result = run("eval", "--model", onnx_file, "--data", data)
+    assert result.exit_code == 0, result.output
+    assert result.output == "smallcnn full precision: 70.00% (test)\n"
+    result = run("eval", "--model", onnx_file, "--data", data, "--split", "val")
+    assert result.output == "smallcnn full precision: 37.50% (val)\n", result.output
+    # activation ranges calibrated on the train split (uint8, (N, H, W, C))
+    result = run("eval", "--model", onnx_file, "--data", data, "--bits", "8", "--act-bits", "8")
+    assert result.exit_code == 0 and result.output.startswith("smallcnn bits 8,8,8,8, activations 8,8,8,8: "), result.output
+
+
+def write_image_folder(root, sizes=None) -> None:
+    """root/train with 5 class folders c0..c4 (3 images each), root/val with c1 and c3 only (2 each),
+    root/test with all 5 (1 each); seeded 12x12 RGB PNGs, and one 16x14 image in train/c0."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    layout = {"train": {f"c{k}": 3 for k in range(5)}, "val": {"c1": 2, "c3": 2}, "test": {f"c{k}": 1 for k in range(5)}}
+    for split, classes in layout.items():
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                width, height = (16, 14) if (split, name, i) == ("train", "c0", 2) else (12, 12)
+                pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_image_folder_labels_by_train_classes_class_by_class(tmp_path):
+    from PIL import Image
+
+    from releq_tvm.data import load_model_data
+
+    write_image_folder(tmp_path / "imgs")
+    source = f"imagefolder:{tmp_path / 'imgs'}"
+    val = load_model_data(source, "val", SHAPE, 5)
+    # val/ holds c1 and c3 only: their labels are train/'s indices 1 and 3, in rank order c1, c3, c1, c3
+    assert val.labels.tolist() == [1, 3, 1, 3]
+    pixels = np.asarray(Image.open(tmp_path / "imgs" / "val" / "c3" / "0.png"))
+    assert torch.equal(val.images[1], torch.from_numpy(pixels.transpose(2, 0, 1).astype(np.float32) / 255))
+    train = load_model_data(source, "train", SHAPE, 5, limit=5)  # one image of every class: a balanced subset
+    assert train.labels.tolist() == [0, 1, 2, 3, 4] and train.images.shape == (5, *SHAPE)
+    full = load_model_data(source, "train", SHAPE, 5)
+    assert full.images.shape == (15, *SHAPE) and 0.0 <= full.images.min() and full.images.max() <= 1.0  # 16x14 cropped
+
+
+def test_finetune_with_image_folder_data_reports_the_accuracy(onnx_file, tmp_path):
+    from releq_tvm.data import load_model_data
+    from releq_tvm.train import evaluate
+
+    write_image_folder(tmp_path / "imgs")
+    source = f"imagefolder:{tmp_path / 'imgs'}"
+    result = run("finetune", "--model", onnx_file, "--data", source, "--bits", "8,4,4,8", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    expected = evaluate(small_cnn(), load_model_data(source, "test", SHAPE, 5))
+    assert lines[0] == f"smallcnn full precision: {expected:.2f}%"
+    assert lines[1].startswith("smallcnn bits 8,4,4,8 after 3 fine-tune steps: ") and lines[1].endswith(" pp)")
+    result = run("finetune", "--model", onnx_file, "--data", source, "--bits", "8", "--act-bits", "8",
+                 "--steps", "3", "--split", "val")
+    assert result.exit_code == 0 and "after 3 fine-tune steps on val: " in result.output, result.output
+
+
+def test_entry_point_model_with_a_dataset_by_name(tmp_path, monkeypatch):
+    (tmp_path / "my_models_14c.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def digits():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(1, 2, 5, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 10))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = run("eval", "--model", "my_models_14c:digits", "--input-shape", "1,28,28", "--data", "mnist", "--split", "val")
+    assert result.exit_code == 0 and result.output.startswith("digits full precision: "), result.output
+    assert result.output.endswith("% (val)\n")
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("imagefolder:{tmp}/absent", "no such folder"),
+    ("imagefolder:{tmp}/no_val", "has no val/ folder"),
+    ("imagefolder:{tmp}/empty_train", "train/ holds no images"),
+    ("npz:{tmp}/absent.npz", "absent.npz: no such file"),
+    ("npz:{tmp}/not_npz.npz", "is not a readable numpy .npz file"),
+    ("npz:{tmp}/no_val.npz", "lacks x_val, y_val"),
+    ("npz:{tmp}/no_test.npz", "has no test split (x_test, y_test); add it, or evaluate on --split val"),
+    ("npz:{tmp}/wrong_shape.npz", "x_test has shape (10, 3, 8, 8), but the model takes images 3,12,12"),
+    ("npz:{tmp}/big_labels.npz", "labels run from 0 to 7, but the model has 5 classes (0..4)"),
+    ("npz:{tmp}/float_labels.npz", "y_test must be 10 integer class indices"),
+    ("npz:{tmp}/bright.npz", "float images must lie in [0, 1]"),
+    ("mnist", "its images are 1,28,28, the model takes 3,12,12"),
+    ("csv:{tmp}/d.csv", "expected imagefolder:DIR, npz:FILE or a dataset name"),
+])
+def test_bad_data_is_one_line(tmp_path, spec, fragment):
+    from releq_tvm.data import load_model_data
+    from releq_tvm.errors import ReleqError
+
+    (tmp_path / "no_val" / "train" / "c0").mkdir(parents=True)
+    (tmp_path / "empty_train" / "train").mkdir(parents=True)
+    (tmp_path / "empty_train" / "val").mkdir()
+    (tmp_path / "not_npz.npz").write_bytes(b"not a zip file")
+    write_npz(tmp_path / "no_val.npz", x_val=None, y_val=None)
+    write_npz(tmp_path / "no_test.npz", x_test=None, y_test=None)
+    write_npz(tmp_path / "wrong_shape.npz", x_test=np.zeros((10, 3, 8, 8), dtype=np.float32))
+    write_npz(tmp_path / "big_labels.npz", y_test=np.arange(10) % 8)
+    write_npz(tmp_path / "float_labels.npz", y_test=np.zeros(10))
+    write_npz(tmp_path / "bright.npz", x_test=np.full((10, *SHAPE), 2.0, dtype=np.float32))
+    with pytest.raises(ReleqError) as caught:
+        load_model_data(spec.format(tmp=tmp_path), "test", SHAPE, 5)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_bad_data_on_the_command_line_is_one_line_with_exit_code_2(onnx_file, tmp_path):
+    write_npz(tmp_path / "no_test.npz", x_test=None, y_test=None)
+    assert_one_line_error(run("eval", "--model", onnx_file, "--data", f"npz:{tmp_path / 'no_test.npz'}"),
+                          "has no test split")
+    assert_one_line_error(run("finetune", "--model", onnx_file, "--bits", "8", "--data", f"imagefolder:{tmp_path}"),
+                          "has no train/ folder")
