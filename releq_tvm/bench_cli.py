@@ -96,7 +96,8 @@ def bench_peers_cmd(networks, bits_texts, act_bits_text, threads_text, rounds, a
         rows = peers.measure_peers(builds, threads, config, allow_child=False)
         peers.write_child_timings(rows, child_json)
         return
-    command = peers.peers_command(networks, bits_texts or (None,), act_bits_text, threads, rounds, out_path)
+    command = peers.peers_command(networks, bits_texts or (None,), act_bits_text, threads, rounds, out_path,
+                                  checkpoint)
     rows = peers.run_peers(networks, bits_texts or (None,), act_bits_text, threads, config, out_path, checkpoint, target_text,
                            command, progress=say)
     click.echo(peers.format_peers_table(rows))

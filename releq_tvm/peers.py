@@ -596,7 +596,7 @@ def write_child_timings(rows: list[dict], path) -> None:
 
 def peers_command(networks: Sequence[str], bits_list: Sequence = (None,), act_bits=None,
                   threads: Sequence[int] = DEFAULT_THREADS, rounds: int = PEERS_TIMING.repeats,
-                  out: str = "results/peers.csv") -> str:
+                  out: str = "results/peers.csv", checkpoint: str | None = None) -> str:
     """The explicit command that remakes a peers CSV (written into its header)."""
     parts = ["releq-tvm", "bench", "peers", *networks]
     for bits in bits_list:
@@ -607,6 +607,8 @@ def peers_command(networks: Sequence[str], bits_list: Sequence = (None,), act_bi
     if act_bits is not None:
         parts += ["--act-bits", act_bits if isinstance(act_bits, str) else format_bits(act_bits)]
     parts += ["--threads", ",".join(map(str, threads)), "--rounds", str(rounds), "--out", str(out)]
+    if checkpoint is not None:
+        parts += ["--checkpoint", str(checkpoint)]
     return " ".join(parts)
 
 
@@ -727,7 +729,8 @@ def run_peers(networks: Sequence[str] = DEFAULT_NETWORKS, bits_list: Sequence = 
             rows += measure_peers(builds, threads, config, progress=progress)
             notes.append(network_note(builds, (load_before, os.getloadavg()[0])))
         del builds  # the next network's builds need the memory more
-    command = command or peers_command(networks, bits_list, act_bits, threads, config.timing.repeats, out)
+    command = command or peers_command(networks, bits_list, act_bits, threads, config.timing.repeats, out,
+                                         checkpoint)
     write_peers_csv(rows, out, command, peers_notes(config, target, notes))
     atomic_write_bytes(Path(out).with_suffix(".png"), peers_png(rows))
     return rows

@@ -172,6 +172,8 @@ def test_other_bits_reuse_the_float_model_and_the_peers_models(lenet_builds):
     command = peers.peers_command(["alexnet"], [None, "4", (2,) * 8], threads=(1,), rounds=3, out="x.csv")
     assert command == ("releq-tvm bench peers alexnet --bits published --bits 4 --bits 2,2,2,2,2,2,2,2 --threads 1 --rounds 3 "
                        "--out x.csv")
+    assert peers.peers_command(["lenet"], threads=(1,), rounds=3, out="x.csv", checkpoint="ft.pt").endswith(
+        "--out x.csv --checkpoint ft.pt")
 
 
 def test_threads_and_bits_are_checked_in_one_line():
