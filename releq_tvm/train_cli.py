@@ -109,11 +109,15 @@ def train_cmd(network, steps, lr, batch_size, seed, out, data_dir) -> None:
     click.echo(f"{network}: test accuracy {acc:.2f}%  -> {out}")
 
 
-def _calibration_images(network: str, data_source: str | None, data_dir):
-    """The train images that start the activation clipping levels: the search's calibration set."""
+def _calibration_images(network: str, data_source: str | None, data_dir, train=None):
+    """The train images that start the activation clipping levels: the search's calibration set (the
+    first ones of the train split; sliced from ``train`` when it is already loaded)."""
     from releq_tvm.search.config import SearchConfig
 
-    return _model_data(network, data_source, "train", data_dir, limit=SearchConfig.calibration_images).images
+    count = SearchConfig.calibration_images
+    if train is not None:
+        return train.images[:count]
+    return _model_data(network, data_source, "train", data_dir, limit=count).images
 
 
 def _bits_label(bits, act_bits) -> str:
@@ -157,7 +161,7 @@ def finetune_cmd(network, bits_text, act_bits_text, steps, lr, seed, out, checkp
     train, test = _model_data(network, data_source, "train", data_dir), _model_data(network, data_source, split, data_dir)
     fp = evaluate(model, test)
     finetune_bits(model, bits, spec.input_shape, train, steps, lr=lr, seed=seed, act_bits=act_bits,
-                  calibration=_calibration_images(network, data_source, data_dir) if act_bits is not None else None)
+                  calibration=_calibration_images(network, data_source, data_dir, train) if act_bits is not None else None)
     q = evaluate(model, test)
     on = "" if split == "test" else f" on {split}"  # test is the reported split unless asked otherwise
     click.echo(f"{network} full precision{on}: {fp:.2f}%")

@@ -605,16 +605,22 @@ def test_int8_avx2_target_compiles_to_vpmaddwd():
     assert "vpmaddwd" in asm and "vpdpbusd" not in asm
 
 
-def test_pack_int8_weights_vnni_layout_puts_each_weight_where_the_docstring_says():
-    """Channel ``4p + k`` of output ``o`` at ``[g, o // tile, i, j, p, 4 * (o % tile) + k]`` (any host: numpy only)."""
+def _packed_znver4_int8(shape: K.ConvShape, layout: tuple[str, tuple[int, ...]], key: str):
+    """Seeded int8 weight levels of ``shape`` and their znver4 packing, whose (mode, shape) must be ``layout``;
+    returns (rng, levels, packed) for the caller's spot checks."""
     isa = vector_isa("znver4")
-    shape = K.ConvShape(34, 66, (8, 8), (3, 2), groups=2)  # per group: 17 channels -> 5 quads, 33 outputs -> 3 x 16
-    mode, wshape = K.int8_weight_shape(shape, isa)
-    assert (mode, wshape) == ("channel", (2, 3, 3, 2, 5, 64))
-    rng = rng_for("int8vnni_layout")
+    assert K.int8_weight_shape(shape, isa) == layout
+    rng = rng_for(key)
     q = rng.integers(-128, 128, size=shape.weight_shape())
     packed = K.pack_int8_weights(q, shape.groups, isa=isa)
-    assert packed.shape == wshape and packed.dtype == np.int8
+    assert packed.shape == layout[1] and packed.dtype == np.int8
+    return rng, q, packed
+
+
+def test_pack_int8_weights_vnni_layout_puts_each_weight_where_the_docstring_says():
+    """Channel ``4p + k`` of output ``o`` at ``[g, o // tile, i, j, p, 4 * (o % tile) + k]`` (any host: numpy only)."""
+    shape = K.ConvShape(34, 66, (8, 8), (3, 2), groups=2)  # per group: 17 channels -> 5 quads, 33 outputs -> 3 x 16
+    rng, q, packed = _packed_znver4_int8(shape, ("channel", (2, 3, 3, 2, 5, 64)), "int8vnni_layout")
     tile, og = 16, shape.out_per_group
     for o, c, i, j in zip(*(rng.integers(0, n, 40) for n in q.shape)):
         g, ol = divmod(int(o), og)
@@ -680,14 +686,8 @@ def test_int8_column_mode_only_where_it_saves_product_slots():
 
 def test_pack_int8_weights_column_layout_puts_each_weight_where_the_docstring_says():
     """Term ``f = j * cg + c`` of kernel row ``i`` at ``[g, o // tile, i, 0, f // 4, 4 * (o % tile) + f % 4]``."""
-    isa = vector_isa("znver4")
     shape = K.ConvShape(6, 34, (8, 8), (3, 5), groups=2)  # per group: 3 channels x 5 columns = 15 terms -> 4 blocks
-    mode, wshape = K.int8_weight_shape(shape, isa)
-    assert (mode, wshape) == ("column", (2, 1, 3, 1, 4, 128))
-    rng = rng_for("int8column_layout")
-    q = rng.integers(-128, 128, size=shape.weight_shape())
-    packed = K.pack_int8_weights(q, shape.groups, isa=isa)
-    assert packed.shape == wshape and packed.dtype == np.int8
+    rng, q, packed = _packed_znver4_int8(shape, ("column", (2, 1, 3, 1, 4, 128)), "int8column_layout")
     tile, og, cg = 32, shape.out_per_group, shape.in_per_group
     for o, c, i, j in zip(*(rng.integers(0, n, 40) for n in q.shape)):
         g, ol = divmod(int(o), og)

@@ -6,14 +6,12 @@ each with the ``trace`` of every configuration it evaluated).
 
 from __future__ import annotations
 
-import csv
-import io
-
 import numpy as np
 
 from releq_tvm.io import atomic_write_text
 from releq_tvm.report.plots import PALETTE, figure, png_bytes
 from releq_tvm.report.provenance import Provenance, package_version
+from releq_tvm.report.tables import csv_text
 from releq_tvm.search.config import SearchConfig
 
 
@@ -35,13 +33,8 @@ def write_efficiency_csv(rows: list[dict], path, command: str, config: SearchCon
         "time in this invocation, where configurations already in the accuracy cache (from earlier methods or runs) "
         "cost no fine-tune, so compare configurations, not seconds",
     ]
-    buf = io.StringIO()
-    for line in Provenance(command=command, seed=str(config.seed)).header_lines(notes):
-        buf.write(line + "\n")
-    writer = csv.DictWriter(buf, fieldnames=list(EFFICIENCY_COLUMNS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    header = Provenance(command=command, seed=str(config.seed)).header_lines(notes)
+    atomic_write_text(path, csv_text(EFFICIENCY_COLUMNS, rows, header))
 
 
 def efficiency_png(rows: list[dict]) -> bytes:

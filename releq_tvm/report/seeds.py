@@ -16,19 +16,19 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from releq_tvm.bits import format_bits
-from releq_tvm.io import atomic_write_text
+from releq_tvm.io import atomic_write_bytes, atomic_write_text
 from releq_tvm.report.pareto import pareto_front
 from releq_tvm.report.plots import PALETTE, figure, png_bytes
 from releq_tvm.report.provenance import Provenance
 from releq_tvm.report.runs import SearchRun
+from releq_tvm.report.tables import csv_text
 
 SEED_COLUMNS = (
     "run", "variant", "network", "seed", "measure", "cpu_kernels", "reward", "converged_episode", "training_episodes", "episode_budget",
@@ -173,22 +173,13 @@ def front_rows(seen: Sequence[SeenConfiguration], long: Mapping[Config, dict]) -
 
 
 def _write_csv(path, rows: Sequence[dict], columns: Sequence[str], command: str, notes: Sequence[str]) -> None:
-    buf = io.StringIO()
-    for line in Provenance(command=command, seed="per row" if "seed" in columns else "see the seeds file").header_lines(notes):
-        buf.write(line + "\n")
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    seed = "per row" if "seed" in columns else "see the seeds file"
+    atomic_write_text(path, csv_text(columns, rows, Provenance(command=command, seed=seed).header_lines(notes)))
 
 
 def write_seed_files(runs: Sequence[SearchRun], out, command: str, long: Mapping[Config, dict],
                      notes: Sequence[str] = ()) -> tuple[str, str, str]:
     """Write ``out`` (per seed), ``<out stem>_front.csv`` and ``<out stem>.png``; returns the three paths."""
-    from pathlib import Path
-
-    from releq_tvm.io import atomic_write_bytes
-
     out = Path(out)
     front_path, png_path = out.with_name(out.stem + "_front.csv"), out.with_suffix(".png")
     seen = seen_configurations(runs)
@@ -202,7 +193,7 @@ def write_seed_files(runs: Sequence[SearchRun], out, command: str, long: Mapping
     front_notes = [*common, "accuracy_val_pct: val subset after the short fine-tune (what the reward saw); "
                             "test_acc_long_finetune_pct: after the long fine-tune, where one was run"]
     _write_csv(front_path, front_rows(seen, long), FRONT_COLUMNS, command, front_notes)
-    atomic_write_bytes(png_path, seeds_png(runs, seen, long, reference))
+    atomic_write_bytes(png_path, seeds_png(runs, seeds, seen, long, reference))
     return str(out), str(front_path), str(png_path)
 
 
@@ -214,10 +205,10 @@ def _reference_name(runs: Sequence[SearchRun]) -> str:
     return "the same network at 8 bits" if run.measure != "none" else "SQ of all 8 bits"
 
 
-def seeds_png(runs: Sequence[SearchRun], seen: Sequence[SeenConfiguration], long: Mapping[Config, dict],
-              reference: str) -> bytes:
+def seeds_png(runs: Sequence[SearchRun], rows: Sequence[dict], seen: Sequence[SeenConfiguration],
+              long: Mapping[Config, dict], reference: str) -> bytes:
+    """The figure of :func:`write_seed_files` (``rows``: :func:`seed_rows` of ``runs``)."""
     fig, (left, right) = figure(12.0, 4.6, 1, 2)
-    rows = seed_rows(runs)
     variants = {r["variant"] for r in rows}
     labels = [f"seed {r['seed']}" if len(variants) == 1 else f"{r['variant']}\nseed {r['seed']}" for r in rows]
     episodes = [int(r["training_episodes"] or 0) for r in rows]

@@ -95,6 +95,11 @@ _long_front_option = click.option(
          "for their test accuracy (settings of the first run; results cached).")
 
 
+def _check_long_front(config: SearchConfig, long_front: int) -> None:
+    if long_front and config.accuracy == "none":
+        raise click.UsageError("--long-front needs runs that score accuracy (not --accuracy none)")
+
+
 def _write_runs(runs, out: str, long_front: int) -> None:
     """The per-run CSV, the front CSV and the figure of ``runs`` (with ``long_front`` front points fine-tuned)."""
     import sys
@@ -105,8 +110,7 @@ def _write_runs(runs, out: str, long_front: int) -> None:
     long = long_results(runs)
     if long_front:
         config = SearchConfig.from_dict(runs[0].config)
-        if config.accuracy == "none":
-            raise click.UsageError("--long-front needs runs that scored accuracy (not --accuracy none)")
+        _check_long_front(config, long_front)
         front = [(s.w_bits, s.a_bits) for s in front_of(seen_configurations(runs))][:long_front]
         long.update(long_finetune_configurations(config, front, echo=click.echo))
     paths = write_seed_files(runs, out, " ".join(["releq-tvm"] + sys.argv[1:]), long)
@@ -137,8 +141,7 @@ def search_seeds_cmd(n_seeds: int, jobs: int, root, out, long_front: int, **sett
 
     get_network_spec(settings["network"])
     config = settings_from(SearchConfig, settings, long_finetune=settings["long_steps"] > 0)
-    if long_front and config.accuracy == "none":
-        raise click.UsageError("--long-front needs scored accuracy; drop --accuracy none")
+    _check_long_front(config, long_front)  # before hours of searching
     tag = "-wa" if config.search_activations else ""
     root = root or f"runs/seeds/{config.network}-{config.measure}-{config.reward}{tag}"
     seeds = list(range(n_seeds))

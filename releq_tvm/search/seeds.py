@@ -70,9 +70,9 @@ def run_seeds(config: SearchConfig, seeds: Sequence[int], root: str | Path, jobs
 def _finished_line(seed: int, best: dict) -> str:
     solution = best.get("solution") or {}
     converged = best.get("converged_episode")
-    bits = ",".join(map(str, solution.get("w_bits") or []))
+    bits = format_bits(solution.get("w_bits") or [])
     if solution.get("a_bits"):
-        bits += " a " + ",".join(map(str, solution["a_bits"]))
+        bits += " a " + format_bits(solution["a_bits"])
     when = f"converged at episode {converged}" if converged else f"not converged in {best.get('training_episodes')} episodes"
     return f"seed {seed}: {when}; chosen {bits}; {best.get('elapsed_seconds', 0) / 60:.1f} min"
 
