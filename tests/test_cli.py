@@ -136,7 +136,7 @@ def test_option_names_of_today_still_work():
     report = {opt for p in report_cmd.params for opt in p.opts}
     assert report == {"--bits-from", "--networks", "--out", "--skip-cpu", "--fresh-cpu", "--cpu-repeats", "--no-accuracy",
                       "--checkpoint", "--no-train", "--finetune-steps", "--val-images", "--pareto-finetune-steps",
-                      "--pareto-bits", "--pareto-networks", "--threads", "--data-dir"}
+                      "--pareto-bits", "--pareto-networks", "--threads", "--data-dir", "--act-bits"}
 
 
 @pytest.mark.parametrize("name", [f.name for f, tp in option_fields(SearchConfig) if choices_of(tp)])

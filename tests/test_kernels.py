@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import releq_tvm.kernels as K
 from releq_tvm.kernels.bench import CSV_COLUMNS, bench_kernels, measure_popcount_peak
+from releq_tvm.kernels.bitserial import conv2d_tensors, schedule_bitserial
 from releq_tvm.kernels.encoding import WORD_BITS, bit_planes, pack_bits_along
 from releq_tvm.kernels.int8 import PARALLEL_MIN_CHUNKS, plan_int8_conv2d
 from releq_tvm.kernels.target import vector_isa
@@ -327,6 +328,9 @@ CONV_CASES = [
     ("alexnet_like_11x11_s4", K.ConvShape(3, 8, (31, 31), (11, 11), stride=4, padding=(2, 2)), "NCHW"),
     ("depthwise_11x11_s4_2words", K.ConvShape(2, 4, (31, 31), (11, 11), stride=4, padding=(2, 2), groups=2), "NCHW"),
     ("depthwise_8x9_72taps", K.ConvShape(2, 2, (12, 13), (8, 9), padding=(1, 1), groups=2), "NCHW"),
+    # rows of 74 and 112 bits: the row-stream cuts straddle two words
+    ("depthwise_wide_row_s2", K.ConvShape(2, 2, (6, 70), (3, 5), stride=(1, 2), padding=(1, 2), groups=2), "NCHW"),
+    ("folded_8slot_wide_row_s2", K.ConvShape(5, 3, (4, 27), (3, 3), stride=2, padding=(1, 1)), "NHWC"),
     ("even_2x2_s2_batch3", K.ConvShape(4, 4, (8, 6), (2, 2), stride=2, batch=3), "NCHW"),
     ("rect_kernel_1x3_pad", K.ConvShape(40, 5, (5, 9), (1, 3), padding=(0, 1)), "NHWC"),
 ]
@@ -1053,6 +1057,35 @@ def test_bitserial_tile_override_keeps_results_exact(pos_tile):
     tensors = [tvm.runtime.tensor(a) for a in (x, K.pack_weights(q, 2, lanes=HOST_LANES), out)]
     lib["main"](*tensors)
     np.testing.assert_array_equal(tensors[-1].numpy(), K.conv2d_reference(x, q, shape))
+
+
+@pytest.mark.parametrize("shape, uses_row_stream", [
+    (K.ConvShape(1, 6, (28, 28), (5, 5), padding=(2, 2)), True),  # LeNet-5 conv1: window, 25 taps
+    (K.ConvShape(6, 16, (14, 14), (5, 5)), True),  # LeNet-5 conv2: folded, 40 bits per kernel row
+    (K.ConvShape(2, 2, (12, 13), (8, 9), padding=(1, 1), groups=2), False),  # 72 taps: two words
+    (K.ConvShape(16, 8, (9, 9), (5, 5), padding=(2, 2)), False),  # folded, 80 bits per kernel row
+    (K.ConvShape(70, 20, (7, 9), (3, 3)), False),  # channel
+])
+def test_row_stream_packing_equals_the_per_position_gather(shape, uses_row_stream):
+    """Cutting each position's word out of rows packed once gives the same sums as gathering it."""
+    import tvm
+
+    plan = K.plan_conv2d(shape, 2, 3, parallel=False)
+    assert plan.row_stream is uses_row_stream
+    rng = rng_for("row_stream", shape)
+    x = random_activations(rng, shape.input_shape("NCHW"), 3)
+    q = random_weights(rng, shape.weight_shape(), 2)
+    w = K.pack_weights(q, 2, shape.groups, lanes=plan.lanes)
+    outputs = []
+    for row_stream in (True, False):
+        variant = dataclasses.replace(plan, row_stream=row_stream and uses_row_stream)
+        func = schedule_bitserial(tvm.te.create_prim_func(conv2d_tensors(variant)), variant)
+        lib = tvm.compile(func.with_attr("global_symbol", "main"), target=K.host_target())
+        out = tvm.runtime.tensor(np.zeros(shape.output_shape("NCHW"), np.int32))
+        lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+        outputs.append(out.numpy())
+    np.testing.assert_array_equal(outputs[0], K.conv2d_reference(x, q, shape, "NCHW"))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 def test_tile_override_is_refused_for_window_layouts():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from releq_tvm.bits import format_bits
 from releq_tvm.cli import main
 from releq_tvm.networks import layer_table
 from releq_tvm.report.accuracy import AccuracyConfig, AccuracyOracle
@@ -280,9 +281,10 @@ def test_provenance_lines():
 
 
 def make_run(root: Path, name: str, reward="asymmetric", clip=0.1, episodes=30, flip_at=12, network="lenet4",
-             converged=None):
+             converged=None, final=(2, 4, 2, 8), a_bits=None, test_accuracy=98.5):
     """A run directory in the format of `releq-tvm search`: the policy's most likely bits flip
-    from all-8 to the final bits at training episode ``flip_at``; two greedy episodes follow."""
+    from all-8 to the final bits at training episode ``flip_at``; two greedy episodes follow.
+    With ``a_bits`` it is a W+A run (`search --search-activations`) that chose those activation bits."""
     from releq_tvm.search.run_files import EPISODE_COLUMNS
 
     run = root / name
@@ -292,15 +294,16 @@ def make_run(root: Path, name: str, reward="asymmetric", clip=0.1, episodes=30, 
     (run / "config.json").write_text(json.dumps(
         {"command": f"releq-tvm search {network} --reward {reward}",
          "config": {"network": network, "reward": reward, "ppo_clip_range": clip, "seed": 0, "measure": "stripes",
-                    "action_set": list(actions)}}))
-    final, early = (2, 4, 2, 8)[:n], (8,) * n
+                    "action_set": list(actions), "search_activations": a_bits is not None}}))
+    final, early = tuple(final)[:n], (8,) * n
     text = lambda bits: ",".join(map(str, bits))  # noqa: E731
     ep_rows, prob_rows = [], []
     for e in range(1, episodes + 3):
         phase = "train" if e <= episodes else "greedy"
         likely = final if e >= flip_at else early
         sa, cost = 0.9 + 0.003 * e, 1.0 - 0.02 * e
-        ep_rows.append({"episode": e, "phase": phase, "w_bits": text(likely), "accuracy": 99.0 * sa, "sa": sa,
+        ep_rows.append({"episode": e, "phase": phase, "w_bits": text(likely), "a_bits": text(a_bits or ()),
+                        "accuracy": 99.0 * sa, "sa": sa,
                         "sq": cost, "cost_ratio": cost, "reward": sa - cost, "greedy_bits": text(likely),
                         "greedy_prob": 0.8, "seconds": 0.1})
         for layer, b in enumerate(likely):
@@ -317,10 +320,11 @@ def make_run(root: Path, name: str, reward="asymmetric", clip=0.1, episodes=30, 
         w = csv.DictWriter(f, fieldnames=["episode", "phase", "step", "layer", "kind", "bits", "p_2", "p_4", "p_8"])
         w.writeheader()
         w.writerows(prob_rows)
-    solution = {"w_bits": list(final), "a_bits": None, "sa": 0.98, "cost_ratio": 0.4, "reward": 0.5}
+    solution = {"w_bits": list(final), "a_bits": None if a_bits is None else list(a_bits), "sa": 0.98,
+                "cost_ratio": 0.4, "reward": 0.5}
     (run / "best.json").write_text(json.dumps(
         {"network": network, "converged_episode": converged, "best": solution, "solution": solution,
-         "long_finetune": {"steps": 3000, "test_accuracy_quantized": 98.5, "test_accuracy_full_precision": 99.0}}))
+         "long_finetune": {"steps": 3000, "test_accuracy_quantized": test_accuracy, "test_accuracy_full_precision": 99.0}}))
     return run
 
 
@@ -381,6 +385,119 @@ def test_identical_clip_runs_are_said_to_be_identical(tmp_path):
     assert "the clip never bound" in (tmp_path / "results" / "clip_sensitivity.csv").read_text()
 
 
+# ------------------------------------------------------------------------ W+A runs and --act-bits
+
+
+def bit_plane_measure(calls):
+    """A fake CPU whose bit-serial build costs the mean of w x a over the layers (ms; 64 at 8/8 bits),
+    so speedup = 64 / mean(w * a); ``calls`` records every (network, w_bits, a_bits) built."""
+
+    def measure(network, w_bits, a_bits):
+        calls.append((network, tuple(w_bits), tuple(a_bits)))
+        planes = sum(w * a for w, a in zip(w_bits, a_bits)) / len(w_bits)
+        return CpuLatency(mixed_ms=planes, bitserial8_ms=64.0, int8_ms=32.0, auto_ms=min(planes, 32.0), repeats=3)
+
+    return measure
+
+
+def test_wa_runs_get_rows_of_their_own_in_fig8_and_bitwidths(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, "a_weights")  # weight-only: the network's primary row
+    make_run(runs, "wa_seed0", final=(2, 4, 2, 8), a_bits=(8, 4, 2, 4), test_accuracy=98.25)
+    make_run(runs, "wa_seed1", final=(8, 2, 2, 2), a_bits=(8, 2, 2, 2), test_accuracy=97.75)
+    calls = []
+    build_report(options(tmp_path, networks=None, bits_from=[str(runs)], pareto_networks=(),
+                         cpu_measure=bit_plane_measure(calls)))
+    out = tmp_path / "results"
+    _, fig8 = read_csv(out / "fig8_tvm_cpu.csv")
+    assert [(r["network"], r["variant"], r["bits_source"], r["w_bits"], r["a_bits"]) for r in fig8] == [
+        ("lenet4", "primary", str(runs / "a_weights"), "2,4,2,8", "8,8,8,8"),
+        ("lenet4", "w+a run", str(runs / "wa_seed0"), "2,4,2,8", "8,4,2,4"),
+        ("lenet4", "w+a run", str(runs / "wa_seed1"), "8,2,2,2", "8,2,2,2"),
+        ("GEOMEAN", "", "", "", ""),
+    ]
+    # every build at the row's own activation bits (then the ADMM comparison's)
+    assert calls[:3] == [("lenet4", (2, 4, 2, 8), (8, 8, 8, 8)), ("lenet4", (2, 4, 2, 8), (8, 4, 2, 4)),
+                     ("lenet4", (8, 2, 2, 2), (8, 2, 2, 2))]
+    # speedup 64 / mean(w * a): 64 / 32, 64 / ((16 + 16 + 4 + 32) / 4), 64 / ((64 + 4 + 4 + 4) / 4)
+    assert [float(r["speedup"]) for r in fig8[:3]] == pytest.approx([2.0, 64 / 17, 64 / 19], rel=1e-5)
+    assert float(fig8[0]["auto_speedup_vs_int8"]) == pytest.approx(1.0)
+    assert float(fig8[1]["auto_speedup_vs_int8"]) == pytest.approx(32 / 17, rel=1e-5)
+    assert float(fig8[3]["speedup"]) == pytest.approx(2.0)  # the mean of the primary rows only
+    _, bw = read_csv(out / "bitwidths.csv")
+    assert [(r["variant"], r["w_bits"], r["a_bits"], r["acc_source_test_pct"]) for r in bw] == [
+        ("primary", "2,4,2,8", "8", "98.5"), ("w+a run", "2,4,2,8", "8,4,2,4", "98.25"),
+        ("w+a run", "8,2,2,2", "8,2,2,2", "97.75")]
+    assert float(bw[2]["avg_bits"]) == pytest.approx(3.5)
+    # fig9 and the ADMM comparison keep one row per network: the primary one
+    _, fig9 = read_csv(out / "fig9_stripes.csv")
+    assert [(r["network"], r["w_bits"]) for r in fig9] == [("lenet4", "2,4,2,8"), ("GEOMEAN", "")]
+    for name in ("fig8_tvm_cpu.png", "bitwidths.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_primary_bits_prefer_weight_only_runs_then_published_then_wa_runs(tmp_path):
+    from releq_tvm.report.choices import activation_run_choices, choose_bits
+    from releq_tvm.report.runs import discover_runs
+
+    wa = discover_runs([make_run(tmp_path / "wa", name, a_bits=(8, 4, 4, 4)) for name in ("s0", "s1")])
+    weights = load_run(make_run(tmp_path, "w", final=(4, 4, 4, 4)))
+    for runs, published, primary in (
+        ([weights, *wa], True, "4,4,4,4"),  # a weight-only run stands for its network
+        (wa, True, "2,2,3,2"),  # else the published bits
+        (wa, False, "2,4,2,8"),  # else a W+A run (the last default-setting one)
+    ):
+        choices = choose_bits(["lenet4"], runs, published)
+        assert format_bits(choices["lenet4"].w_bits) == primary
+        assert [Path(c.source).name for c in activation_run_choices(runs, choices)] == (
+            ["s0"] if primary == "2,4,2,8" else ["s0", "s1"])
+
+
+def test_act_bits_reports_published_bits_at_those_activation_bits(tmp_path):
+    calls = []
+    build_report(options(tmp_path, act_bits="4", pareto_networks=(), cpu_measure=bit_plane_measure(calls),
+                         command=None))
+    out = tmp_path / "results"
+    assert calls[:2] == [("lenet", (8, 2, 2, 3, 2), (4,) * 5), ("lenet4", (2, 2, 3, 2), (4,) * 4)]
+    header, fig8 = read_csv(out / "fig8_tvm_cpu.csv")
+    assert "--act-bits 4" in header[0]
+    assert [(r["variant"], r["a_bits"]) for r in fig8[:2]] == [("primary", "4,4,4,4,4"), ("primary", "4,4,4,4")]
+    assert float(fig8[0]["speedup"]) == pytest.approx(64 / (4 * 17 / 5), rel=1e-5)  # mean w = 17/5
+    _, bw = read_csv(out / "bitwidths.csv")
+    assert [r["a_bits"] for r in bw] == ["4,4,4,4,4", "4,4,4,4"]
+    _, fig9 = read_csv(out / "fig9_stripes.csv")
+    assert [r["a_bits"] for r in fig9[:2]] == ["4,4,4,4,4", "4,4,4,4"]
+    _, admm = read_csv(out / "admm_comparison.csv")  # both methods at the same activation bits
+    assert [(r["method"], r["a_bits"]) for r in admm] == [("ReLeQ", "4,4,4,4"), ("ADMM", "4,4,4,4")]
+
+    build_report(options(tmp_path, networks=["lenet"], act_bits="8,4,4,2,4", pareto_networks=()))
+    _, bw = read_csv(out / "bitwidths.csv")
+    assert [(r["w_bits"], r["a_bits"]) for r in bw] == [("8,2,2,3,2", "8,4,4,2,4")]
+
+
+@pytest.mark.parametrize(
+    "text,fragments",
+    [
+        ("", ["--act-bits is empty"]),
+        ("8,4,4,2", ["--act-bits has 4 values", "lenet has 5 weight layers"]),
+        ("8,4,9,2,4", ["--act-bits value 9 is outside the action set"]),
+        ("8,four,4,2,4", ["--act-bits must be a comma list of integers"]),
+    ],
+)
+def test_cli_bad_act_bits_is_one_line_and_exit_2(tmp_path, text, fragments):
+    out = tmp_path / "results"
+    result = CliRunner().invoke(main, ["report", "--networks", "lenet", "--out", str(out), "--skip-cpu",
+                                       "--no-accuracy", "--pareto-networks", "none", "--act-bits", text])
+    one_line_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_cli_act_bits_must_fit_every_reported_network(tmp_path):
+    result = CliRunner().invoke(main, ["report", "--networks", "lenet,lenet4", "--out", str(tmp_path / "results"),
+                                       "--skip-cpu", "--no-accuracy", "--act-bits", "8,4,4,2,4"])
+    one_line_error(result, "--act-bits has 5 values but lenet4 has 4 weight layers")
+
+
 # ------------------------------------------------------------------------ accuracy
 
 
@@ -420,6 +537,26 @@ def test_accuracy_protocols_on_lenet(tmp_path):
     assert 0.0 < q <= 100.0
     again = AccuracyOracle(config, tmp_path)  # served from the cache file, no fine-tune
     assert again.cached_finetuned("lenet", bits) == again.finetuned("lenet", bits) == q
+
+
+def test_long_finetune_accuracy_at_activation_bits_matches_finetuning_by_hand(tmp_path):
+    from releq_tvm.data import load_dataset
+    from releq_tvm.report.accuracy import calibration_images
+    from releq_tvm.train import evaluate, finetune_bits, load_model
+
+    config = AccuracyConfig(finetune_steps=2, train_missing=False)
+    oracle = AccuracyOracle(config, tmp_path)
+    bits, a_bits = (8, 2, 2, 3, 2), (8, 4, 4, 2, 4)
+    train = load_dataset("mnist", "train")
+    by_hand = finetune_bits(load_model("lenet"), bits, (1, 28, 28), train, 2, lr=config.finetune_lr,
+                            batch_size=config.finetune_batch, seed=config.seed, act_bits=a_bits,
+                            calibration=train.images[:calibration_images()])
+    expected = evaluate(by_hand, load_dataset("mnist", "test"))
+    assert calibration_images() == 512  # the search's calibration set
+    assert oracle.finetuned("lenet", bits, a_bits) == pytest.approx(expected)
+    # cached under a key of its own: the weight-only accuracy is another number, not served from it
+    assert oracle.cached_finetuned("lenet", bits) is None
+    assert AccuracyOracle(config, tmp_path).cached_finetuned("lenet", bits, a_bits) == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------------ CLI errors

@@ -3,8 +3,9 @@
 Two protocols, both documented in the CSVs that use them:
 
 * **final accuracy** (``bitwidths.csv``): the float model's top-1 on the *test* split, and the
-  model quantized to the chosen bits and fine-tuned for ``finetune_steps`` steps
-  (``DEFAULTS.finetune``: the long fine-tune, learning rate, batch, seed), then on *test*;
+  model quantized to the chosen bits (weights, and activations where the row has activation
+  bits) and fine-tuned for ``finetune_steps`` steps (``DEFAULTS.finetune``: the long fine-tune,
+  learning rate, batch, seed), then on *test*;
 * **Pareto points** (``pareto_<net>.csv``): the quantized model on a fixed subset of the *val*
   split (its first ``val_images`` images), by default *without* fine-tuning: hundreds to
   thousands of points at a few tens of milliseconds each, where the long fine-tune costs
@@ -79,6 +80,13 @@ class AccuracyConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+
+
+def calibration_images() -> int:
+    """Train images (the first ones) that start the activation clipping levels: the search's number."""
+    from releq_tvm.search.config import SearchConfig
+
+    return SearchConfig.calibration_images
 
 
 class AccuracyOracle:
@@ -201,33 +209,42 @@ class AccuracyOracle:
             self._store(key, evaluate(model, self.data(network, "test")))
         return self._cache[key]
 
-    def _finetuned_key(self, network: str, bits: Sequence[int]) -> str:
+    def _finetuned_key(self, network: str, bits: Sequence[int], a_bits: Sequence[int] | None = None) -> str:
         c = self.config
         digest = self._entry(network)[1]
         from releq_tvm.quant.quantizers import QUANTIZER_VERSION
 
-        return (f"{network}|{digest}|{QUANTIZER_VERSION}|bits {','.join(map(str, bits))}|finetune {c.finetune_steps} lr {c.finetune_lr:g} "
-                f"batch {c.finetune_batch} seed {c.seed}|test")
+        act = "" if a_bits is None else f"|act {','.join(map(str, a_bits))} calibration {calibration_images()}"
+        return (f"{network}|{digest}|{QUANTIZER_VERSION}|bits {','.join(map(str, bits))}{act}"
+                f"|finetune {c.finetune_steps} lr {c.finetune_lr:g} batch {c.finetune_batch} seed {c.seed}|test")
 
-    def finetuned(self, network: str, bits: Sequence[int]) -> float:
-        """Top-1 (%) on test after quantizing to ``bits`` and ``finetune_steps`` fine-tune steps."""
+    def finetuned(self, network: str, bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float:
+        """Top-1 (%) on test after quantizing to ``bits`` and ``finetune_steps`` fine-tune steps.
+
+        With ``a_bits`` every weight layer's input is quantized too, its clipping level calibrated
+        on the first :func:`calibration_images` train images (as the search does) and trained
+        with the weights; without, activations stay in float.
+        """
         from releq_tvm.networks import get_network_spec
         from releq_tvm.train import evaluate, finetune_bits
 
         c = self.config
-        bits_text = ",".join(map(str, bits))
-        key = self._finetuned_key(network, bits)
+        bits_text = ",".join(map(str, bits)) + ("" if a_bits is None else f" a {','.join(map(str, a_bits))}")
+        key = self._finetuned_key(network, bits, a_bits)
         if key not in self._cache:
             model, _, _ = self.float_model(network)
+            train = self.data(network, "train")
+            calibration = None if a_bits is None else train.images[:calibration_images()]
             self.progress(f"accuracy: fine-tuning {network} at {bits_text} for {c.finetune_steps} steps")
-            finetune_bits(model, bits, get_network_spec(network).input_shape, self.data(network, "train"),
-                          c.finetune_steps, lr=c.finetune_lr, batch_size=c.finetune_batch, seed=c.seed)
+            finetune_bits(model, bits, get_network_spec(network).input_shape, train, c.finetune_steps,
+                          lr=c.finetune_lr, batch_size=c.finetune_batch, seed=c.seed, act_bits=a_bits,
+                          calibration=calibration)
             self._store(key, evaluate(model, self.data(network, "test")))
         return self._cache[key]
 
-    def cached_finetuned(self, network: str, bits: Sequence[int]) -> float | None:
+    def cached_finetuned(self, network: str, bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float | None:
         """:meth:`finetuned` if it is already in the cache, else None (never fine-tunes)."""
-        return self._cache.get(self._finetuned_key(network, bits))
+        return self._cache.get(self._finetuned_key(network, bits, a_bits))
 
     def pareto_scorer(self, network: str) -> ParetoScorer:
         """``score(bits)``: top-1 (%) on the first ``val_images`` val images after

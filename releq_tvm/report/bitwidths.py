@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from releq_tvm.bits import format_bits
-from releq_tvm.report.choices import BitChoice
+from releq_tvm.report.choices import BitChoice, report_rows, row_label
 
 BITWIDTH_COLUMNS = (
     "network",
     "dataset",
     "layers",
     "bits_source",
+    "variant",
     "w_bits",
     "a_bits",
     "avg_bits",
@@ -30,12 +31,17 @@ def bitwidth_rows(
     choices: Mapping[str, BitChoice],
     oracle=None,
     progress: Callable[[str], None] | None = None,
+    extra: Sequence[BitChoice] = (),
 ) -> list[dict]:
-    """One row per network; accuracy cells filled when ``oracle`` (an AccuracyOracle) can measure them."""
+    """One row per network, each followed by the rows of its ``extra`` choices (W+A search runs);
+    accuracy cells filled when ``oracle`` (an AccuracyOracle) can measure them, at the row's
+    weight bits and, where it has them, activation bits."""
     from releq_tvm.networks import get_network_spec, layer_table
+    from releq_tvm.report.accuracy import calibration_images
 
     rows = []
-    for net, choice in choices.items():
+    for variant, choice in report_rows(choices, extra):
+        net = choice.network
         spec, table = get_network_spec(net), layer_table(net)
         n_w = [layer.n_weights for layer in table]
         row = {
@@ -43,6 +49,7 @@ def bitwidth_rows(
             "dataset": spec.dataset,
             "layers": len(table),
             "bits_source": choice.source,
+            "variant": variant,
             "w_bits": format_bits(choice.w_bits),
             "a_bits": format_bits(choice.a_bits) if choice.a_bits else "8",
             "avg_bits": choice.mean_bits,
@@ -55,20 +62,22 @@ def bitwidth_rows(
             row["accuracy_note"] = reason
         else:
             if progress is not None:
-                progress(f"accuracy: {net}")
+                progress(f"accuracy: {row_label(net, variant, choice.source)}")
             fp = oracle.full_precision(net)
-            q = oracle.finetuned(net, choice.w_bits)
+            q = oracle.finetuned(net, choice.w_bits, choice.a_bits)
+            c = oracle.config
             row.update(
                 acc_fp32_test_pct=fp,
                 acc_quant_test_pct=q,
                 acc_delta_pp=q - fp,
-                finetune_steps=oracle.config.finetune_steps,
+                finetune_steps=c.finetune_steps,
                 model=oracle.model_origin(net),
                 accuracy_note=(
-                    f"test split; weights quantized then fine-tuned {oracle.config.finetune_steps} steps "
-                    f"(lr {oracle.config.finetune_lr:g}, batch {oracle.config.finetune_batch}, seed {oracle.config.seed})"
-                    + ("; activations left in float (the run's own long fine-tune in best.json quantizes them)"
-                       if choice.a_bits else "")
+                    ("test split; weights and activations quantized (clipping levels calibrated on the first "
+                     f"{calibration_images()} train images, then learned)" if choice.a_bits else
+                     "test split; weights quantized")
+                    + f" then fine-tuned {c.finetune_steps} steps (lr {c.finetune_lr:g}, batch {c.finetune_batch}, "
+                    f"seed {c.seed})"
                 ),
             )
         rows.append(row)
@@ -76,7 +85,8 @@ def bitwidth_rows(
 
 
 def bitwidths_png(rows: Sequence[Mapping], notes: Sequence[str] = ()) -> bytes:
-    """Heat map: one row per network, one cell per layer coloured and labelled by its bits."""
+    """Heat map: one row per table row, one cell per layer coloured by its weight bits and labelled
+    by them (``w/a`` where the row's activations are not all 8-bit)."""
     import numpy as np
 
     from releq_tvm.report.plots import figure, png_bytes
@@ -88,13 +98,15 @@ def bitwidths_png(rows: Sequence[Mapping], notes: Sequence[str] = ()) -> bytes:
         grid[i, : len(b)] = b
     fig, ax = figure(max(8.0, 0.42 * width + 5.0), 0.55 * len(rows) + 1.8)
     image = ax.imshow(grid, cmap="viridis", vmin=1, vmax=8, aspect="auto")
-    for i, b in enumerate(bits):
+    for i, (b, r) in enumerate(zip(bits, rows)):
+        a = [int(x) for x in r["a_bits"].split(",")]  # "8", or one value per layer
         for j, v in enumerate(b):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v < 5 else "black")
+            text = str(v) if set(a) == {8} else f"{v}/{a[j]}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if v < 5 else "black")
     labels = []
     for r in rows:
         acc = r.get("acc_quant_test_pct")
-        label = f"{r['network']} (avg {r['avg_bits']:.2f})"
+        label = f"{row_label(r['network'], r.get('variant'), r['bits_source'])} (avg {r['avg_bits']:.2f})"
         if acc is not None:
             label += f"\n{acc:.2f}% ({r['acc_delta_pp']:+.2f} pp)"
         labels.append(label)
@@ -104,7 +116,8 @@ def bitwidths_png(rows: Sequence[Mapping], notes: Sequence[str] = ()) -> bytes:
     ax.set_xticklabels(range(width), fontsize=7)
     ax.set_xlabel("weight layer (forward order)")
     fig.colorbar(image, ax=ax, label="weight bits", shrink=0.8)
-    ax.set_title("Weight bits per layer; test accuracy after the long fine-tune (change vs float) where data exist")
+    ax.set_title("Weight bits per layer (w/a: weight/activation bits where activations are not 8-bit);\n"
+                 "test accuracy after the long fine-tune (change vs float) where data exist", fontsize=10)
     line = 0.12 / fig.get_figheight()  # one 7-point text line, in figure fractions
     for i, note in enumerate(notes):
         fig.text(0.01, 0.01 + line * i, f"note: {note}", fontsize=7, ha="left", va="bottom")

@@ -14,7 +14,15 @@ from pathlib import Path
 from releq_tvm.bits import format_bits, parse_action_set
 from releq_tvm.config_fields import check_settings, command_args, setting
 from releq_tvm.report.accuracy import AccuracyConfig, AccuracyOracle
-from releq_tvm.report.choices import BitChoice, admm_choice, choose_bits, primary_runs, published_choice
+from releq_tvm.report.choices import (
+    BitChoice,
+    activation_run_choices,
+    admm_choice,
+    choose_bits,
+    primary_runs,
+    published_choice,
+    with_act_bits,
+)
 from releq_tvm.report.cpu_report import MeasureFn
 from releq_tvm.report.output import StagedOutput
 from releq_tvm.report.pareto import DEFAULT_PARETO_BITS, PARETO_NETWORKS, SeparableCost
@@ -44,7 +52,14 @@ class ReportOptions:
     bits_from: Sequence[str] = setting(
         ("published",), multiple=True, metavar="published|RUN_DIR",
         help="Where the bits come from: 'published' (METHOD.md section 6) and/or search run directories "
-             "(or folders of runs); repeat the option. Networks with a run use its choice.",
+             "(or folders of runs); repeat the option. Networks with a weight-only run use its choice; each run "
+             "that searched activation bits adds a row of its own to fig8 and bitwidths.csv.",
+    )
+    act_bits: str | None = setting(
+        None, metavar="BITS",
+        help="Activation bits of the published and weight-only choices: one value for all layers or one per weight "
+             "layer (each layer's input, the first layer's being the image), checked like --bits; runs that "
+             "searched activation bits keep theirs (default: 8).",
     )
     networks: Sequence[str] | None = setting(
         None, parse=network_list, metavar="NET,NET|all",
@@ -83,8 +98,9 @@ class ReportOptions:
         check_settings(self)
 
 
-def resolve_inputs(opts: ReportOptions) -> tuple[list[str], list, dict[str, BitChoice]]:
-    """(networks, search runs, bits per network) from the options; bad input is a one-line error."""
+def resolve_inputs(opts: ReportOptions) -> tuple[list[str], list, dict[str, BitChoice], list[BitChoice]]:
+    """(networks, search runs, primary bits per network, the choices of the other runs that searched
+    activation bits) from the options; bad input (``--act-bits`` included) is a one-line error."""
     from releq_tvm.errors import ReleqError
     from releq_tvm.networks import get_network_spec, list_networks
     from releq_tvm.report.runs import discover_runs
@@ -102,13 +118,16 @@ def resolve_inputs(opts: ReportOptions) -> tuple[list[str], list, dict[str, BitC
         networks = list(dict.fromkeys(r.network for r in runs))
     if not networks:
         raise ReleqError("nothing to report: pass --networks or --bits-from published or a run directory")
-    return networks, runs, choose_bits(networks, runs, use_published)
+    choices = choose_bits(networks, runs, use_published)
+    if opts.act_bits is not None:
+        choices = {net: with_act_bits(choice, opts.act_bits) for net, choice in choices.items()}
+    return networks, runs, choices, activation_run_choices(runs, choices)
 
 
 def build_report(opts: ReportOptions, progress: Callable[[str], None] | None = None) -> list[Path]:
     """Write every report file for ``opts`` into ``opts.out_dir``; returns the paths written."""
     say = progress or (lambda msg: None)
-    networks, runs, choices = resolve_inputs(opts)
+    networks, runs, choices, wa_runs = resolve_inputs(opts)
     if opts.threads:
         import torch
 
@@ -120,11 +139,11 @@ def build_report(opts: ReportOptions, progress: Callable[[str], None] | None = N
         measure = None
         if not opts.skip_cpu:
             measure = _cpu_measure(opts, say)
-            _fig8(out, prov, choices, measure, say)
+            _fig8(out, prov, choices, wa_runs, measure, say)
         oracle = None
         if opts.accuracy:
             oracle = AccuracyOracle(opts.accuracy_config, opts.accuracy_cache, say)
-        _bitwidths(out, prov, choices, oracle, say)
+        _bitwidths(out, prov, choices, wa_runs, oracle, say)
         for net in networks:
             if net in opts.pareto_networks:
                 _pareto(out, prov, net, choices[net], oracle, opts, say)
@@ -144,7 +163,8 @@ def _fig9(out: StagedOutput, prov: Provenance, choices) -> None:
 
     rows, notes = fig9_rows(choices)
     notes = [
-        "Stripes, weights serial, 8-bit activations, stepped cycles; fc layers weights-serial "
+        "Stripes, weights serial, activations at a_bits (8 unless --act-bits or a run's own), stepped cycles; "
+        "fc layers weights-serial "
         "(the *_fc_bitparallel columns: fc layers at the bit-parallel DaDN rate)",
         "speedup = cycles at 8-bit weights / cycles; energy_reduction = energy at 8 bits / energy (uJ per image)",
         "GEOMEAN row: geometric mean over the networks above",
@@ -174,11 +194,11 @@ def _cpu_measure(opts: ReportOptions, say) -> MeasureFn:
     return memoized(disk_cached(real, store, host_machine_key(), opts.cpu_repeats, opts.fresh_cpu))
 
 
-def _fig8(out: StagedOutput, prov: Provenance, choices, measure: MeasureFn, say) -> None:
+def _fig8(out: StagedOutput, prov: Provenance, choices, wa_runs, measure: MeasureFn, say) -> None:
     from releq_tvm.report.cpu_report import FIG8_COLUMNS, FIG8_NOTES, FIG8_README_LINES, fig8_png, fig8_rows
 
-    rows = fig8_rows(choices, measure, say)
-    notes = [*FIG8_NOTES, *{n for c in choices.values() for n in c.notes}]
+    rows = fig8_rows(choices, measure, say, wa_runs)
+    notes = [*FIG8_NOTES, *{n for c in [*choices.values(), *wa_runs] for n in c.notes}]
     out.write_text("fig8_tvm_cpu.csv", csv_text(FIG8_COLUMNS, rows, prov.header_lines(notes)))
     out.write_bytes("fig8_tvm_cpu.png", fig8_png(rows, f"{prov.cpu}, {prov.cores} cores"))
     out.document("fig8_tvm_cpu.csv", "TVM CPU latency (figure 8) beside int8 engines", prov, list(FIG8_README_LINES))
@@ -186,25 +206,31 @@ def _fig8(out: StagedOutput, prov: Provenance, choices, measure: MeasureFn, say)
                  ["Left: speedup of the mixed bit-serial build over 8-bit bit-serial; right: every latency (log scale)."])
 
 
-def _bitwidths(out: StagedOutput, prov: Provenance, choices, oracle, say) -> None:
+def _bitwidths(out: StagedOutput, prov: Provenance, choices, wa_runs, oracle, say) -> None:
     from releq_tvm.report.bitwidths import BITWIDTH_COLUMNS, bitwidth_rows, bitwidths_png
 
-    rows = bitwidth_rows(choices, oracle, say)
+    rows = bitwidth_rows(choices, oracle, say, wa_runs)
+    bits_notes = sorted({n for c in [*choices.values(), *wa_runs] for n in c.notes})
     notes = [
         "avg_bits: plain mean over layers; avg_bits_by_weights: mean weighted by each layer's weight count",
         "acc_*: top-1 % on the test split; quantized accuracy after finetune_steps fine-tune steps; "
         "empty where no data or trained model exists here (accuracy_note says why)",
         "acc_source_test_pct: the test accuracy the bits' source reports itself (a search run's long fine-tune in "
         "best.json, with its own learning-rate choice); empty for published bits",
-        *{n for c in choices.values() for n in c.notes},
+        "variant: primary = the network's bits used by every report file; w+a run = another search run that searched "
+        "activation bits (bits_source names it); a_bits: each weight layer's input bits (8: all 8-bit), the "
+        "quantized accuracy is measured at them",
+        *bits_notes,
     ]
     out.write_text("bitwidths.csv", csv_text(BITWIDTH_COLUMNS, rows, prov.header_lines(notes)))
-    out.write_bytes("bitwidths.png", bitwidths_png(rows, sorted({n for c in choices.values() for n in c.notes})))
+    out.write_bytes("bitwidths.png", bitwidths_png(rows, bits_notes))
     lines = [
         "Per network: dataset, weight layers, the bits and their mean, float and quantized test accuracy",
         "after the long fine-tune (`DEFAULTS.finetune`) where data and a trained model exist. MNIST",
         "networks always (LeNet-5 from its shipped checkpoint; lenet4 trained by the report, seeded,",
         "with the LeNet-5 recipe, and cached); others with `--data-dir` and `--checkpoint NET=FILE`.",
+        "Each search run that searched activation bits adds a row (`variant` w+a run) with its weight and",
+        "activation bits per layer, measured at both.",
     ]
     out.document("bitwidths.csv", "bits per layer and accuracy", prov, lines)
     out.document("bitwidths.png", "heat map of `bitwidths.csv`", prov)
@@ -287,13 +313,13 @@ def _comparison(out: StagedOutput, prov: Provenance, choices, stripes_row, measu
     def accuracy(choice):
         if oracle is None or oracle.missing_reason(choice.network) is not None:
             return None
-        return oracle.finetuned(choice.network, choice.w_bits)
+        return oracle.finetuned(choice.network, choice.w_bits, choice.a_bits)
 
     rows = comparison_rows(choices, stripes_row, cpu, accuracy)
     notes = [
         "ADMM bitwidths as given in METHOD.md section 6; ReLeQ: the bits of the other report files",
         "every ratio is against the same network at 8 bits on the same backend (CPU: bit-serial 8/8 build; "
-        "Stripes: 8-bit weights); activations at 8 bits",
+        "Stripes: 8-bit weights); both methods at the ReLeQ row's activation bits (a_bits: 8 unless --act-bits)",
     ]
     if measure is None:
         notes.append("cpu_speedup empty: CPU not measured (--skip-cpu)")

@@ -8,6 +8,7 @@ reduction = Stripes energy at 8 bits / at the method's bits.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from releq_tvm.bits import format_bits
 from releq_tvm.report.choices import BitChoice, admm_choice
@@ -17,6 +18,7 @@ COMPARE_COLUMNS = (
     "method",
     "bits_source",
     "w_bits",
+    "a_bits",
     "mean_bits",
     "cpu_speedup",
     "stripes_speedup",
@@ -33,13 +35,14 @@ def comparison_rows(
     cpu_row: Callable[[BitChoice], dict] | None = None,
     accuracy: Callable[[BitChoice], float | None] | None = None,
 ) -> list[dict]:
-    """Two rows (ReLeQ, ADMM) for every selected network that has ADMM bits (``accuracy``: test %)."""
+    """Two rows (ReLeQ, ADMM) for every selected network that has ADMM bits (``accuracy``: test %);
+    the ADMM weight bits are taken at the ReLeQ choice's activation bits, so only the weights differ."""
     rows = []
     for net, releq in choices.items():
         admm = admm_choice(net)
         if admm is None:
             continue
-        for method, choice in (("ReLeQ", releq), ("ADMM", admm)):
+        for method, choice in (("ReLeQ", releq), ("ADMM", replace(admm, a_bits=releq.a_bits))):
             s, _ = stripes_row(choice)
             c = cpu_row(choice) if cpu_row is not None else None
             rows.append(
@@ -48,6 +51,7 @@ def comparison_rows(
                     "method": method,
                     "bits_source": choice.source,
                     "w_bits": format_bits(choice.w_bits),
+                    "a_bits": format_bits(choice.a_bits) if choice.a_bits else "8",
                     "mean_bits": choice.mean_bits,
                     "cpu_speedup": None if c is None else c["speedup"],
                     "stripes_speedup": s["speedup"],

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from releq_tvm.bits import format_bits
 from releq_tvm.config import DEFAULT_ACT_BITS
-from releq_tvm.report.choices import BitChoice
+from releq_tvm.report.choices import PRIMARY_VARIANT, WA_RUN_VARIANT, BitChoice, report_rows, row_label
 from releq_tvm.report.stripes_report import MEAN_LABEL, mean_row
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ MeasureFn = Callable[[str, tuple[int, ...], tuple[int, ...] | None], CpuLatency]
 FIG8_COLUMNS = (
     "network",
     "bits_source",
+    "variant",
     "w_bits",
     "a_bits",
     "avg_bits",
@@ -92,14 +93,18 @@ FIG8_NOTES = (
     "weights, u8 activations), openvino_int8 = OpenVINO on that QDQ model; same float weights as the fp32 build, "
     "threads = TVM's runtime pool",
     "measured_utc: when the row was measured (rows are cached per machine, bits and repeats; --fresh-cpu re-measures)",
-    "GEOMEAN row: geometric mean over the networks above",
+    "variant: primary = the network's bits used by every report file (published or its primary search run); "
+    "w+a run = another search run of the network that searched activation bits (--search-activations), its builds "
+    "at its own w_bits and a_bits; bits_source names the run",
+    "GEOMEAN row: geometric mean over the networks' primary rows above (w+a run rows left out)",
 )
 #: What results/README.md says about fig8_tvm_cpu.csv.
 FIG8_README_LINES = (
     "Per network: the bits; latency of the all-8-bit TVM bit-serial build and of the mixed-bit bit-serial build and",
     "their ratio (speedup, the paper's figure 8); the deployable `auto` build, our int8 build, TVM's untuned fp32, and",
     "onnxruntime fp32/int8 and OpenVINO int8 on the same network, all timed side by side; `auto` over int8 and over",
-    "each int8 peer. Last row: geometric mean.",
+    "each int8 peer. Each search run that searched activation bits adds a row (`variant` w+a run) built at its own",
+    "weight and activation bits. Last row: geometric mean over the networks' primary rows.",
 )
 
 
@@ -107,13 +112,15 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or den is None or den <= 0 else num / den
 
 
-def cpu_row(choice: BitChoice, measure: MeasureFn) -> dict:
-    """One fig8 row: latencies (ms) and speedups (x) of ``choice`` measured by ``measure``."""
+def cpu_row(choice: BitChoice, measure: MeasureFn, variant: str = PRIMARY_VARIANT) -> dict:
+    """One fig8 row: latencies (ms) and speedups (x) of ``choice`` measured by ``measure``, every
+    build at the choice's activation bits (8 where it has none)."""
     a_bits = choice.a_bits or (DEFAULT_ACT_BITS,) * len(choice.w_bits)
     lat = measure(choice.network, tuple(choice.w_bits), tuple(a_bits))
     return {
         "network": choice.network,
         "bits_source": choice.source,
+        "variant": variant,
         "w_bits": format_bits(choice.w_bits),
         "a_bits": format_bits(a_bits),
         "avg_bits": choice.mean_bits,
@@ -136,30 +143,39 @@ def cpu_row(choice: BitChoice, measure: MeasureFn) -> dict:
     }
 
 
-def fig8_rows(choices: Mapping[str, BitChoice], measure: MeasureFn, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Rows per network plus the geometric-mean row of the speedup columns."""
+def fig8_rows(
+    choices: Mapping[str, BitChoice],
+    measure: MeasureFn,
+    progress: Callable[[str], None] | None = None,
+    extra: Sequence[BitChoice] = (),
+) -> list[dict]:
+    """A row per network, each followed by the rows of its ``extra`` choices (W+A search runs),
+    then the geometric-mean row of the speedup columns over the networks' primary rows."""
     rows = []
-    for choice in choices.values():
+    for variant, choice in report_rows(choices, extra):
         if progress is not None:
-            progress(f"cpu: measuring {choice.network} at {format_bits(choice.w_bits)}")
-        rows.append(cpu_row(choice, measure))
-    return rows + [mean_row(rows, FIG8_RATIO_COLUMNS)]
+            a_text = f" a {format_bits(choice.a_bits)}" if choice.a_bits else ""
+            progress(f"cpu: measuring {choice.network} at {format_bits(choice.w_bits)}{a_text}")
+        rows.append(cpu_row(choice, measure, variant))
+    return rows + [mean_row([r for r in rows if r["variant"] == PRIMARY_VARIANT], FIG8_RATIO_COLUMNS)]
 
 
 def fig8_png(rows: Sequence[Mapping], machine: str) -> bytes:
-    """Left: speedup bars per network (geometric mean last). Right: the four latencies, log scale."""
+    """Left: speedup bars per row (W+A run rows in their own colour, geometric mean last). Right:
+    every latency, log scale."""
     from releq_tvm.report.plots import MEAN_COLOUR, PALETTE, bars, figure, grouped_bars, png_bytes
 
-    labels = [r["network"] for r in rows]
-    colours = [MEAN_COLOUR if r["network"] == MEAN_LABEL else PALETTE[0] for r in rows]
-    fig, (ax1, ax2) = figure(12.0, 4.8, 1, 2)
+    labels = [row_label(r["network"], r.get("variant"), r.get("bits_source", "")) for r in rows]
+    wa_run = [r.get("variant") == WA_RUN_VARIANT for r in rows]
+    colours = [MEAN_COLOUR if r["network"] == MEAN_LABEL else PALETTE[1] if wa else PALETTE[0] for r, wa in zip(rows, wa_run)]
+    fig, (ax1, ax2) = figure(12.0 + 0.8 * sum(wa_run), 4.8, 1, 2)
     bars(ax1, labels, [r.get("speedup") for r in rows], colours)
     ax1.set_ylabel("speedup over the 8-bit bit-serial build (x)")
     ax1.set_title("Mixed bits vs all-8-bit, same TVM bit-serial kernels")
     nets = [r for r in rows if r["network"] != MEAN_LABEL]
     grouped_bars(
         ax2,
-        [r["network"] for r in nets],
+        [label for label, r in zip(labels, rows) if r["network"] != MEAN_LABEL],
         {
             "fp32 (TVM untuned)": [r.get("latency_fp32_tvm_untuned_ms") for r in nets],
             "onnxruntime fp32": [r.get("latency_ort_fp32_ms") for r in nets],

@@ -110,5 +110,5 @@ def fig9_png(rows: Sequence[Mapping]) -> bytes:
     ax2.set_ylabel("energy reduction over 8-bit (x)")
     ax2.set_title("Energy: 8-bit / chosen bits")
     log_axis(ax2, max(float(r.get("energy_reduction") or 1) for r in rows), bottom=0.8)
-    fig.suptitle("Stripes (weights serial, 8-bit activations), per network; dashed: 1x; grey: geometric mean")
+    fig.suptitle("Stripes (weights serial, activations at a_bits), per network; dashed: 1x; grey: geometric mean")
     return png_bytes(fig)
