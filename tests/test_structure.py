@@ -50,6 +50,7 @@ TOP_LEVEL_STAGES = {
     "timing": "base",  # the one timing protocol (compile's kernels and networks, report's peers)
     "train": "quant",  # the fine-tune loop behind quant's accuracy (short and long fine-tunes)
     "peers": "report",  # our builds against other engines, written under results/
+    "api": "cli",  # the Python API: search, compile and simulate for scripts and notebooks (the CLI calls it)
     "cli": "cli",
     "cli_options": "cli",
     "config_cli": "cli",  # click options generated from a settings dataclass
@@ -65,6 +66,8 @@ ALLOWED_LATER_STAGE = {
         "the cost-backend seam: --measure cpu resolves compile's cpu_cost_ratio by name on first use",
     ("releq_tvm.search.cost", "releq_tvm.sim"):
         "the cost-backend seam: --measure stripes resolves sim's stripes_cost_ratio by name on first use",
+    ("releq_tvm", "releq_tvm.api"):
+        "the package face: releq_tvm.search/compile/simulate import the API by name on first use",
 }
 #: Third-party packages a leaf package must not import (STYLE.md: what each folder knows nothing of).
 FORBIDDEN_THIRD_PARTY = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import click
 
@@ -51,67 +50,41 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
     (`releq-tvm finetune ... -o FILE`, or a search run's finetuned.pt): the build then uses its learned
     activation clipping levels and its bits, and computes what the fine-tuned torch model computes.
     """
-    from pathlib import Path
-
-    from releq_tvm.bits import format_bits, parse_bits
-    from releq_tvm.compile.artifact import compile_network
-    from releq_tvm.compile.integer import quantize_network
-    from releq_tvm.compile.measure import measure_network
-    from releq_tvm.compile.timing import Runner
+    from releq_tvm.api import compile as compile_model
+    from releq_tvm.bits import format_bits
     from releq_tvm.errors import ReleqError
-    from releq_tvm.compile.target import resolve_target
-    from releq_tvm.networks import get_network_spec, layer_table
 
-    n = len(layer_table(network))
-    if bits_text is None and checkpoint is None and get_network_spec(network).published_bits is None:
-        raise ReleqError(f"{network} has no published bitwidths; pass --bits with {n} values (one value = all layers)")
-    w_bits = parse_bits(bits_text, n, network) if bits_text is not None else None  # None: the checkpoint's or published
-    a_bits = parse_bits(act_bits_text, n, network, what="--act-bits") if act_bits_text is not None else None
-    target = resolve_target(target_text)
     if fidelity_csv and not measure:
         raise ReleqError("--fidelity-csv needs the measurement; drop --no-measure")
-    runner = Runner(rpc) if (measure and rpc) else Runner()
 
     def say(message: str) -> None:
         if not as_json:
             click.echo(f"  .. {message}", err=True)
 
-    started = time.perf_counter()
-    net = quantize_network(network, w_bits, a_bits, checkpoint=checkpoint)
-    say(f"quantized {network} to integers (w {format_bits(net.w_bits)}, a {format_bits(net.a_bits)}); "
-        "lower to Relax and compile")
-    t0 = time.perf_counter()
-    compiled = compile_network(net, kernels, batch, target)
-    compile_s = time.perf_counter() - t0
-    out = Path(out_dir) if out_dir else Path("runs") / "compile" / f"{network}-{format_bits(net.w_bits).replace(',', '')}"
-    compiled.export(out)
-    result = {
-        "network": network,
-        "out_dir": str(out),
-        "files": ["net.so", "manifest.json"],
-        "w_bits": format_bits(net.w_bits),
-        "a_bits": format_bits(net.a_bits),
-        "weights": net.weights_source,
-        "frac_bits": net.frac_bits,
-        "compile_s": compile_s,
-        "target": compiled.manifest["machine"]["target"],
-        "kernels": kernels,
-        "layer_kernels": [layer["family"] for layer in compiled.manifest["layers"]],
-    }
-    if measure:
-        # "bits" is the pure bit-serial build at the bits (the paper's comparison): reuse ours if it is one
-        reuse = compiled if (kernels == "bitserial" and not rpc) else None
-        result["measure"] = measure_network(network, net.w_bits, net.a_bits, repeats=repeats, target=target, batch=batch,
-                                            baselines=baselines, runner=runner, compiled=reuse,
-                                            model=net.model, progress=say)
-        if fidelity_csv:
-            from releq_tvm.report.fidelity import write_fidelity_csv
+    built = compile_model(network, bits_text, act_bits_text, out_dir=out_dir, checkpoint=checkpoint, kernels=kernels,
+                          target=target_text, rpc=rpc, batch=batch, repeats=repeats, measure=measure,
+                          baselines=baselines, progress=say)
+    if fidelity_csv:
+        from releq_tvm.report.fidelity import write_fidelity_csv
 
-            write_fidelity_csv([result["measure"]], fidelity_csv, update=True)
-    result["seconds"] = time.perf_counter() - started
+        write_fidelity_csv([built.measurement], fidelity_csv, update=True)
+    result = {
+        "network": built.network,
+        "out_dir": str(built.out_dir),
+        "files": [path.name for path in built.files],
+        "w_bits": format_bits(built.w_bits),
+        "a_bits": format_bits(built.a_bits),
+        "weights": built.weights,
+        "frac_bits": built.frac_bits,
+        "compile_s": built.compile_seconds,
+        "target": built.target,
+        "kernels": built.kernels,
+        "layer_kernels": list(built.layer_kernels),
+    }
+    if built.measurement is not None:
+        result["measure"] = built.measurement.to_dict() if as_json else built.measurement
+    result["seconds"] = built.seconds
     if as_json:
-        if measure:
-            result["measure"] = result["measure"].to_dict()
         click.echo(json.dumps(result, indent=1))
     else:
         _print_report(result)
