@@ -10,6 +10,7 @@ returns exact int32 results. Import it as ``releq_tvm.kernels``.
 * :mod:`.int8`: the plain int8 kernels (``vpdpbusd`` on AVX-512 VNNI / AVX-VNNI, else AVX2 ``vpmaddwd``);
 * :mod:`.lut`: the lookup-table dense kernels for 1-4 bit weights (T-MAC style ``vpshufb``/``vpermb`` tables, and on AVX512-VBMI/VNNI the packed codes multiplied directly by ``vpdpbusd``);
 * :mod:`.epilogue`: the output stage (requantize, residual, ReLU, next quantizer) as data;
+* :mod:`.pool`: max pooling of uint8 levels (or int32) between the layers of a compiled network;
 * :mod:`.common`: TE helpers both share (layouts, padded input reads);
 * :mod:`.reference`: int64 numpy references;
 * :mod:`.runtime`: build / run helpers (:class:`BuiltKernel`; timing is the caller's);
@@ -39,6 +40,7 @@ from .encoding import (
 from .epilogue import PLAIN, Epilogue, epilogue_reference
 from .int8 import int8_conv2d_primfunc, int8_dense_primfunc, int8_weight_shape, pack_int8_weights
 from .lut import LutPlan, lut_dense_primfunc, pack_lut_weights, plan_lut_dense
+from .pool import max_pool2d_primfunc
 from .reference import conv2d_reference, dense_reference
 from .runtime import (
     BuiltKernel,
@@ -83,6 +85,7 @@ __all__ = [
     "int8_weight_shape",
     "lut_dense_primfunc",
     "make_target",
+    "max_pool2d_primfunc",
     "pack_int8_weights",
     "pack_lut_weights",
     "pack_weights",

@@ -1088,6 +1088,37 @@ def test_row_stream_packing_equals_the_per_position_gather(shape, uses_row_strea
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("shape, kernel, stride, padding, dtype", [
+    ((1, 6, 28, 28), 2, 2, 0, "uint8"),  # LeNet-5's pools: unrolled rows
+    ((1, 16, 10, 10), 2, 2, 0, "uint8"),
+    ((2, 3, 9, 11), 3, 2, 1, "uint8"),  # padding reads the minimum, batch 2
+    ((1, 4, 7, 70), (3, 2), (2, 1), (1, 0), "uint8"),  # a row wider than the unroll limit: TVM vector
+    ((1, 5, 12, 9), 3, 3, 1, "int32"),  # negative values under padding
+    ((1, 64, 112, 112), 3, 2, 1, "uint8"),  # ResNet-18's stem pool: parallel rows
+])
+def test_max_pool_matches_numpy(shape, kernel, stride, padding, dtype):
+    import tvm
+
+    from releq_tvm.kernels.pool import pool_out_size
+
+    (kh, kw), (sh, sw), (ph, pw) = ((v, v) if isinstance(v, int) else v for v in (kernel, stride, padding))
+    rng = rng_for("maxpool", shape, dtype)
+    x = rng.integers(0, 256, size=shape).astype(np.uint8) if dtype == "uint8" else \
+        rng.integers(-2**31, 2**31, size=shape).astype(np.int32)
+    lib = tvm.compile(K.max_pool2d_primfunc(shape, kernel, stride, padding, dtype).with_attr("global_symbol", "main"),
+                      target=K.host_target())
+    oh, ow = pool_out_size(shape[2:], kernel, stride, padding)
+    out = tvm.runtime.tensor(np.zeros(shape[:2] + (oh, ow), dtype))
+    lib["main"](tvm.runtime.tensor(x), out)
+    lowest = np.iinfo(dtype).min
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=lowest)
+    expected = np.full(shape[:2] + (oh, ow), lowest, dtype)
+    for i in range(kh):
+        for j in range(kw):
+            expected = np.maximum(expected, padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw])
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
 def test_tile_override_is_refused_for_window_layouts():
     with pytest.raises(ValueError, match="window"):
         K.plan_conv2d(K.ConvShape(8, 8, (9, 9), (3, 3), groups=8), 2, 2, pos_tile=4)

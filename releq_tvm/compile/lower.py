@@ -27,6 +27,7 @@ from releq_tvm.errors import ReleqError
 from releq_tvm.networks import LayerSpec
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
 from releq_tvm.kernels.epilogue import PLAIN, Epilogue, quantize_primfunc
+from releq_tvm.kernels.pool import max_pool2d_primfunc
 from releq_tvm.kernels.target import vector_isa
 
 #: Kernel families a layer can be built with (``auto``, the faster per layer, is resolved from the
@@ -247,6 +248,16 @@ def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch:
             funcs[key] = bb.add_func(func.with_attrs({"op_pattern": _OPAQUE, "global_symbol": name}), name)
         return funcs[key]
 
+    def max_pool(op, dtype: str) -> relax.GlobalVar:
+        in_shape = (batch, *net.graph.op(op.inputs[0]).shape)
+        window = tuple(op.attrs[k] for k in ("kernel", "stride", "padding"))
+        key = ("maxpool", in_shape, window, dtype)
+        if key not in funcs:
+            name = f"maxpool{len(funcs)}_{dtype}"
+            func = max_pool2d_primfunc(in_shape, *window, dtype)
+            funcs[key] = bb.add_func(func.with_attrs({"op_pattern": _OPAQUE, "global_symbol": name}), name)
+        return funcs[key]
+
     def i64(value):
         return relax.const(value, "int64")
 
@@ -297,7 +308,8 @@ def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch:
                     value = relax.op.maximum(src[0], relax.const(0, "int32"))
                 elif op.kind == "maxpool":
                     # on uint8 levels when the producer fused the next quantizer (exact: see plan_fusion)
-                    value = relax.op.nn.max_pool2d(src[0], op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])
+                    dtype = "uint8" if op.inputs[0] in quantized else "int32"
+                    value = relax.call_tir(max_pool(op, dtype), [src[0]], relax.TensorType((batch, *op.shape), dtype))
                 elif op.kind == "avgpool":
                     value = _uniform_avgpool(src[0], op, batch, i64)
                 elif op.kind == "add":
