@@ -5,8 +5,8 @@ Three ways in (``releq-tvm ... --model SOURCE``):
 * an ONNX file (``.onnx``), converted to torch by ``onnx2torch``;
 * a ``torch.export`` program saved with ``torch.export.save`` (``.pt2``); its aten operations
   that have a torch module (``aten.conv2d`` -> ``nn.Conv2d``, ``aten.linear`` -> ``nn.Linear``,
-  batch norm, ReLU, pools, flatten) become that module again, so the layer table and the integer
-  lowering read it as they read a hand-written model;
+  batch norm, ReLU, ReLU6, pools, flatten) become that module again, so the layer table and the
+  integer lowering read it as they read a hand-written model;
 * an entry point ``package.module:function`` returning an ``nn.Module`` (needs an input shape).
 
 :func:`register_user_model` loads the model, checks that an input of the stated (or given)
@@ -231,14 +231,18 @@ def _unconvertible(proto, path: Path, exc: NotImplementedError) -> str:
 
 
 def _with_torch_modules(gm: fx.GraphModule) -> fx.GraphModule:
-    """onnx2torch's module with identifier names (``c1_Conv`` for the ONNX node ``/c1/Conv``) and its
-    global average pool as ``nn.AdaptiveAvgPool2d(1)``, the torch module the integer lowering reads."""
+    """onnx2torch's module with identifier names (``c1_Conv`` for the ONNX node ``/c1/Conv``), its
+    global average pool as ``nn.AdaptiveAvgPool2d(1)`` and its concat as ``torch.cat``: the torch
+    operations the integer lowering reads."""
     root: dict[str, object] = {}
     taken: set[str] = set()
     graph = copy.deepcopy(gm.graph)
     for node in graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
+            if type(module).__name__.startswith("OnnxConcat"):  # torch.cat(inputs, axis) as a module
+                node.op, node.target, node.args = "call_function", torch.cat, (list(node.args), module.axis)
+                continue
             if type(module).__name__.startswith("OnnxGlobalAveragePool"):
                 module = nn.AdaptiveAvgPool2d(1)
             node.target = _unique(_identifier(node.target), taken)
@@ -440,6 +444,8 @@ def _as_torch_module(node: fx.Node, build: _GraphBuilder) -> fx.Node | None:
         return build.module(_weight_owner(a["running_mean"]), bn.eval(), a["input"])
     if t in (aten.relu.default, aten.relu_.default):
         return build.module(node.name, nn.ReLU(), a["self"])
+    if t in (aten.relu6.default, aten.relu6_.default):
+        return build.module(node.name, nn.ReLU6(), a["self"])
     if t in (aten.hardtanh.default, aten.hardtanh_.default):
         lo, hi = float(a["min_val"]), float(a["max_val"])
         return build.module(node.name, nn.ReLU6() if (lo, hi) == (0.0, 6.0) else nn.Hardtanh(lo, hi), a["self"])

@@ -20,7 +20,6 @@ with a one-line message. The commands ``releq-tvm compile`` and ``simulate`` run
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import time
@@ -395,8 +394,9 @@ def search(
     ``train`` (fine-tunes each configuration) and ``val`` (scores the reward) are images
     (N, C, H, W) float in [0, 1] with integer labels (N,); ``test`` is the split the long fine-tune
     of the chosen bits is reported on (without it, in-memory data gets no long fine-tune and the
-    result's accuracy is the val one). Without them a registered network uses its own dataset; a
-    model of your own needs them unless ``accuracy="none"`` (cost only).
+    result's accuracy is the val one). Without them the data is the ``data`` setting (a ``--data``
+    spec such as ``"npz:mydata.npz"``), else a registered network's own dataset; a model of your
+    own needs one or the other unless ``accuracy="none"`` (cost only).
     ``settings`` are :class:`releq_tvm.search.config.SearchConfig` fields, e.g. ``episodes``
     (training episode budget), ``measure`` (``none``, ``cpu``, ``stripes``), ``accuracy``,
     ``short_steps`` / ``long_steps`` (fine-tune optimiser steps), ``seed``; their defaults are
@@ -406,40 +406,36 @@ def search(
     """
     from releq_tvm.networks import MissingCheckpointError, get_network_spec
     from releq_tvm.search.config import SearchConfig
-    from releq_tvm.search.run import run_search
+    from releq_tvm.search.run import SearchData, run_search
 
     network = resolve_model(model, input_shape, name)
-    known = {f.name for f in fields(SearchConfig)} - {"network", "run_dir"}
+    known = {f.name for f in fields(SearchConfig)} - {"network", "model", "input_shape", "run_dir"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ReleqError(f"unknown search setting {unknown[0]!r}; pass fields of releq_tvm.search.config.SearchConfig "
                          "such as episodes, measure, accuracy, short_steps, long_steps, seed")
-    config = SearchConfig(network=network, run_dir=None if run_dir is None else os.fspath(run_dir), **settings)
+    # a file or an entry point is recorded in config.json, so a resumed run loads it again
+    source = None if network == model or not isinstance(model, (str, os.PathLike)) else os.fspath(model)
+    config = SearchConfig(network=network, model=source,
+                          input_shape=None if source is None or input_shape is None else tuple(input_shape),
+                          run_dir=None if run_dir is None else os.fspath(run_dir), **settings)
     if (train is None) != (val is None):
         raise ReleqError("pass both train and val (train fine-tunes each configuration, val scores it), or neither")
     spec = get_network_spec(network)
-    scores = config.accuracy != "none"
-    if scores and train is None and spec.dataset is None:
+    if config.accuracy != "none" and train is None and config.data is None and spec.dataset is None:
         raise ReleqError(f"the search scores {network}'s accuracy: pass train= and val= (images, labels), or "
                          "accuracy='none' to search on cost only")
     if test is not None and train is None:
         raise ReleqError("test= goes with train= and val=; a registered network's test split is its dataset's")
-    say = echo or (lambda line: None)
-    oracle, long_after = None, False
+    data = None
+    if train is not None:
+        data = SearchData(_as_dataset(train, spec, "train"), _as_dataset(val, spec, "val"),
+                          None if test is None else _as_dataset(test, spec, "test"))
     try:
-        if scores and train is not None:
-            oracle = _finetuned_accuracy(config, _as_dataset(train, spec, "train"), _as_dataset(val, spec, "val"))
-            # run_search reads the long fine-tune's test split by dataset name: in-memory data is
-            # long fine-tuned here, after it, and recorded in best.json as run_search records it
-            long_after = config.long_finetune and config.long_steps > 0 and test is not None
-            config.long_finetune = False
-        best = run_search(config, resume=resume, overwrite=overwrite, echo=say, oracle=oracle)
+        best = run_search(config, resume=resume, overwrite=overwrite, echo=echo or (lambda line: None), data=data)
     except MissingCheckpointError as exc:
         raise ReleqError(str(exc)) from None
-    where = Path(config.run_dir or config.default_run_dir())
-    if long_after:
-        best = _long_finetune_in_memory(where, config, oracle, best, _as_dataset(test, spec, "test"), say)
-    return _search_result(where, best)
+    return _search_result(Path(config.run_dir or config.default_run_dir()), best)
 
 
 def _as_dataset(data: Data, spec, split: str) -> TensorDataset:
@@ -455,55 +451,6 @@ def _as_dataset(data: Data, spec, split: str) -> TensorDataset:
                          f"{spec.name}; got {tuple(images.shape)} and {tuple(labels.shape)}")
     _check_labels(labels, spec.num_classes, f"{split}=")
     return TensorDataset(images, labels)
-
-
-def _finetuned_accuracy(config, train: TensorDataset, val: TensorDataset):
-    """The search's accuracy oracle (as :func:`releq_tvm.search.run.build_parts` builds it) on in-memory data."""
-    import hashlib
-
-    from releq_tvm.networks import get_network_spec
-    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings
-    from releq_tvm.train import load_model, model_hash
-
-    train = type(train)(train.images[: config.train_images], train.labels[: config.train_images])
-    val = type(val)(val.images[: config.val_images], val.labels[: config.val_images])
-    model = load_model(config.network, config.checkpoint)
-    # the cache is keyed by the settings; a dataset name implies its data, in-memory data needs its digest
-    digest = hashlib.sha256()
-    for tensor in (train.images, train.labels, val.images, val.labels):
-        digest.update(tensor.contiguous().numpy().tobytes())
-    settings = FinetuneSettings(
-        network=config.network,
-        model_hash=f"{model_hash(model)} data {digest.hexdigest()[:16]}",
-        short_steps=config.short_steps,
-        learning_rate=config.finetune_lr,
-        batch_size=config.finetune_batch_size,
-        seed=config.seed,
-        val_images=len(val),
-        train_images=config.train_images,
-        calibration_images=config.calibration_images,
-    )
-    input_shape = get_network_spec(config.network).input_shape
-    return FinetunedAccuracy(model, input_shape, train, val, settings, AccuracyCache(config.cache_path))
-
-
-def _long_finetune_in_memory(run_dir: Path, config, oracle, best: dict, test: TensorDataset, say) -> dict:
-    """The long fine-tune of the solution on ``test``, its model and best.json's ``long_finetune``."""
-    from releq_tvm.bits import format_bits
-    from releq_tvm.io import atomic_write_text
-    from releq_tvm.search.accuracy import long_finetune
-    from releq_tvm.search.run_files import save_finetuned_model
-
-    solution = best["solution"]
-    say(f"long fine-tune of {format_bits(solution['w_bits'])} for {config.long_steps} steps ...")
-    result, model = long_finetune(oracle, solution["w_bits"], solution["a_bits"], test, steps=config.long_steps,
-                                  learning_rates=config.long_lrs, batch_size=config.finetune_batch_size, seed=config.seed)
-    result["model_file"] = save_finetuned_model(run_dir, model, config.network, oracle.input_shape, result)
-    best = {**best, "long_finetune": result}
-    atomic_write_text(run_dir / "best.json", json.dumps(best, indent=2) + "\n")
-    say(f"long fine-tune: test accuracy {result['test_accuracy_quantized']:.2f}% vs full precision "
-        f"{result['test_accuracy_full_precision']:.2f}%")
-    return best
 
 
 def _search_result(run_dir: Path, best: dict) -> SearchResult:

@@ -193,6 +193,13 @@ def test_search_on_in_memory_data_long_fine_tunes_on_test(tmp_path):
     best = json.loads(found.best_json.read_text())
     long = best["long_finetune"]
     assert found.accuracy_split == "test" and found.full_precision_accuracy == 70.0
+    # run_search did the long fine-tune, so config.json describes the run; the images key the cache
+    from releq_tvm.data import TensorDataset
+    from releq_tvm.search.accuracy import data_digest
+
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["long_finetune"] is True and saved["config"]["model"] is None
+    assert saved["data"] == {"source": "in memory", "digest": data_digest(TensorDataset(*train), TensorDataset(*val))}
     assert found.accuracy == long["test_accuracy_quantized"]
     assert found.model_file == tmp_path / "run" / "finetuned.pt" and found.model_file.is_file()
     # the fine-tuned file builds at the chosen bits

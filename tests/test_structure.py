@@ -66,6 +66,8 @@ ALLOWED_LATER_STAGE = {
         "the cost-backend seam: --measure cpu resolves compile's cpu_cost_ratio by name on first use",
     ("releq_tvm.search.cost", "releq_tvm.sim"):
         "the cost-backend seam: --measure stripes resolves sim's stripes_cost_ratio by name on first use",
+    ("releq_tvm.search.run", "releq_tvm.compile.graph"):
+        "a --model's operators are checked by the integer lowering's graph tracer before any search work",
     ("releq_tvm", "releq_tvm.api"):
         "the package face: releq_tvm.search/compile/simulate import the API by name on first use",
 }

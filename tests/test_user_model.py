@@ -421,3 +421,246 @@ def test_bad_data_on_the_command_line_is_one_line_with_exit_code_2(onnx_file, tm
                           "has no test split")
     assert_one_line_error(run("finetune", "--model", onnx_file, "--bits", "8", "--data", f"imagefolder:{tmp_path}"),
                           "has no train/ folder")
+
+
+# =============================================================================================
+# the operator set: ReLU6 and concat compile bit-exact; any other operator is one line naming it
+
+
+BRANCHY_MODULE = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+
+    class Branchy(nn.Module):
+        '''ReLU6 written four ways, a channel concat of two branches, grouped and depthwise convs,
+        functional pools: 5 weight layers.'''
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+            self.left = nn.Conv2d(8, 4, 1)
+            self.right = nn.Conv2d(8, 6, 3, padding=1, groups=2)
+            self.depthwise = nn.Conv2d(10, 10, 3, padding=1, groups=10)
+            self.fc = nn.Linear(10 * 3 * 3, 5)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = torch.cat([F.relu6(self.left(x)), torch.clamp(self.right(x), 0, 6)], dim=1)
+            x = F.max_pool2d(F.hardtanh(self.depthwise(x), 0.0, 6.0), 2)
+            return self.fc(torch.flatten(F.avg_pool2d(x, 2), 1))
+
+
+    def branchy():
+        torch.manual_seed(14)
+        model = Branchy()
+        for p in model.parameters():
+            p.data.mul_(3)  # activations large enough that every ReLU6 clips some of them
+        return model.eval()
+""")
+BRANCHY_BITS, BRANCHY_ACT_BITS = (8, 4, 3, 2, 5), (8, 4, 6, 3, 4)
+
+
+@pytest.fixture
+def branchy_module(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "my_models_14r.py").write_text(BRANCHY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_models_14r", raising=False)  # imported afresh, and gone after the test
+    return importlib.import_module("my_models_14r")
+
+
+def test_relu6_and_concat_compile_bit_exact_against_the_integer_model(branchy_module, tmp_path):
+    out = tmp_path / "build"
+    result = run("compile", "--model", "my_models_14r:branchy", "--input-shape", "3,12,12", "--kernels", "bitserial",
+                 "--bits", ",".join(map(str, BRANCHY_BITS)), "--act-bits", ",".join(map(str, BRANCHY_ACT_BITS)),
+                 "--no-measure", "--json", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["weights"] == "weights of my_models_14r:branchy"  # the entry point's own weights, not random ones
+    net = quantize_network("branchy", BRANCHY_BITS, BRANCHY_ACT_BITS)
+    kinds = [op.kind for op in net.graph.ops]
+    assert kinds.count("relu6") == 4 and kinds.count("concat") == 1 and kinds.count("avgpool") == 1
+    compiled = load_compiled(out)
+    levels = compiled.quantize_input(images(6, seed=4))
+    expected, values = integer_forward(net, levels, keep=True)
+    np.testing.assert_array_equal(compiled.run_levels(levels), expected)
+    # every ReLU6 clipped something: its cap is 6.0 in the fixed-point format, 6 * 2^F
+    for op in net.graph.ops:
+        if op.kind == "relu6":
+            assert values[op.name].max() == 6 << net.frac_bits and values[op.name].min() == 0, op.name
+    assert values["cat"].shape == (6, 10, 12, 12)
+    np.testing.assert_array_equal(values["cat"][:, 4:], values["clamp"])
+
+
+def test_relu6_and_concat_read_the_same_from_an_onnx_file(branchy_module, tmp_path):
+    path = tmp_path / "branchy_onnx.onnx"
+    export_onnx(branchy_module.branchy(), path)  # ReLU6 is exported as Clip(0, 6), torch.cat as Concat
+    register_user_model(str(path))
+    ops = extract_graph(create_network("branchy_onnx"), SHAPE, "branchy_onnx").ops
+    expected = extract_graph(branchy_module.branchy(), SHAPE, "branchy").ops
+    assert [(op.kind, op.shape) for op in ops] == [(op.kind, op.shape) for op in expected]
+
+
+def test_relu6_fuses_into_its_kernel_only_where_the_next_quantizer_clips_at_6(tmp_path):
+    from releq_tvm.compile import compile_network
+    from releq_tvm.compile.lower import plan_fusion
+    from releq_tvm.quant import apply_act_bits
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU6(), nn.Conv2d(6, 6, 3), nn.ReLU6(), nn.Flatten(),
+                              nn.Linear(6 * 8 * 8, 4)).eval()
+        for p in model.parameters():
+            p.data.mul_(12)
+    # learned ranges (a fine-tuned model's): 8.0 after the first ReLU6 (its top levels are never
+    # reached), 6.0 after the second (a clip at 6 before that quantizer changes nothing)
+    apply_act_bits(model, [8, 4, 3], SHAPE, [1.0, 8.0, 6.0], learn=False)
+    net = quantize_network("relu6net", (4, 3, 2), model=model, calibration=images(4, seed=5), input_shape=SHAPE)
+    plan = plan_fusion(net)
+    assert plan["_0"].covers == ("_0",) and plan["_0"].quantize_for is None  # the ReLU6 runs on its own
+    assert plan["_2"].covers == ("_2", "_3") and plan["_2"].quantize_for == 2  # fused as ReLU + quantizer
+    compiled = compile_network(net, "bitserial", batch=2)
+    levels = compiled.quantize_input(images(5, seed=6))
+    expected, values = integer_forward(net, levels, keep=True)
+    np.testing.assert_array_equal(compiled.run_levels(levels), expected)
+    assert values["_1"].max() == 6 << net.frac_bits  # the standalone ReLU6 clipped
+
+
+@pytest.mark.parametrize("body, operator_name, node", [
+    ("self.gelu(self.conv(x))", "'GELU'", "at gelu"),
+    ("F.gelu(self.conv(x))", "'torch.nn.functional.gelu'", "at gelu"),
+    ("torch.sigmoid(self.conv(x))", "'torch.sigmoid'", "at sigmoid"),
+    ("self.conv(x).sigmoid()", "'Tensor.sigmoid'", "at sigmoid"),
+    ("self.conv(x) * 2", "'operator.mul'", "at mul"),
+    ("self.act(self.conv(x))", "'SiLU'", "at act"),
+    ("torch.cat([self.conv(x), self.conv(x)], dim=2)[:, :, :10]", "'torch.cat'", "only the channel dim 1"),
+])
+def test_unsupported_operators_are_one_line_naming_the_operator_and_node(tmp_path, monkeypatch, body, operator_name,
+                                                                         node):
+    import sys
+
+    (tmp_path / "my_models_14u.py").write_text(textwrap.dedent(f"""
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+                self.gelu = nn.GELU()
+                self.act = nn.SiLU()
+                self.fc = nn.Linear(4 * 10 * 10, 2)
+
+            def forward(self, x):
+                return self.fc(torch.flatten({body}, 1))
+
+
+        def net():
+            return Net()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_models_14u", raising=False)  # each case imports its own Net
+    result = run("compile", "--model", "my_models_14u:net", "--input-shape", "3,12,12", "--bits", "8",
+                 "-o", tmp_path / "out")
+    assert_one_line_error(result, "net: cannot compile", operator_name, node)
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_compiles_and_simulates_at_224(tmp_path):
+    source = ("torchvision.models:resnet18", "--input-shape", "3,224,224")  # random weights (weights=None)
+    result = run("compile", "--model", *source, "--bits", "4", "--act-bits", "4", "--kernels", "bitserial",
+                 "--no-measure", "--json", "-o", tmp_path / "r18")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["network"] == "resnet18" and len(report["layer_kernels"]) == 21
+    assert report["weights"] == "weights of torchvision.models:resnet18"
+    compiled = load_compiled(tmp_path / "r18")
+    logits = compiled.logits(torch.rand((1, 3, 224, 224), generator=torch.Generator().manual_seed(18)))
+    assert logits.shape == (1, 1000) and np.isfinite(logits).all()
+    result = run("simulate", "--model", *source, "--bits", "4", "--json")
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.output)["layers"]
+    assert len(layers) == 21 and [layer["kind"] for layer in layers].count("dense") == 1
+    assert all(layer["cycles"] > 0 for layer in layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# search --model [--data]: config.json records both, so --resume loads them again
+
+
+def test_onnx_model_searches_on_cost_only_through_the_cli(onnx_file, tmp_path):
+    from releq_tvm.search.cost import SQCost
+
+    run_dir = tmp_path / "run"
+    result = run("search", "--model", onnx_file, "--accuracy", "none", "--episodes", "2", "--final-episodes", "1",
+                 "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    assert "search smallcnn: 4 layers, 4 steps/episode" in result.output
+    best = json.loads((run_dir / "best.json").read_text())
+    solution = best["solution"]
+    assert best["network"] == "smallcnn" and not best["accuracy_scored"] and best["training_episodes"] == 2
+    assert len(solution["w_bits"]) == 4 and solution["accuracy_val"] == 100.0  # SA = 1: cost only
+    assert solution["cost_ratio"] == round(SQCost(layer_table("smallcnn")).ratio(solution["w_bits"]), 6)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["config"]["network"], saved["config"]["model"], saved["data"]) == ("smallcnn", str(onnx_file), None)
+
+
+def test_search_of_a_model_without_data_says_what_to_pass(onnx_file, tmp_path):
+    run_dir = tmp_path / "run"
+    assert_one_line_error(run("search", "--model", onnx_file, "--run-dir", run_dir),
+                          "the search scores smallcnn's accuracy on data: pass --data with imagefolder:DIR, npz:FILE",
+                          "or --accuracy none to search on cost only")
+    assert not run_dir.exists()  # before any work
+    assert_one_line_error(run("search", "lenet", "--model", onnx_file), "pass NET or --model, not both")
+    assert_one_line_error(run("search", "lenet", "--input-shape", "1,28,28"), "--input-shape goes with --model")
+    assert_one_line_error(run("search", "--model", onnx_file, "--input-shape", "3,12"), "--input-shape must be C,H,W")
+    assert_one_line_error(run("search", "--resume"), "--resume needs the run: pass --run-dir RUN")
+    arrays = write_npz(tmp_path / "d.npz")
+    write_npz(tmp_path / "d.npz", y_val=labels_with_accuracy(small_cnn(), torch.from_numpy(arrays["x_val"]), right=0))
+    assert_one_line_error(run("search", "--model", onnx_file, "--data", f"npz:{tmp_path / 'd.npz'}",
+                              "--run-dir", run_dir, "--cache", tmp_path / "cache.sqlite"),
+                          "smallcnn gets none of the val images right at full precision")
+
+
+def test_search_on_npz_data_scores_accuracy_long_fine_tunes_and_resumes(onnx_file, tmp_path, monkeypatch):
+    from releq_tvm.data import load_model_data
+    from releq_tvm.search.accuracy import AccuracyCache, data_digest
+
+    arrays = write_npz(tmp_path / "d.npz")
+    data, run_dir, cache = f"npz:{tmp_path / 'd.npz'}", tmp_path / "run", tmp_path / "cache.sqlite"
+    result = run("search", "--model", onnx_file, "--data", data, "--episodes", "2", "--final-episodes", "1",
+                 "--short-steps", "2", "--long-steps", "2", "--long-lrs", "1e-3", "--finetune-batch-size", "8",
+                 "--run-dir", run_dir, "--cache", cache)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run_dir / "config.json").read_text())
+    digest = data_digest(load_model_data(data, "train", SHAPE, 5), load_model_data(data, "val", SHAPE, 5))
+    assert saved["data"] == {"source": data, "digest": digest}
+    assert saved["config"]["data"] == data and saved["config"]["long_finetune"] is True
+    # val: 3 of 8 right, test: 7 of 10 (write_npz's labels)
+    assert saved["full_precision_val_accuracy"] == 37.5
+    best = json.loads((run_dir / "best.json").read_text())
+    long = best["long_finetune"]
+    assert long["steps"] == 2 and long["test_accuracy_full_precision"] == 70.0 and (run_dir / "finetuned.pt").is_file()
+    # the images are in the accuracy cache key: other data never reads these accuracies
+    assert [s.get("data") for s in AccuracyCache(cache).store.items(AccuracyCache.SETTINGS).values()] == [digest]
+
+    # a new process knows no smallcnn: --resume registers the run's model and reads its data again
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k != "smallcnn"})
+    result = run("search", "--resume", "--run-dir", run_dir, "--episodes", "3")
+    assert result.exit_code == 0, result.output
+    assert get_network_spec("smallcnn").source == str(onnx_file)
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["training_episodes"] == 3 and best["long_finetune"]["test_accuracy_full_precision"] == 70.0
+    assert json.loads((run_dir / "config.json").read_text())["resumes"][0]["episodes"] == 3
+
+    # other images under the same --data: the run refuses them
+    write_npz(tmp_path / "d.npz", y_val=labels_with_accuracy(small_cnn(), torch.from_numpy(arrays["x_val"]), right=5))
+    assert_one_line_error(run("search", "--resume", "--run-dir", run_dir, "--episodes", "4"),
+                          "scored accuracy on other images", "resume with the run's images")

@@ -29,9 +29,12 @@ Weight layer ``l`` (conv, depthwise conv or dense; ``w`` weight bits, ``a`` acti
    that keeps ``|M_c| < 2^31`` and ``acc_max |M_c| + |B_c| < 2^62`` (no int64 overflow for
    any input).
 
-Between layers: ReLU is ``max(v, 0)``; max pooling is exact on integers; residual add is a
-saturating int32 add; uniform average pooling is ``floor((2 * sum + n) / (2 * n))`` (round half
-up of ``sum / n``); flatten is a reshape.
+Between layers: ReLU is ``max(v, 0)``; ReLU6 is ``min(max(v, 0), 6 * 2^F)`` (the cap saturated
+to int32: no value reaches it when ``6 * 2^F`` does not fit); max pooling is exact on integers;
+residual add is a saturating int32 add; uniform average pooling is ``floor((2 * sum + n) / (2 *
+n))`` (round half up of ``sum / n``); flatten is a reshape. Concatenation along channels needs no
+requantization: every tensor between layers has the one scale ``2^-F``, so it joins the int32
+values as they are.
 
 Against the fake-quantized torch model (weights through ``apply_bits``, activations through a
 :class:`~releq_tvm.quant.PactActivation` at ``r_l`` before each weight layer) the only
@@ -120,7 +123,7 @@ class IntegerNetwork:
     graph: NetworkGraph
     layers: list[LayerQuant]
     frac_bits: int  # F
-    weights_source: str  # "checkpoint ..." or "random (seed N)"
+    weights_source: str  # "checkpoint ...", "weights of <user model>" or "random weights (seed N; ...)"
     calibration: str
     model: nn.Module | None = field(default=None, repr=False)  # the float torch model
 
@@ -163,7 +166,8 @@ def _bit_vector(bits, n_layers: int, network: str, what: str):
 
 
 def load_network_model(network: str, checkpoint: str | None = None, seed: int = 0) -> tuple[nn.Module, str]:
-    """The float model: ``checkpoint`` if given, else the shipped one, else seeded random weights.
+    """The float model: ``checkpoint`` if given, else the shipped one, else a user model's own weights
+    (an entry point's or an nn.Module's), else seeded random weights.
 
     A fine-tuned ``checkpoint`` (:func:`releq_tvm.train.save_finetuned`) gives its float weights
     and the input quantizers it learned; :func:`load_network_file` also gives its bits.
@@ -181,8 +185,11 @@ def load_network_file(network: str, checkpoint: str | None = None, seed: int = 0
         loaded = read_model_file(network, checkpoint)
         kind = "fine-tuned checkpoint" if loaded.w_bits is not None else "checkpoint"
         return loaded, f"{kind} {checkpoint}"
+    spec = get_network_spec(network)
     if checkpoint_path(network) is not None:
-        return read_model_file(network), f"shipped checkpoint {get_network_spec(network).checkpoint}"
+        return read_model_file(network), f"shipped checkpoint {spec.checkpoint}"
+    if spec.source is not None:  # an entry point's or an nn.Module's model comes with its weights
+        return ModelFile("", create_network(network, seed=seed)), f"weights of {spec.source}"
     return ModelFile("", create_network(network, seed=seed)), f"random weights (seed {seed}; no checkpoint ships)"
 
 
@@ -386,6 +393,18 @@ def random_integer_network(network: str, w_bits, a_bits=None, seed: int = 0):
     return quantize_network(network, w_bits, a_bits, model=create_network(network, seed=seed), calibration=calib)
 
 
+def relu6_cap(frac_bits: int) -> int:
+    """6.0 in the int32 fixed-point format of ``frac_bits`` fractional bits (INT32_MAX when it does
+    not fit: no value is larger then)."""
+    return min(6 << frac_bits, INT32_MAX)
+
+
+def quantizer_saturates(lq: LayerQuant, value: int) -> bool:
+    """Whether ``lq``'s input quantizer maps the fixed-point ``value`` to its top level, so that it
+    maps every larger value there too (it is monotone) and a clip at ``value`` before it changes nothing."""
+    return int(_quantize_fixed(np.array([value], np.int64), lq)[0]) == 2**lq.a_bits - 1
+
+
 def _rshift_round_clip(x: np.ndarray, mult, offset, shift, lo: int, hi: int) -> np.ndarray:
     y = (x.astype(np.int64) * mult + offset) >> shift
     return np.clip(y, lo, hi)
@@ -439,6 +458,8 @@ def integer_forward(net: IntegerNetwork, x_levels: np.ndarray, keep: bool = Fals
                 values[op.name + ":acc"] = acc.astype(np.int32)
         elif op.kind == "relu":
             values[op.name] = np.maximum(values[op.inputs[0]], 0)
+        elif op.kind == "relu6":
+            values[op.name] = np.clip(values[op.inputs[0]], 0, relu6_cap(net.frac_bits))
         elif op.kind == "maxpool":
             t = torch.from_numpy(values[op.inputs[0]].astype(np.float64))  # int32 values: exact in float64
             p = torch.nn.functional.max_pool2d(t, op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"])
@@ -456,6 +477,8 @@ def integer_forward(net: IntegerNetwork, x_levels: np.ndarray, keep: bool = Fals
         elif op.kind == "add":
             a, b = (values[name].astype(np.int64) for name in op.inputs)
             values[op.name] = np.clip(a + b, INT32_MIN, INT32_MAX).astype(np.int32)
+        elif op.kind == "concat":
+            values[op.name] = np.concatenate([values[name] for name in op.inputs], axis=1)
         elif op.kind == "flatten":
             v = values[op.inputs[0]]
             values[op.name] = v.reshape(v.shape[0], -1)

@@ -2,8 +2,8 @@
 
 Every conv / dense is a ``relax.call_tir`` of a scheduled TIR kernel from ``releq_tvm.kernels``
 (the bit-serial kernel at the layer's bits, or the plain int8 kernel for the int8 baseline);
-the fixed-point requantization, ReLU, pooling, residual add and flatten are Relax operators,
-legalized and fused by TVM's default CPU pipeline. The arithmetic is exactly that of
+the fixed-point requantization, ReLU, ReLU6, pooling, residual add, concat and flatten are Relax
+operators, legalized and fused by TVM's default CPU pipeline. The arithmetic is exactly that of
 :func:`releq_tvm.compile.integer.integer_forward`.
 
 The weights are *parameters* of ``main`` (not constants): the library depends only on the
@@ -22,7 +22,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from releq_tvm.compile.integer import INT32_MAX, INT32_MIN, IntegerNetwork, LayerQuant
+from releq_tvm.compile.integer import (
+    INT32_MAX, INT32_MIN, IntegerNetwork, LayerQuant, quantizer_saturates, relu6_cap,
+)
 from releq_tvm.errors import ReleqError
 from releq_tvm.networks import LayerSpec
 from releq_tvm.kernels.shapes import ConvShape, DenseShape
@@ -159,11 +161,14 @@ def plan_fusion(net: IntegerNetwork) -> dict[str, FusedLayer]:
     """Per layer op, the epilogue its kernel runs: requantization always; then a residual add whose
     other operand is already computed; then a ReLU; then the next layer's input quantizer when the
     value's only path leads, through max-pooling and flatten alone, to exactly one weight layer.
+    A ReLU6 is fused as a ReLU when that quantizer follows and saturates at 6 or below (its range
+    is at most 6, as a range calibrated after a ReLU6 is); otherwise it runs on its own.
 
     Quantizing before max-pooling is exact: the quantizer is monotone non-decreasing (``Qm > 0``),
     so it commutes with max, and it maps everything at or below zero to level 0 (as ReLU then
-    quantizing would). Values read by more than one op (a residual shortcut), by an average pool
-    or as the network output stay int32.
+    quantizing would), and everything at or above a value it saturates at to its top level (as a
+    clip there then quantizing would). Values read by more than one op (a residual shortcut), by
+    an average pool, a concat or as the network output stay int32.
     """
     ops = net.graph.ops
     order = {op.name: k for k, op in enumerate(ops)}
@@ -188,24 +193,33 @@ def plan_fusion(net: IntegerNetwork) -> dict[str, FusedLayer]:
             if len(other) == 1 and order[other[0]] < order[op.name]:
                 covers.append(add.name)
                 residual = other[0]
-        relu_op = only_user(covers[-1], "relu")
+        relu_op = only_user(covers[-1], "relu") or only_user(covers[-1], "relu6")
         if relu_op is not None:
             covers.append(relu_op.name)
             relu = True
-        quantize_for, tail = None, covers[-1]
-        while tail != net.graph.output and len(users[tail]) == 1:
-            nxt = users[tail][0]
-            if nxt.kind == "layer":
-                consumer = layers[nxt.attrs["index"]]
-                quantize_for = None if consumer.reads_input else consumer.spec.index
-                break
-            if nxt.kind not in ("maxpool", "flatten"):
-                break
-            tail = nxt.name
+        quantize_for = _quantized_consumer(net, covers[-1], users, layers)
+        if relu_op is not None and relu_op.kind == "relu6" and (
+                quantize_for is None or not quantizer_saturates(layers[quantize_for], relu6_cap(net.frac_bits))):
+            covers.pop()  # the ReLU6 runs on its own, and nothing but it reads the kernel's output
+            relu, quantize_for = False, None
         bits = layers[quantize_for].a_bits if quantize_for is not None else None
         epilogue = Epilogue(requantize=True, residual=residual is not None, relu=relu, quantize_bits=bits)
         plan[op.name] = FusedLayer(epilogue, tuple(covers), residual, quantize_for)
     return plan
+
+
+def _quantized_consumer(net: IntegerNetwork, tail: str, users: dict[str, list], layers: dict[int, LayerQuant]):
+    """The index of the one weight layer that value ``tail``'s only path reaches through max-pooling
+    and flatten alone, or None (none, several, a layer reading the network input)."""
+    while tail != net.graph.output and len(users[tail]) == 1:
+        nxt = users[tail][0]
+        if nxt.kind == "layer":
+            consumer = layers[nxt.attrs["index"]]
+            return None if consumer.reads_input else consumer.spec.index
+        if nxt.kind not in ("maxpool", "flatten"):
+            return None
+        tail = nxt.name
+    return None
 
 
 def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch: int,
@@ -306,6 +320,8 @@ def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch:
                     continue
                 if op.kind == "relu":
                     value = relax.op.maximum(src[0], relax.const(0, "int32"))
+                elif op.kind == "relu6":
+                    value = relax.op.clip(src[0], 0, relu6_cap(net.frac_bits))
                 elif op.kind == "maxpool":
                     # on uint8 levels when the producer fused the next quantizer (exact: see plan_fusion)
                     dtype = "uint8" if op.inputs[0] in quantized else "int32"
@@ -315,6 +331,8 @@ def build_relax_module(net: IntegerNetwork, kernels: str | Sequence[str], batch:
                 elif op.kind == "add":
                     t = relax.op.add(relax.op.astype(src[0], "int64"), relax.op.astype(src[1], "int64"))
                     value = clip_cast(t, INT32_MIN, INT32_MAX, "int32")
+                elif op.kind == "concat":  # every input int32 at the one scale 2^-F: see plan_fusion
+                    value = relax.op.concat(src, axis=1)
                 elif op.kind == "flatten":
                     value = relax.op.reshape(src[0], (batch, *op.shape))
                 else:

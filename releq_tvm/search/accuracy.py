@@ -108,6 +108,29 @@ class FinetuneSettings:
     train_images: int | None
     calibration_images: int
     quantizer: str = QUANTIZER_VERSION
+    #: None: the network's registered dataset (its name implies the images); else the images'
+    #: :func:`data_digest`, so other data never reads accuracies measured on these.
+    data: str | None = None
+
+    def cache_fields(self) -> dict:
+        """What keys the cache: every field, ``data`` only when set (the registered datasets keep
+        the keys of the runs made before it existed)."""
+        fields = asdict(self)
+        if fields["data"] is None:
+            del fields["data"]
+        return fields
+
+
+def data_digest(*splits) -> str:
+    """sha256 (first 16 hex digits) of datasets' images and labels, in order: the identity of
+    data that is not a registered dataset (``--data``, in-memory images) in the cache key."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for tensor in (split.images, split.labels):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{t.dtype} {tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class FinetunedAccuracy:
@@ -126,7 +149,7 @@ class FinetunedAccuracy:
         self.train, self.val = train, val
         self.settings = settings
         self.cache = cache
-        self.key = cache.register(asdict(settings))
+        self.key = cache.register(settings.cache_fields())
         self.lookups = self.hits = 0
         self.last_hit = False
         self.seconds = 0.0

@@ -12,8 +12,9 @@ from releq_tvm.cli_options import checkpoint_option, data_dir_option, network_ar
 from releq_tvm.config_cli import option_fields, settings_from, settings_options
 from releq_tvm.search.config import SearchConfig
 
-#: Options of `search` that still count on --resume (the rest come from the run's config.json).
-_RESUME_OPTIONS = ("network", "run_dir", "resume", "episodes")
+#: Options of `search` that still count on --resume (the rest come from the run's config.json;
+#: NET or --model only name the default --run-dir).
+_RESUME_OPTIONS = ("network", "model", "run_dir", "resume", "episodes")
 #: The settings `search-seeds` passes on to every seed's search: all of them but the seed and the folder.
 _SEEDS_SETTINGS = tuple(f.name for f, _ in option_fields(SearchConfig) if f.name not in ("seed", "run_dir"))
 #: The settings `search-efficiency` offers: what changes its methods' shared reward.
@@ -27,7 +28,7 @@ def _action_set(ctx, param, value):
 
 
 @click.command("search")
-@network_argument
+@click.argument("network", metavar="[NET]", required=False)
 @settings_options(SearchConfig)
 @click.option("--resume", is_flag=True,
               help="Continue the run in --run-dir from its last checkpoint (--episodes: a new budget).")
@@ -35,25 +36,32 @@ def _action_set(ctx, param, value):
 @checkpoint_option
 @data_dir_option
 def search_cmd(resume: bool, overwrite: bool, **settings) -> None:
-    """Search per-layer bitwidths of NET with ReLeQ (RecurrentPPO); files go to --run-dir.
+    """Search per-layer bitwidths of NET (or of your own --model, on --data) with ReLeQ
+    (RecurrentPPO); files go to --run-dir.
 
     Writes config.json, episodes.csv, action_probs.csv, best.json (with the long fine-tune's
-    test accuracy of the chosen bits) and checkpoint.pt (for --resume).
+    test accuracy of the chosen bits) and checkpoint.pt (for --resume; `--resume --run-dir RUN`
+    alone continues any run, its model and data included).
     """
-    from releq_tvm.networks import get_network_spec
+    from releq_tvm.errors import ReleqError
     from releq_tvm.search.run import run_search
+    from releq_tvm.search.run_files import saved_config
 
-    get_network_spec(settings["network"])  # an unknown name fails here, in one line
     if settings["acc_limit"] is not None and settings["reward"] != "hardware":
         click.echo("note: --acc-limit only changes --reward hardware", err=True)
-    config = settings_from(SearchConfig, settings, long_finetune=settings["long_steps"] > 0)
+    if resume and settings["network"] is None and settings["model"] is None:
+        if settings["run_dir"] is None:
+            raise ReleqError("--resume needs the run: pass --run-dir RUN (or NET or --model, for its default folder)")
+        config = saved_config(settings["run_dir"])
+    else:
+        config = settings_from(SearchConfig, settings, long_finetune=settings["long_steps"] > 0)
     ctx = click.get_current_context()
     given = {p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
     if resume:
         ignored = [p.name for p in ctx.command.params if p.name in given - set(_RESUME_OPTIONS)]
         if ignored:
             click.echo(f"note: --resume uses the run's saved settings; ignoring {', '.join(ignored)}", err=True)
-    resume_episodes = config.episodes if resume and "episodes" in given else None
+    resume_episodes = settings["episodes"] if resume and "episodes" in given else None
     run_search(config, resume=resume, overwrite=overwrite, echo=click.echo, resume_episodes=resume_episodes)
 
 
@@ -118,7 +126,7 @@ def _write_runs(runs, out: str, long_front: int) -> None:
 
 
 @click.command("search-seeds")
-@network_argument
+@click.argument("network", metavar="[NET]", required=False)
 @click.option("--seeds", "n_seeds", type=click.IntRange(1), default=5, show_default=True,
               help="Number of searches: seeds 0 .. N-1.")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
@@ -135,13 +143,13 @@ def _write_runs(runs, out: str, long_front: int) -> None:
 def search_seeds_cmd(n_seeds: int, jobs: int, root, out, long_front: int, **settings) -> None:
     """Run the search of NET once per seed and write how each ended (convergence episode or not, wall
     time, chosen bits, reward, long fine-tune) with the Pareto front of every configuration they saw."""
-    from releq_tvm.networks import get_network_spec
     from releq_tvm.report.runs import load_run
+    from releq_tvm.search.run import check_search_inputs
     from releq_tvm.search.seeds import run_seeds, seed_run_dir
 
-    get_network_spec(settings["network"])
     config = settings_from(SearchConfig, settings, long_finetune=settings["long_steps"] > 0)
-    _check_long_front(config, long_front)  # before hours of searching
+    check_search_inputs(config)  # NET or --model, and data for accuracy: before hours of searching
+    _check_long_front(config, long_front)
     tag = "-wa" if config.search_activations else ""
     root = root or f"runs/seeds/{config.network}-{config.measure}-{config.reward}{tag}"
     seeds = list(range(n_seeds))

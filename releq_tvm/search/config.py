@@ -28,7 +28,26 @@ FinetuneMode = Literal["per-episode", "per-step"]
 class SearchConfig:
     """One ReLeQ search. Units: steps are optimiser steps, accuracies are percent, ratios are x / 8-bit."""
 
-    network: str = setting(help="Registered network to search (`releq-tvm networks`).", cli=False)  # the NET argument
+    network: str | None = setting(
+        None, cli=False,
+        help="Registered network to search (`releq-tvm networks`); with --model, the name its model is registered under.",
+    )  # the NET argument
+    # The user's own model and data (issue 14). config.json records them, so --resume loads the same ones.
+    model: str | None = setting(
+        None, metavar="SOURCE",
+        help="Your own model instead of NET: a .onnx file, a .pt2 file (torch.export.save) or an entry point "
+             "package.module:function returning an nn.Module; its name is the file's stem or the function's.",
+    )
+    input_shape: tuple[int, ...] | None = setting(
+        None, min=1, metavar="C,H,W",
+        help="Input shape of a --model that does not state one (an entry point; an ONNX file with free axes).",
+    )
+    data: str | None = setting(
+        None, metavar="SPEC",
+        help="Images to fine-tune on (train), score the reward on (val) and report on (test, if present): "
+             "imagefolder:DIR, npz:FILE or a dataset name (mnist, cifar10, svhn, imagenet). Default: the network's "
+             "own dataset; a --model has none, so without --data it searches with --accuracy none only.",
+    )
     measure: Measure = setting(
         "none", help="Cost in state and reward: SQ formula, measured TVM CPU latency ratio, or Stripes simulator ratio."
     )
@@ -181,12 +200,29 @@ class SearchConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.model is not None and self.network is None:
+            from releq_tvm.networks.user_model import model_name
+
+            self.network = model_name(self.model)  # the name the search registers the model under
         self.validate()
 
     def validate(self) -> None:
         """Raise a one-line :class:`ReleqError` for a value outside its choices or range, or for
         settings that cannot work together."""
         check_settings(self)
+        if self.model is None:
+            if self.network is None:
+                raise ReleqError("pass NET (see `releq-tvm networks`) or --model FILE for your own model")
+            if self.input_shape is not None:
+                raise ReleqError("--input-shape goes with --model; a registered network's input shape is known")
+        else:
+            from releq_tvm.networks.user_model import model_name
+
+            if self.network != model_name(self.model):
+                raise ReleqError(f"pass NET or --model, not both (got {self.network} and --model {self.model})")
+        if self.input_shape is not None and len(self.input_shape) != 3:
+            raise ReleqError("--input-shape must be C,H,W with three positive integers such as 3,32,32; got "
+                             + ",".join(str(s) for s in self.input_shape))
         if self.search_activations and self.measure == "none":
             raise ReleqError(
                 "--search-activations needs a hardware cost (--measure cpu or stripes): "
@@ -202,7 +238,7 @@ class SearchConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs.setdefault("cpu_kernels", "bitserial")  # runs written before auto existed priced bit-serial
-        for name in ("action_set", "act_action_set", "policy_layers", "value_layers", "long_lrs"):
+        for name in ("action_set", "act_action_set", "policy_layers", "value_layers", "long_lrs", "input_shape"):
             if name in kwargs and kwargs[name] is not None:
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)

@@ -3,7 +3,9 @@
 Read top to bottom, :func:`run_search` does:
 
 1. build the pieces from a :class:`SearchConfig` (layer table, float model, accuracy oracle,
-   cost backend, :class:`ReleqEnv`), or reload them from ``run_dir`` with ``resume``;
+   cost backend, :class:`ReleqEnv`), or reload them from ``run_dir`` with ``resume``; a user's
+   model (``--model``) is registered first, and the data is ``--data``, the network's own dataset,
+   or images passed in memory (:class:`SearchData`);
 2. train sb3-contrib ``RecurrentPPO`` with ``n_steps`` = episode length, so the policy is
    updated at the end of every episode; a callback logs every episode (episodes.csv), the
    policy's probability of every bitwidth at every step (action_probs.csv), the best
@@ -23,6 +25,7 @@ env state and random state, so a resumed run makes the same choices as an uninte
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import time
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 
 from releq_tvm.bits import format_bits
+from releq_tvm.data import TensorDataset
 from releq_tvm.errors import ReleqError
 from releq_tvm.search.config import SearchConfig
 from releq_tvm.search.run_files import (
@@ -54,6 +58,104 @@ from releq_tvm.search.run_files import (
 
 
 # ----------------------------------------------------------------------------------------------
+# The model and the data
+# ----------------------------------------------------------------------------------------------
+#: :attr:`SearchData.source` of images passed in memory (the Python API).
+IN_MEMORY = "in memory"
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The images of a search that scores accuracy: ``train`` fine-tunes every configuration, ``val``
+    scores it for the reward, ``test`` reports the long fine-tune of the chosen one (None: the data
+    has no test split, and there is no long fine-tune). Images (N, C, H, W) float in [0, 1], labels
+    (N,) class indices, as :func:`releq_tvm.data.load_model_data` gives them.
+
+    ``source`` says where they come from: a ``--data`` spec, a dataset name, or :data:`IN_MEMORY`.
+    ``digest`` (:func:`releq_tvm.search.accuracy.data_digest` of train and val) joins the accuracy
+    cache key unless the images are the network's registered dataset; :func:`build_parts` sets it.
+    """
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset | None = None
+    source: str = IN_MEMORY
+    digest: str | None = None
+
+
+def register_search_model(config: SearchConfig) -> None:
+    """Register ``config.model`` (``--model``: a .onnx / .pt2 file or an entry point) under
+    ``config.network``, checked against the operators the integer lowering supports; a model that
+    cannot be read, run or compiled is a one-line error. A registered network needs nothing, and a
+    model already registered from the same source is not loaded again."""
+    from releq_tvm.networks import UnknownNetworkError, get_network_spec
+
+    if config.model is None:
+        return
+    try:
+        spec = get_network_spec(config.network)
+        if spec.source == config.model and config.input_shape in (None, spec.input_shape):
+            return
+    except UnknownNetworkError:
+        pass
+    from releq_tvm.networks import create_network, register_user_model
+
+    spec = register_user_model(config.model, config.input_shape)
+    # the integer lowering's graph tracer, by name (search comes before compile in the data flow)
+    extract_graph = importlib.import_module("releq_tvm.compile.graph").extract_graph
+    extract_graph(create_network(spec.name), spec.input_shape, spec.name)  # an unsupported operator fails here
+
+
+def check_search_inputs(config: SearchConfig, data: SearchData | None = None, oracle=None) -> None:
+    """Register the model (:func:`register_search_model`) and check that a search scoring accuracy
+    has data to score it on: each mistake a one-line error, before any work is done."""
+    from releq_tvm.data import DATA_FORMS
+    from releq_tvm.networks import get_network_spec
+
+    register_search_model(config)
+    spec = get_network_spec(config.network)  # an unknown name lists the registered ones
+    if data is not None and config.data is not None:
+        raise ReleqError(f"pass the images in memory or --data {config.data}, not both")
+    if config.accuracy != "none" and oracle is None and data is None and (config.data or spec.dataset) is None:
+        raise ReleqError(f"the search scores {config.network}'s accuracy on data: pass --data with {DATA_FORMS}, "
+                         "or --accuracy none to search on cost only")
+
+
+def _has_test_split(source: str) -> bool:
+    """Whether ``--data`` ``source`` holds a test split (optional in an npz file and an image folder)."""
+    kind, _, where = source.partition(":")
+    if kind == "npz":
+        with np.load(where, allow_pickle=False) as arrays:  # train and val were read from it: it is an npz
+            return "x_test" in arrays.files
+    if kind == "imagefolder":
+        return (Path(where) / "test").is_dir()
+    return True  # a dataset by name
+
+
+def _source_split(config: SearchConfig, spec, split: str, limit: int | None = None) -> TensorDataset:
+    """``split`` of ``--data`` or, without it, of the network's own dataset."""
+    from releq_tvm.data import load_model_data
+
+    source = config.data or spec.dataset
+    return load_model_data(source, split, spec.input_shape, spec.num_classes, config.data_dir, limit)
+
+
+def load_search_data(config: SearchConfig, spec) -> SearchData:
+    """train and val (the first ``train_images`` / ``val_images``) of ``--data`` or the network's
+    own dataset, and test when the long fine-tune will run and the data has one."""
+    source = config.data or spec.dataset
+    train = _source_split(config, spec, "train", config.train_images)
+    val = _source_split(config, spec, "val", config.val_images)
+    long = config.long_finetune and config.long_steps > 0
+    test = _source_split(config, spec, "test") if long and _has_test_split(source) else None
+    return SearchData(train, val, test, source)
+
+
+def _first(data: TensorDataset, n: int | None) -> TensorDataset:
+    return data if n is None or len(data) <= n else TensorDataset(data.images[:n], data.labels[:n])
+
+
+# ----------------------------------------------------------------------------------------------
 # Building the pieces
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -67,8 +169,9 @@ class SearchParts:
     cost: object  # CostBackend
     model: torch.nn.Module | None
     input_shape: tuple[int, int, int]
-    dataset: str
+    dataset: str | None  # the network's registered dataset (None: a user's model)
     notes: list[str] = field(default_factory=list)
+    data: SearchData | None = None  # None: accuracy is not scored, or the oracle was given
 
 
 def effective_th(config: SearchConfig, oracle) -> float:
@@ -88,19 +191,22 @@ def _weight_std(model: torch.nn.Module, input_shape) -> list[float]:
     return [float(m.weight.detach().std()) for _, m in weight_modules(model, input_shape)]
 
 
-def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
+def build_parts(config: SearchConfig, oracle=None, cost=None, data: SearchData | None = None) -> SearchParts:
     """Layer table, float model, accuracy oracle, cost backend and env for ``config``.
 
-    ``oracle`` / ``cost`` replace the real ones (tests inject fakes; no data or TVM needed).
+    ``data``: the images to score accuracy on, in memory (default: ``config.data``, else the
+    network's own dataset). ``oracle`` / ``cost`` replace the real ones (tests inject fakes; no
+    data or TVM needed).
     """
     from releq_tvm.networks import MissingCheckpointError, create_network, get_network_spec, layer_table
-    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings, NoAccuracy
+    from releq_tvm.search.accuracy import AccuracyCache, FinetunedAccuracy, FinetuneSettings, NoAccuracy, data_digest
     from releq_tvm.search.cost import make_cost_backend
     from releq_tvm.search.env import ReleqEnv
     from releq_tvm.search.reward import make_reward
     from releq_tvm.train import model_hash
 
     config.validate()  # again: fields may have been set after construction
+    check_search_inputs(config, data, oracle)
     if config.threads:
         torch.set_num_threads(int(config.threads))
     spec = get_network_spec(config.network)
@@ -127,10 +233,15 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
             oracle = NoAccuracy()
             notes.append("--accuracy none: every configuration scores SA = 1, the search optimises cost only")
         else:
-            from releq_tvm.data import load_dataset
-
-            train = load_dataset(spec.dataset, "train", config.data_dir, limit=config.train_images)
-            val = load_dataset(spec.dataset, "val", config.data_dir, limit=config.val_images)
+            if data is None:
+                data = load_search_data(config, spec)
+            train, val = _first(data.train, config.train_images), _first(data.val, config.val_images)
+            # a dataset's name (with the network) implies its images; any other images key by their digest
+            digest = None if data.source == spec.dataset else data_digest(train, val)
+            data = SearchData(train, val, data.test, data.source, digest)
+            if data.test is None and config.long_finetune and config.long_steps > 0:
+                notes.append(f"the data ({data.source}) has no test split: no long fine-tune; the accuracy "
+                             "reported is the val accuracy after the short fine-tune")
             settings = FinetuneSettings(
                 network=config.network,
                 model_hash=model_hash(model),
@@ -141,9 +252,13 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
                 val_images=len(val),
                 train_images=config.train_images,
                 calibration_images=config.calibration_images,
+                data=digest,
             )
             cache = AccuracyCache(config.cache_path)  # None: the shared store, cache_dir()/cache.sqlite
             oracle = FinetunedAccuracy(model, spec.input_shape, train, val, settings, cache)
+    if oracle.scores_accuracy and oracle.full_precision <= 0:
+        raise ReleqError(f"{config.network} gets none of the val images right at full precision: check that the "
+                         "labels are its classes, in its order, and the images in [0, 1] as it was trained on")
     if cost is None:
         cost = make_cost_backend(config.measure, config.network, table, sq_form=config.sq_form, metric=config.metric,
                                  cpu_kernels=config.cpu_kernels)
@@ -171,7 +286,8 @@ def build_parts(config: SearchConfig, oracle=None, cost=None) -> SearchParts:
         latency_target=config.latency_target,
         sq_form=config.sq_form,
     )
-    return SearchParts(config, table, env, oracle, cost, model, spec.input_shape, spec.dataset, notes)
+    return SearchParts(config, table, env, oracle, cost, model, spec.input_shape, spec.dataset, notes,
+                       data if oracle.scores_accuracy else None)
 
 
 def _about_the_run(parts: SearchParts) -> dict:
@@ -189,6 +305,7 @@ def _about_the_run(parts: SearchParts) -> dict:
             if oracle.scores_accuracy
             else "none: SA = 1 for every configuration (cost only)"
         ),
+        "data": None if parts.data is None else {"source": parts.data.source, "digest": parts.data.digest},
         "full_precision_val_accuracy": oracle.full_precision if oracle.scores_accuracy else None,
         "reward_th_effective": effective_th(config, oracle),
         "notes": parts.notes,
@@ -454,20 +571,26 @@ def run_search(
     command: str | None = None,
     resume_episodes: int | None = None,
     overwrite: bool = False,
+    data: SearchData | None = None,
 ) -> dict:
     """Run (or resume) one search; returns the content of best.json.
 
     ``config.run_dir`` names the run (default runs/search/<net>-<measure>-<reward>). With
-    ``resume`` the saved config is used and ``resume_episodes`` may change the budget;
-    ``overwrite`` replaces a run already in ``run_dir``.
+    ``resume`` the saved config is used (its ``--model`` registered again) and ``resume_episodes``
+    may change the budget; ``overwrite`` replaces a run already in ``run_dir``.
+    ``data``: images in memory to score accuracy on instead of ``config.data`` or the network's
+    own dataset (on resume, the same images again: their digest is checked against the run's).
     ``oracle`` and ``cost`` replace the real accuracy oracle and cost backend (for tests).
     """
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     # -- set up ------------------------------------------------------------------------------------
+    if not resume:
+        check_search_inputs(config, data, oracle)  # before the run folder is made
     run_dir, config = prepare_run_dir(config, resume, resume_episodes, overwrite)
-    parts = build_parts(config, oracle=oracle, cost=cost)
+    parts = build_parts(config, oracle=oracle, cost=cost, data=data)
     if resume:
+        _check_same_data(run_dir, parts)
         record_resume(run_dir, config, command)
     else:
         write_config(run_dir, config, _about_the_run(parts), command)
@@ -520,11 +643,10 @@ def run_search(
     solution = search.solution()
     # Only the real oracle holds the float model and the train split the long fine-tune needs.
     can_finetune = isinstance(parts.oracle, FinetunedAccuracy)
-    if state.long_result is None and can_finetune and config.long_finetune and config.long_steps > 0:
-        from releq_tvm.data import load_dataset
-
+    long_due = state.long_result is None and can_finetune and config.long_finetune and config.long_steps > 0
+    test = _test_split(parts) if long_due else None
+    if test is not None:
         echo(f"long fine-tune of {format_bits(solution['w_bits'])} for {config.long_steps} steps ...")
-        test = load_dataset(parts.dataset, "test", config.data_dir)
         result, model = long_finetune(
             parts.oracle,
             solution["w_bits"],
@@ -542,6 +664,26 @@ def run_search(
     search.write_best()
     _summary(search, solution, echo)
     return json.loads((run_dir / "best.json").read_text())
+
+
+def _test_split(parts: SearchParts) -> TensorDataset | None:
+    """The long fine-tune's test images (None: the data has no test split)."""
+    if parts.data is not None:
+        return parts.data.test
+    from releq_tvm.networks import get_network_spec  # an oracle the caller gave: the test split of config's data
+
+    return _source_split(parts.config, get_network_spec(parts.config.network), "test")
+
+
+def _check_same_data(run_dir: Path, parts: SearchParts) -> None:
+    """A resumed run scores accuracy on the images it started with (config.json's ``data``)."""
+    saved = json.loads((run_dir / "config.json").read_text()).get("data")
+    now = None if parts.data is None else {"source": parts.data.source, "digest": parts.data.digest}
+    if saved is not None and now is not None and saved["digest"] != now["digest"]:
+        raise ReleqError(
+            f"{run_dir} scored accuracy on other images ({saved['source']}, digest {saved['digest']}) than these "
+            f"({now['source']}, digest {now['digest']}); resume with the run's images, or start a new run"
+        )
 
 
 def _summary(search: ReleqSearch, solution: dict, echo) -> None:
@@ -571,8 +713,10 @@ def _summary(search: ReleqSearch, solution: dict, echo) -> None:
         )
         if r.get("model_file"):
             model_file = search.run_dir / r["model_file"]
-            echo(f"fine-tuned model in {model_file} (build it: releq-tvm compile {search.config.network} "
-                 f"--checkpoint {model_file})")
+            config = search.config
+            net = config.network if config.model is None else f"--model {config.model}" + (
+                "" if config.input_shape is None else f" --input-shape {','.join(map(str, config.input_shape))}")
+            echo(f"fine-tuned model in {model_file} (build it: releq-tvm compile {net} --checkpoint {model_file})")
     elif not search.parts.oracle.scores_accuracy:
         echo("accuracy was not scored (--accuracy none): these bits optimise cost only")
     echo(f"results in {search.run_dir}")

@@ -104,11 +104,7 @@ def prepare_run_dir(
     run_dir = Path(config.run_dir or config.default_run_dir())
     cfg_path = run_dir / "config.json"
     if resume:
-        if not cfg_path.exists():
-            raise ReleqError(f"--resume: {run_dir} holds no config.json; start the run without --resume")
-        saved = json.loads(cfg_path.read_text())
-        stored = SearchConfig.from_dict(saved["config"])
-        stored.run_dir = str(run_dir)
+        stored = saved_config(run_dir)
         if episodes is not None:
             stored.episodes = int(episodes)
         return run_dir, stored
@@ -123,6 +119,16 @@ def prepare_run_dir(
     run_dir.mkdir(parents=True, exist_ok=True)
     config.run_dir = str(run_dir)
     return run_dir, config
+
+
+def saved_config(run_dir: Path) -> SearchConfig:
+    """The :class:`SearchConfig` a run in ``run_dir`` was made with (its config.json), to resume it."""
+    cfg_path = Path(run_dir) / "config.json"
+    if not cfg_path.exists():
+        raise ReleqError(f"--resume: {run_dir} holds no config.json; start the run without --resume")
+    stored = SearchConfig.from_dict(json.loads(cfg_path.read_text())["config"])
+    stored.run_dir = str(run_dir)
+    return stored
 
 
 def _invocation(command: str | None) -> dict:
