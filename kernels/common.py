@@ -69,5 +69,8 @@ def vectorize_output(sch, out_block) -> None:
     """
     loops = sch.get_loops(out_block)
     extent = int(sch.get(loops[-1]).extent) if loops else 1
-    if extent > 1 and extent & (extent - 1) == 0:  # other widths split into ragged vectors
+    if extent > 1 and extent & (extent - 1) == 0:
         sch.vectorize(loops[-1])
+    elif extent % 4 == 0:  # other widths would split into ragged vectors: whole vectors of the largest 2^k lanes
+        lanes = extent & -extent  # 28 -> 4
+        sch.vectorize(sch.split(loops[-1], [None, lanes])[1])

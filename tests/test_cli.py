@@ -136,7 +136,8 @@ def test_option_names_of_today_still_work():
     report = {opt for p in report_cmd.params for opt in p.opts}
     assert report == {"--bits-from", "--networks", "--out", "--skip-cpu", "--fresh-cpu", "--cpu-repeats", "--no-accuracy",
                       "--checkpoint", "--no-train", "--finetune-steps", "--val-images", "--pareto-finetune-steps",
-                      "--pareto-bits", "--pareto-networks", "--threads", "--data-dir", "--act-bits"}
+                      "--pareto-bits", "--pareto-networks", "--threads", "--data-dir", "--act-bits",
+                      "--model", "--input-shape", "--data"}
 
 
 @pytest.mark.parametrize("name", [f.name for f, tp in option_fields(SearchConfig) if choices_of(tp)])
@@ -252,7 +253,8 @@ def test_search_efficiency_offers_its_subset(monkeypatch):
     monkeypatch.setattr("releq_tvm.search.efficiency.compare_search_methods", fake_compare)
     settings = {p.name for p in search_efficiency_cmd.params} - {"network", "budget", "methods", "exhaustive_set", "out",
                                                                   "checkpoint", "data_dir"}
-    assert settings == {"measure", "cpu_kernels", "reward", "accuracy", "short_steps", "seed", "threads"}
+    assert settings == {"measure", "cpu_kernels", "reward", "accuracy", "short_steps", "seed", "threads", "model",
+                        "input_shape", "data"}
     result = run("search-efficiency", "lenet", "--accuracy", "none", "--seed", "4", "--short-steps", "20")
     assert isinstance(result.exception, Stop)
     assert seen["config"] == SearchConfig(network="lenet", accuracy="none", seed=4, short_steps=20)

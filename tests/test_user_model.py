@@ -664,3 +664,129 @@ def test_search_on_npz_data_scores_accuracy_long_fine_tunes_and_resumes(onnx_fil
     write_npz(tmp_path / "d.npz", y_val=labels_with_accuracy(small_cnn(), torch.from_numpy(arrays["x_val"]), right=5))
     assert_one_line_error(run("search", "--resume", "--run-dir", run_dir, "--episodes", "4"),
                           "scored accuracy on other images", "resume with the run's images")
+
+
+# ---------------------------------------------------------------------------------------------
+# search-seeds and report of a user's model: a run's config.json registers its model again
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a report CSV (its ``#`` provenance lines skipped)."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def forget_model(monkeypatch, name: str = "smallcnn") -> None:
+    """The registry of a new process: it knows no user model of ``name``."""
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if k != name})
+
+
+def test_search_seeds_of_an_onnx_model_on_cost_only(onnx_file, tmp_path):
+    from releq_tvm.search.cost import SQCost
+
+    root, out = tmp_path / "seeds", tmp_path / "seeds.csv"
+    result = run("search-seeds", "--model", onnx_file, "--accuracy", "none", "--seeds", "2", "--jobs", "1",
+                 "--episodes", "2", "--final-episodes", "1", "--root", root, "-o", out)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    assert [(r["network"], r["seed"], r["training_episodes"]) for r in rows] == [("smallcnn", "0", "2"), ("smallcnn", "1", "2")]
+    sq = SQCost(layer_table("smallcnn"))
+    for seed, row in enumerate(rows):
+        best = json.loads((root / f"seed{seed}" / "best.json").read_text())
+        saved = json.loads((root / f"seed{seed}" / "config.json").read_text())["config"]
+        assert (saved["model"], saved["seed"], best["network"]) == (str(onnx_file), seed, "smallcnn")
+        bits = best["solution"]["w_bits"]
+        assert row["w_bits"] == ",".join(map(str, bits)) and len(bits) == 4
+        assert float(row["cost_ratio"]) == round(sq.ratio(bits), 6) and float(row["accuracy_val_pct"]) == 100.0
+    assert (tmp_path / "seeds_front.csv").is_file() and (tmp_path / "seeds.png").is_file()
+
+
+def test_long_front_of_a_model_runs_on_its_data_in_a_new_process(onnx_file, tmp_path, monkeypatch):
+    write_npz(tmp_path / "d.npz")
+    data, root = f"npz:{tmp_path / 'd.npz'}", tmp_path / "seeds"
+    fine_tune = ("--short-steps", "2", "--long-steps", "2", "--long-lrs", "1e-3", "--finetune-batch-size", "8",
+                 "--cache", tmp_path / "cache.sqlite")
+    result = run("search-seeds", "--model", onnx_file, "--data", data, "--seeds", "1", "--episodes", "2",
+                 "--final-episodes", "1", *fine_tune, "--root", root, "-o", tmp_path / "seeds.csv")
+    assert result.exit_code == 0, result.output
+    forget_model(monkeypatch)
+    out = tmp_path / "front.csv"
+    result = run("compare-runs", root / "seed0", "--long-front", "2", "-o", out)
+    assert result.exit_code == 0, result.output
+    front = [r for r in read_rows(tmp_path / "front_front.csv") if r["on_front"] == "True"][:2]
+    assert front and all(r["test_acc_long_finetune_pct"] != "" for r in front)
+    # the long fine-tune reports on the npz's test split: 7 of its 10 images right at full precision
+    assert json.loads((root / "seed0" / "best.json").read_text())["long_finetune"]["test_accuracy_full_precision"] == 70.0
+    assert get_network_spec("smallcnn").source == str(onnx_file)
+
+
+@pytest.fixture
+def cost_only_run(onnx_file, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run("search", "--model", onnx_file, "--accuracy", "none", "--episodes", "2", "--final-episodes", "1",
+                 "--run-dir", run_dir)
+    assert result.exit_code == 0, result.output
+    return run_dir, json.loads((run_dir / "best.json").read_text())["solution"]["w_bits"]
+
+
+def test_report_of_a_search_run_of_a_model_registers_it_from_the_run(cost_only_run, onnx_file, tmp_path, monkeypatch):
+    from releq_tvm.sim.run import simulate_network
+
+    run_dir, bits = cost_only_run
+    bits_text = ",".join(map(str, bits))
+    forget_model(monkeypatch)
+    out = tmp_path / "results"
+    result = run("report", "--bits-from", run_dir, "--skip-cpu", "--no-accuracy", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert get_network_spec("smallcnn").source == str(onnx_file)
+    (row,) = read_rows(out / "bitwidths.csv")
+    assert (row["network"], row["bits_source"], row["w_bits"], row["layers"]) == ("smallcnn", str(run_dir), bits_text, "4")
+    assert row["accuracy_note"] == "accuracy not measured (--no-accuracy)"
+    rows = read_rows(out / "fig9_stripes.csv")
+    assert [r["network"] for r in rows] == ["smallcnn", "GEOMEAN"]
+    stripes = simulate_network("smallcnn", bits_text, None, mode="weights", fc_serial=True).result
+    assert (rows[0]["w_bits"], int(rows[0]["cycles"]), int(rows[0]["cycles_8bit"])) == (
+        bits_text, stripes.cycles, stripes.cycles_8bit)
+    assert float(rows[0]["speedup"]) == pytest.approx(stripes.cycles_8bit / stripes.cycles)
+    assert (out / "convergence_smallcnn.csv").is_file() and not (out / "fig8_tvm_cpu.csv").exists()
+
+
+def test_report_of_a_model_scores_accuracy_on_its_data(cost_only_run, tmp_path):
+    run_dir, bits = cost_only_run
+    write_npz(tmp_path / "d.npz")
+    out = tmp_path / "results"
+    result = run("report", "--bits-from", run_dir, "--data", f"npz:{tmp_path / 'd.npz'}", "--skip-cpu",
+                 "--finetune-steps", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    (row,) = read_rows(out / "bitwidths.csv")
+    # write_npz's test labels: the float model gets exactly 7 of the 10 test images right
+    assert float(row["acc_fp32_test_pct"]) == 70.0 and row["finetune_steps"] == "2"
+    assert row["acc_quant_test_pct"] != "" and row["model"] == f"the weights of {get_network_spec('smallcnn').source}"
+
+
+def test_report_of_a_model_says_what_cannot_work_in_one_line(onnx_file, tmp_path):
+    write_npz(tmp_path / "d.npz")
+    out = tmp_path / "results"
+    assert_one_line_error(run("report", "--model", onnx_file, "--skip-cpu", "--no-accuracy", "--out", out),
+                          "smallcnn has no published bitwidths", "--bits-from RUN_DIR")
+    assert_one_line_error(run("report", "--networks", "lenet", "--data", f"npz:{tmp_path / 'd.npz'}", "--skip-cpu",
+                              "--out", out), "--data goes with your own model")
+    assert_one_line_error(run("report", "--networks", "lenet", "--input-shape", "3,12,12", "--out", out),
+                          "--input-shape goes with --model")
+    assert not out.exists()
+
+
+def test_search_efficiency_of_a_model_on_its_data(onnx_file, tmp_path):
+    write_npz(tmp_path / "d.npz")
+    out = tmp_path / "eff.csv"
+    result = run("search-efficiency", "--model", onnx_file, "--data", f"npz:{tmp_path / 'd.npz'}", "--short-steps", "2",
+                 "--methods", "random,exhaustive", "--exhaustive-set", "2,8", "-o", out)
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out)
+    assert [(r["network"], r["method"], r["configurations"]) for r in rows] == [
+        ("smallcnn", "random", "16"), ("smallcnn", "exhaustive", "16")]  # budget: |{2, 8}|^4
+    # scored on the npz's 8 val images (a multiple of 12.5 %), not SA = 1 of a cost-only search
+    assert all(float(r["accuracy_val"]) * 8 / 100 in range(9) and float(r["accuracy_val"]) < 100 for r in rows)
+    assert_one_line_error(run("search-efficiency", "--model", onnx_file, "-o", out), "pass --data with")

@@ -12,6 +12,9 @@ Two protocols, both documented in the CSVs that use them:
   minutes per point. ``pareto_finetune_steps`` > 0 gives every point that many fine-tune steps
   first (a much better picture of what a bit vector can reach at ~0.1 s per step on a busy CPU).
 
+A user's own model (``--model``, or a search run of one) keeps its own weights and is scored on
+its ``--data`` (or the data its search run used), whose digest joins every cache key.
+
 Models: the shipped checkpoint, or ``--checkpoint NET=FILE``. An MNIST network with neither
 (``lenet4``) is trained here, seeded, with the recipe of the shipped LeNet-5 checkpoint, and
 cached under ``cache_dir()/report/``. Other datasets need ``--data-dir`` and a checkpoint;
@@ -93,7 +96,8 @@ class AccuracyOracle:
     """Measured accuracies (percent) of the registered networks, cached on disk.
 
     ``cache_path``: a folder for this oracle's store (``cache.sqlite``) and trained checkpoints;
-    None: the shared store and ``cache_dir()/report/``.
+    None: the shared store and ``cache_dir()/report/``. ``model_data``: the ``--data`` spec of each
+    user's model (registered networks use their own dataset).
     """
 
     NAMESPACE = "report/accuracy"
@@ -103,8 +107,10 @@ class AccuracyOracle:
         config: AccuracyConfig = AccuracyConfig(),
         cache_path: str | Path | None = None,
         progress: Callable[[str], None] | None = None,
+        model_data: Mapping[str, str] | None = None,
     ):
         self.config = config
+        self.model_data = dict(model_data or {})
         self.root = Path(cache_path) if cache_path is not None else cache_dir() / "report"
         self.store = Store(self.root / "cache.sqlite") if cache_path is not None else open_store()
         self.progress = progress or (lambda msg: None)
@@ -112,6 +118,7 @@ class AccuracyOracle:
         self._unsaved: dict[str, float] = {}
         self._models: dict[str, tuple[object, str, str]] = {}
         self._data: dict[tuple[str, str], object] = {}
+        self._data_keys: dict[tuple[str, ...], str] = {}
 
     # -- cache --------------------------------------------------------------------------------
     def _store(self, key: str, value: float) -> None:
@@ -133,6 +140,12 @@ class AccuracyOracle:
         from releq_tvm.networks import checkpoint_path, get_network_spec
 
         spec = get_network_spec(network)
+        if spec.source is not None:  # a user's model: its own weights, and the images given for it
+            if network not in self.model_data:
+                from releq_tvm.data import DATA_FORMS
+
+                return f"no data for {network} here: pass --data with {DATA_FORMS}"
+            return None
         if spec.dataset != "mnist" and self.config.data_dir is None:
             return f"no {spec.dataset} data here: pass --data-dir DIR (and --checkpoint {network}=FILE)"
         has_model = network in self.config.checkpoints or checkpoint_path(network) is not None
@@ -141,14 +154,32 @@ class AccuracyOracle:
         return None
 
     def data(self, network: str, split: str):
-        from releq_tvm.data import load_dataset
+        from releq_tvm.data import load_dataset, load_model_data
         from releq_tvm.networks import get_network_spec
 
-        dataset = get_network_spec(network).dataset
-        key = (dataset, split)
+        spec = get_network_spec(network)
+        source = self.model_data.get(network) if spec.source is not None else spec.dataset
+        key = (source, split)
         if key not in self._data:
-            self._data[key] = load_dataset(dataset, split, self.config.data_dir)
+            if spec.source is not None:
+                self._data[key] = load_model_data(source, split, spec.input_shape, spec.num_classes, self.config.data_dir)
+            else:
+                self._data[key] = load_dataset(source, split, self.config.data_dir)
         return self._data[key]
+
+    def data_key(self, network: str, *splits: str) -> str:
+        """What of the images joins a cache key: nothing for a registered network (its dataset is
+        implied), the digest of ``splits`` for a user's model's ``--data``."""
+        from releq_tvm.networks import get_network_spec
+
+        if get_network_spec(network).source is None:
+            return ""
+        key = (network, *splits)
+        if key not in self._data_keys:
+            from releq_tvm.search.accuracy import data_digest
+
+            self._data_keys[key] = f"|data {data_digest(*(self.data(network, s) for s in splits))}"
+        return self._data_keys[key]
 
     def float_model(self, network: str):
         """(a fresh float copy of the trained model, its digest, where it came from)."""
@@ -174,8 +205,11 @@ class AccuracyOracle:
         reason = self.missing_reason(network)
         if reason is not None:
             raise ReleqError(f"{network}: {reason}")
+        spec = get_network_spec(network)
         if network in self.config.checkpoints:
             model, origin = load_model(network, self.config.checkpoints[network]), f"checkpoint {self.config.checkpoints[network]}"
+        elif spec.source is not None:
+            model, origin = load_model(network), f"the weights of {spec.source}"
         elif checkpoint_path(network) is not None:
             model, origin = load_model(network), f"shipped checkpoint networks/checkpoints/{get_network_spec(network).checkpoint}"
         else:
@@ -204,7 +238,7 @@ class AccuracyOracle:
         from releq_tvm.train import evaluate
 
         model, digest, _ = self._entry(network)
-        key = f"{network}|{digest}|fp32|test"
+        key = f"{network}|{digest}{self.data_key(network, 'test')}|fp32|test"
         if key not in self._cache:
             self._store(key, evaluate(model, self.data(network, "test")))
         return self._cache[key]
@@ -215,7 +249,7 @@ class AccuracyOracle:
         from releq_tvm.quant.quantizers import QUANTIZER_VERSION
 
         act = "" if a_bits is None else f"|act {','.join(map(str, a_bits))} calibration {calibration_images()}"
-        return (f"{network}|{digest}|{QUANTIZER_VERSION}|bits {','.join(map(str, bits))}{act}"
+        return (f"{network}|{digest}{self.data_key(network, 'train', 'test')}|{QUANTIZER_VERSION}|bits {','.join(map(str, bits))}{act}"
                 f"|finetune {c.finetune_steps} lr {c.finetune_lr:g} batch {c.finetune_batch} seed {c.seed}|test")
 
     def finetuned(self, network: str, bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float:
@@ -272,6 +306,7 @@ class ParetoScorer:
         self.subset, self.input_shape = subset, input_shape
         self.images = len(subset)
         self.finetune_steps = oracle.config.pareto_finetune_steps
+        self.data_key = oracle.data_key(network, "val", *(("train",) if self.finetune_steps else ()))
         self._new = 0
 
     @property
@@ -289,7 +324,7 @@ class ParetoScorer:
         from releq_tvm.train import evaluate, finetune_bits
 
         c = self.oracle.config
-        key = f"{self.network}|{self.digest}|bits {','.join(map(str, bits))}|{self.protocol}"
+        key = f"{self.network}|{self.digest}{self.data_key}|bits {','.join(map(str, bits))}|{self.protocol}"
         value = self.oracle._cache.get(key)
         if value is None:
             if self.finetune_steps == 0:

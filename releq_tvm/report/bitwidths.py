@@ -46,7 +46,8 @@ def bitwidth_rows(
         n_w = [layer.n_weights for layer in table]
         row = {
             "network": net,
-            "dataset": spec.dataset,
+            # a user's model has no dataset of its own: the --data it is scored on, where known
+            "dataset": spec.dataset or (oracle.model_data.get(net) if oracle is not None else None),
             "layers": len(table),
             "bits_source": choice.source,
             "variant": variant,

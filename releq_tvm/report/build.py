@@ -65,6 +65,21 @@ class ReportOptions:
         None, parse=network_list, metavar="NET,NET|all",
         help="Networks to report (default: all registered, or those of the runs).",
     )
+    # The user's own model (issue 14). A search run of one registers it from its config.json, with its
+    # data: --model is for a model no run of which is given.
+    model: str | None = setting(
+        None, metavar="SOURCE",
+        help="Your own model (a .onnx or .pt2 file, or an entry point package.module:function). It has no published "
+             "bits: report it at a search run's with --bits-from RUN_DIR (a run of it registers it by itself).",
+    )
+    input_shape: tuple[int, ...] | None = setting(
+        None, min=1, metavar="C,H,W", help="Input shape of a --model that does not state one."
+    )
+    data: str | None = setting(
+        None, metavar="SPEC",
+        help="Images of your own model's accuracy (fine-tune on train, report on test): imagefolder:DIR, npz:FILE or "
+             "a dataset name. Default: the data its search run used; none: its accuracy cells stay empty.",
+    )
     out_dir: str | Path = setting("results", cli="--out", path="dir", help="Folder the files are written to.")
     skip_cpu: bool = setting(
         False, help="Do not build and time TVM networks: fig8 is not rewritten, CPU columns stay empty."
@@ -98,24 +113,45 @@ class ReportOptions:
         check_settings(self)
 
 
+def register_report_model(opts: ReportOptions) -> str | None:
+    """Register ``--model`` (checked as ``search --model`` checks it); returns its network name, or
+    None without one. A search run of a user's model registers its own (:func:`releq_tvm.report.runs.load_run`)."""
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.search.config import SearchConfig
+    from releq_tvm.search.run import register_search_model
+
+    if opts.model is None:
+        if opts.input_shape is not None:
+            raise ReleqError("--input-shape goes with --model; a registered network's input shape is known")
+        return None
+    config = SearchConfig(model=opts.model, input_shape=opts.input_shape)
+    register_search_model(config)
+    return config.network
+
+
 def resolve_inputs(opts: ReportOptions) -> tuple[list[str], list, dict[str, BitChoice], list[BitChoice]]:
     """(networks, search runs, primary bits per network, the choices of the other runs that searched
-    activation bits) from the options; bad input (``--act-bits`` included) is a one-line error."""
+    activation bits) from the options; bad input (``--act-bits`` included) is a one-line error.
+    ``--model`` and the models of the runs are registered first."""
     from releq_tvm.errors import ReleqError
     from releq_tvm.networks import get_network_spec, list_networks
     from releq_tvm.report.runs import discover_runs
 
+    model = register_report_model(opts)
     sources = list(opts.bits_from) or ["published"]
     use_published = "published" in sources
     runs = discover_runs([s for s in sources if s != "published"])
+    run_networks = list(dict.fromkeys(r.network for r in runs))
     if opts.networks:
         networks = list(dict.fromkeys(opts.networks))
-        for net in networks:
-            get_network_spec(net)  # UnknownNetworkError lists the registered names
-    elif use_published:
-        networks = list_networks()
+    elif model is not None:
+        networks = list(dict.fromkeys([model, *run_networks]))
+    elif use_published:  # the registered networks, and the user's models that runs were given of
+        networks = [n for n in list_networks() if get_network_spec(n).source is None or n in run_networks]
     else:
-        networks = list(dict.fromkeys(r.network for r in runs))
+        networks = run_networks
+    for net in [*networks, *opts.pareto_networks, *opts.accuracy_config.checkpoints]:
+        get_network_spec(net)  # UnknownNetworkError lists the registered names
     if not networks:
         raise ReleqError("nothing to report: pass --networks or --bits-from published or a run directory")
     choices = choose_bits(networks, runs, use_published)
@@ -124,10 +160,31 @@ def resolve_inputs(opts: ReportOptions) -> tuple[list[str], list, dict[str, BitC
     return networks, runs, choices, activation_run_choices(runs, choices)
 
 
+def user_model_data(opts: ReportOptions, networks: Sequence[str], runs: Sequence) -> dict[str, str]:
+    """The images of each of the report's own models (``--data`` spec by network name): ``--data``,
+    else the data its primary search run used. Registered networks use their own dataset."""
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.networks import get_network_spec
+
+    own = [net for net in networks if get_network_spec(net).source is not None]
+    if opts.data is not None:
+        if len(own) != 1:
+            raise ReleqError(
+                f"--data is the images of your own model, one per report; this report has {', '.join(own)}: report "
+                "them one at a time" if own else
+                "--data goes with your own model (--model, or --bits-from a run of one); registered networks use "
+                "their own dataset (--data-dir)"
+            )
+        return {own[0]: opts.data}
+    primary = primary_runs(runs)
+    return {net: primary[net].config["data"] for net in own if net in primary and primary[net].config.get("data")}
+
+
 def build_report(opts: ReportOptions, progress: Callable[[str], None] | None = None) -> list[Path]:
     """Write every report file for ``opts`` into ``opts.out_dir``; returns the paths written."""
     say = progress or (lambda msg: None)
     networks, runs, choices, wa_runs = resolve_inputs(opts)
+    model_data = user_model_data(opts, networks, runs)
     if opts.threads:
         import torch
 
@@ -142,7 +199,7 @@ def build_report(opts: ReportOptions, progress: Callable[[str], None] | None = N
             _fig8(out, prov, choices, wa_runs, measure, say)
         oracle = None
         if opts.accuracy:
-            oracle = AccuracyOracle(opts.accuracy_config, opts.accuracy_cache, say)
+            oracle = AccuracyOracle(opts.accuracy_config, opts.accuracy_cache, say, model_data)
         _bitwidths(out, prov, choices, wa_runs, oracle, say)
         for net in networks:
             if net in opts.pareto_networks:

@@ -18,12 +18,10 @@ from releq_tvm.report.build import ReportOptions
 @data_dir_option
 def report_cmd(**settings):
     """Rebuild the figures and tables under --out (CSV + PNG + README.md), all or nothing."""
-    from releq_tvm.networks import get_network_spec
     from releq_tvm.report.build import build_report
 
     opts = settings_from(ReportOptions, settings)
-    for net in [*(opts.networks or ()), *opts.pareto_networks, *opts.accuracy_config.checkpoints]:
-        get_network_spec(net)  # an unknown name fails here, in one line
+    # build_report checks every name (after registering --model and the runs' models) before any work
     written = build_report(opts, progress=lambda msg: click.echo(msg, err=True))
     for path in written:
         click.echo(f"wrote {path}")

@@ -208,6 +208,11 @@ def load_run(path: str | Path) -> SearchRun:
     if not isinstance(config, Mapping) or "network" not in config:
         raise ReleqError(f"{run_dir / 'config.json'} has no config.network; is it a `releq-tvm search` run?")
     network = str(config["network"])
+    if config.get("model"):  # a search of the user's own model: register it again, as --resume does
+        from releq_tvm.search.config import SearchConfig
+        from releq_tvm.search.run import register_search_model
+
+        register_search_model(SearchConfig.from_dict(config))
     get_network_spec(network)  # one-line error for a run of an unregistered network
     n_layers = len(layer_table(network))
     episodes = read_episodes(run_dir / "episodes.csv")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from releq_tvm.cli_options import checkpoint_option, data_dir_option, network_argument
+from releq_tvm.cli_options import checkpoint_option, data_dir_option
 from releq_tvm.config_cli import option_fields, settings_from, settings_options
 from releq_tvm.search.config import SearchConfig
 
@@ -17,8 +17,10 @@ from releq_tvm.search.config import SearchConfig
 _RESUME_OPTIONS = ("network", "model", "run_dir", "resume", "episodes")
 #: The settings `search-seeds` passes on to every seed's search: all of them but the seed and the folder.
 _SEEDS_SETTINGS = tuple(f.name for f, _ in option_fields(SearchConfig) if f.name not in ("seed", "run_dir"))
-#: The settings `search-efficiency` offers: what changes its methods' shared reward.
-_EFFICIENCY_SETTINGS = ("measure", "cpu_kernels", "reward", "accuracy", "short_steps", "seed", "threads")
+#: The settings `search-efficiency` offers: the model and its data (as `search` takes them) and what
+#: changes its methods' shared reward.
+_EFFICIENCY_SETTINGS = ("model", "input_shape", "data", "measure", "cpu_kernels", "reward", "accuracy", "short_steps",
+                        "seed", "threads")
 
 
 def _action_set(ctx, param, value):
@@ -66,7 +68,7 @@ def search_cmd(resume: bool, overwrite: bool, **settings) -> None:
 
 
 @click.command("search-efficiency")
-@network_argument
+@click.argument("network", metavar="[NET]", required=False)
 @click.option("--budget", type=click.IntRange(1), default=None,
               help="Distinct configurations each method may evaluate (default: |exhaustive set|^L).")
 @click.option("--methods", default="ppo,random,exhaustive", show_default=True)
@@ -77,15 +79,18 @@ def search_cmd(resume: bool, overwrite: bool, **settings) -> None:
 @checkpoint_option
 @data_dir_option
 def search_efficiency_cmd(budget, methods, exhaustive_set, out, **settings) -> None:
-    """Compare PPO, random search and exhaustive enumeration on NET at the same configuration budget."""
+    """Compare PPO, random search and exhaustive enumeration on NET (or your own --model, on --data)
+    at the same configuration budget."""
     import sys
     from pathlib import Path
 
     from releq_tvm.io import atomic_write_bytes
     from releq_tvm.report.search_efficiency import efficiency_png, write_efficiency_csv
     from releq_tvm.search.efficiency import compare_search_methods
+    from releq_tvm.search.run import check_search_inputs
 
     config = settings_from(SearchConfig, settings)
+    check_search_inputs(config)  # NET or --model, and data for accuracy: before any method runs
     names = [m.strip() for m in methods.split(",") if m.strip()]
     rows = compare_search_methods(config.network, budget=budget, methods=names, exhaustive_set=exhaustive_set,
                                   config=config, echo=click.echo)
@@ -106,6 +111,8 @@ _long_front_option = click.option(
 def _check_long_front(config: SearchConfig, long_front: int) -> None:
     if long_front and config.accuracy == "none":
         raise click.UsageError("--long-front needs runs that score accuracy (not --accuracy none)")
+    if long_front and config.long_steps == 0:
+        raise click.UsageError("--long-front long fine-tunes for the runs' --long-steps; these runs have 0")
 
 
 def _write_runs(runs, out: str, long_front: int) -> None:

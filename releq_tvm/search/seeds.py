@@ -85,30 +85,36 @@ def long_finetune_configurations(config: SearchConfig, configurations: Sequence[
                                  echo: Callable[[str], None] = print) -> dict[tuple, dict]:
     """The long fine-tune (:func:`releq_tvm.search.accuracy.long_finetune`, ``config``'s steps, rates
     and seed) of each configuration, with its test accuracy; results are kept in the cache store,
-    so each configuration is fine-tuned once per settings. Returns {(w_bits, a_bits): result}."""
+    so each configuration is fine-tuned once per settings. Returns {(w_bits, a_bits): result}.
+
+    The model and the images are the search's own (:func:`releq_tvm.search.run.build_parts`): a
+    ``--model`` is registered again, and the test split comes from ``--data`` or the network's dataset.
+    """
     import json
 
-    from releq_tvm.data import load_dataset
+    from releq_tvm.errors import ReleqError
     from releq_tvm.search.accuracy import long_finetune
     from releq_tvm.search.run import build_parts
 
-    parts = build_parts(replace(config, run_dir=None))
+    # long_finetune=True: build_parts reads the test split only for a search that long fine-tunes
+    parts = build_parts(replace(config, run_dir=None, long_finetune=True))
     oracle = parts.oracle
     store = oracle.cache.store
     settings = {"steps": config.long_steps, "learning_rates": list(config.long_lrs), "seed": config.seed,
                 "batch_size": config.finetune_batch_size}
     namespace = f"{LONG_NAMESPACE}/{oracle.key}/{oracle.cache.settings_key(settings)}"
-    test = None
     out: dict[tuple, dict] = {}
     for i, (w, a) in enumerate(configurations):
         key = (tuple(int(b) for b in w), None if a is None else tuple(int(b) for b in a))
         entry_key = json.dumps([list(key[0]), None if key[1] is None else list(key[1])])
         result = store.get(namespace, entry_key)
         if result is None:
-            test = test if test is not None else load_dataset(parts.dataset, "test", config.data_dir)
+            if parts.data.test is None:
+                raise ReleqError(f"--long-front reports test accuracy, but the runs' data ({parts.data.source}) has no "
+                                 "test split: add one (x_test, y_test in an npz; test/ in an image folder)")
             echo(f"long fine-tune {i + 1}/{len(configurations)}: w {format_bits(key[0])}"
                  + (f" a {format_bits(key[1])}" if key[1] else "") + f" ({config.long_steps} steps per rate)")
-            result, _ = long_finetune(oracle, key[0], key[1], test, steps=config.long_steps,
+            result, _ = long_finetune(oracle, key[0], key[1], parts.data.test, steps=config.long_steps,
                                       learning_rates=config.long_lrs, batch_size=config.finetune_batch_size,
                                       seed=config.seed)
             store.put(namespace, entry_key, result)
