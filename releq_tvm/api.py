@@ -340,6 +340,7 @@ def simulate(
     fc_serial: bool = True,
     overrides: Mapping[str, str | float] | None = None,
     method: str = "stepped",
+    checkpoint: str | os.PathLike | None = None,
 ) -> SimulateResult:
     """Simulate ``model`` on the Stripes bit-serial accelerator at ``bits`` / ``act_bits`` against the
     same accelerator at 8 bits (what ``releq-tvm simulate`` does).
@@ -350,6 +351,8 @@ def simulate(
     weights-serial (else at the bit-parallel DaDN rate; the other setting is in ``alternative``).
     ``overrides``: Stripes constants by name (``{"nbin_width_bits": 256}``; see
     :mod:`releq_tvm.sim.config`). ``method``: ``stepped`` (counts stalls) or ``closed`` (closed form).
+    ``checkpoint``: a fine-tuned model file (a search's ``model_file``): with ``bits`` / ``act_bits``
+    None, the bits it was fine-tuned at are simulated.
     """
     from releq_tvm.sim.config import MODES
     from releq_tvm.sim.run import simulate_network
@@ -361,7 +364,8 @@ def simulate(
         raise ReleqError(f"method must be stepped or closed; got {method!r}")
     run = simulate_network(network, None if bits is None else _bits_value(bits),
                            None if act_bits is None else _bits_value(act_bits), mode, fc_serial,
-                           {key: str(value) for key, value in (overrides or {}).items()}, method)
+                           {key: str(value) for key, value in (overrides or {}).items()}, method,
+                           None if checkpoint is None else os.fspath(checkpoint))
     r = run.result
     return SimulateResult(
         network=network, w_bits=tuple(r.w_bits), a_bits=tuple(r.a_bits), mode=mode, fc_serial=fc_serial,

@@ -418,7 +418,7 @@ def test_a_corrupt_checkpoint_is_one_line_and_exit_2(command, kind, fragments, t
                           f"checkpoint {path}", *fragments)
 
 
-@pytest.mark.parametrize("command", ["eval", "compile"])
+@pytest.mark.parametrize("command", ["eval", "compile", "simulate"])
 @pytest.mark.parametrize(
     "args,fragments",
     [
@@ -430,6 +430,20 @@ def test_a_corrupt_checkpoint_is_one_line_and_exit_2(command, kind, fragments, t
 def test_bits_that_disagree_with_the_checkpoint_are_one_line_and_exit_2(command, args, fragments, finetuned_file):
     extra = ["--no-measure"] if command == "compile" else []
     assert_one_line_error(run(command, "lenet", "--checkpoint", str(finetuned_file[0]), *args, *extra), *fragments)
+
+
+def test_simulate_takes_a_fine_tuned_files_bits(finetuned_file):
+    """simulate --checkpoint runs Stripes at the bits the file was fine-tuned at, as if they were given."""
+    import json
+
+    from_file = run("simulate", "lenet", "--checkpoint", str(finetuned_file[0]), "--json")
+    given = run("simulate", "lenet", "--bits", "8,2,2,3,2", "--act-bits", "8,4,4,2,4", "--json")
+    assert from_file.exit_code == 0 and given.exit_code == 0, from_file.output + given.output
+    file_result, given_result = json.loads(from_file.output), json.loads(given.output)
+    assert (file_result["w_bits"], file_result["a_bits"]) == ([8, 2, 2, 3, 2], [8, 4, 4, 2, 4])
+    assert file_result["totals"] == given_result["totals"]
+    assert file_result["totals"]["cycles"] < file_result["totals"]["cycles_8bit"]
+    assert any("fine-tuned model file" in note for note in file_result["notes"])
 
 
 def test_a_checkpoint_of_another_network_is_one_line(finetuned_file):

@@ -21,13 +21,26 @@ class NetworkRun:
     notes: tuple[str, ...]
 
 
-def resolve_bits(network: str, bits: str | None, act_bits: str | None) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
-    """Weight and activation bit vectors of ``network`` from CLI text (None: published / 8 bits)."""
+def resolve_bits(network: str, bits: str | None, act_bits: str | None,
+                 checkpoint: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
+    """Weight and activation bit vectors of ``network`` from CLI text; None: the bits a fine-tuned
+    ``checkpoint`` was trained at (``releq-tvm finetune -o``, a search's finetuned.pt), else the
+    published weight bits and 8-bit activations. Bits given beside a checkpoint must agree with it."""
     from releq_tvm.networks import get_network_spec, layer_table
 
     spec = get_network_spec(network)  # UnknownNetworkError names the registered networks
     n = len(layer_table(network))
     notes: list[str] = []
+    if checkpoint is not None:
+        from releq_tvm.train import read_model_file
+
+        given_w = None if bits is None else parse_bits(bits, n, network, what="--bits")
+        given_a = None if act_bits is None else parse_bits(act_bits, n, network, what="--act-bits")
+        w, a = read_model_file(network, checkpoint).bits_in_force(given_w, given_a)
+        if w is not None or a is not None:
+            notes.append(f"bits of the fine-tuned model file {checkpoint}")
+        bits = None if w is None else format_bits(w)
+        act_bits = None if a is None else format_bits(a)
     if bits is None:
         if spec.published_bits is None:
             raise ReleqError(f"{network} has no published bitwidths; pass --bits with {n} values")
@@ -49,11 +62,13 @@ def simulate_network(
     fc_serial: bool = True,
     overrides: Mapping[str, str] | None = None,
     method: str = "stepped",
+    checkpoint: str | None = None,
 ) -> NetworkRun:
-    """Simulate ``network`` at ``bits`` (text like ``"8,2,2,3,2"``; None: its published bits)."""
+    """Simulate ``network`` at ``bits`` (text like ``"8,2,2,3,2"``; None: a fine-tuned ``checkpoint``'s
+    bits, else its published bits; see :func:`resolve_bits`)."""
     from releq_tvm.networks import layer_table
 
-    w, a, notes = resolve_bits(network, bits, act_bits)
+    w, a, notes = resolve_bits(network, bits, act_bits, checkpoint)
     table = layer_table(network)
     config = StripesConfig(mode=mode, fc_weights_serial=fc_serial).with_overrides(dict(overrides or {}))
     result = StripesSimulator(config).simulate(table, w, a, method=method, network=network)
