@@ -94,16 +94,24 @@ def register_user_model(source: str, input_shape: tuple[int, int, int] | None = 
     shape = tuple(input_shape) if input_shape is not None else stated
     if shape is None:
         raise ModelSourceError(f"{source} does not state its input shape; pass --input-shape C,H,W (e.g. 3,32,32)")
-    num_classes = _check_runs(model, shape, source)
     file_name = None if _is_entry_point(source) else Path(source).name
+    return register_model_object(name, model, shape, source, f"user model from {source}", file_name)
+
+
+def register_model_object(name: str, model: nn.Module, input_shape: tuple[int, int, int], source: str,
+                          description: str, checkpoint: str | None = None) -> NetworkSpec:
+    """Register ``model`` under ``name`` once it is checked to run at ``input_shape`` and give logits;
+    every :func:`create_network` of it is a copy. ``source`` names the model in messages and in the
+    spec. A registered network's name raises ``ValueError`` (see :func:`register_user_network`)."""
+    num_classes = _check_runs(model, input_shape, source)
     return register_user_network(NetworkSpec(
         name=name,
         builder=lambda: copy.deepcopy(model),
-        input_shape=shape,
+        input_shape=tuple(input_shape),
         dataset=None,
         num_classes=num_classes,
-        description=f"user model from {source}",
-        checkpoint=file_name,
+        description=description,
+        checkpoint=checkpoint,
         source=source,
     ))
 

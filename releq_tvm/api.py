@@ -198,9 +198,8 @@ def _register_module(model: nn.Module, input_shape: Sequence[int] | None, name: 
     operators compile; a later call with the same name replaces it."""
     from releq_tvm.cli_options import parse_input_shape
     from releq_tvm.compile.graph import extract_graph
-    from releq_tvm.networks import NetworkSpec, create_network, register_user_network
-    # one check of "runs at this shape and gives logits" for files, entry points and modules alike
-    from releq_tvm.networks.user_model import _check_runs
+    from releq_tvm.networks import create_network
+    from releq_tvm.networks.user_model import ModelSourceError, register_model_object
 
     name = name or type(model).__name__.lower()
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -210,18 +209,11 @@ def _register_module(model: nn.Module, input_shape: Sequence[int] | None, name: 
     shape = parse_input_shape(_shape_text(input_shape))
     snapshot = copy.deepcopy(model).eval()
     what = f"nn.Module {type(model).__qualname__}"
-    num_classes = _check_runs(snapshot, shape, what)
     try:
-        register_user_network(NetworkSpec(
-            name=name,
-            builder=lambda: copy.deepcopy(snapshot),
-            input_shape=shape,
-            dataset=None,
-            num_classes=num_classes,
-            description=f"user model: an {what} (Python API)",
-            source=what,
-        ))
-    except ValueError:
+        register_model_object(name, snapshot, shape, what, f"user model: an {what} (Python API)")
+    except ModelSourceError:  # does not run at input_shape, or gives no logits
+        raise
+    except ValueError:  # the name is taken by a registered network
         raise ReleqError(f"{name} is a registered network's name; pass name= another name for your {what}") from None
     extract_graph(create_network(name), shape, name)  # an unsupported operator fails here
     return name
