@@ -9,11 +9,12 @@ Stages inside a PrimFunc (block names in brackets):
 1. ``pad``         zero-pad the activations spatially (and channels to whole bytes/words), uint8;
 2. ``pack_bytes``  OR 8 bits of each of the ``a_bits`` planes into a byte (uint8 vector lanes);
 3. ``pack``        join 8 bytes into the uint64 words of each plane (the run time half of
-   :func:`bitpack`; the weights' half is done once by ``pack_weights``). Window and folded
-   layouts with one word per kernel row (``plan.row_stream``) instead pack each padded input
-   row once (``rowbits_bytes``, ``rowbits``) and ``pack`` cuts every output position's word
-   out of its rows with two shifts and a mask: each input element is packed once per plane,
-   not once per kernel tap that reads it (LeNet-5's 1-channel conv1: 2.85 -> 1.59 us at 1x1 bits);
+   :func:`bitpack`; the weights' half is done once by ``pack_weights``). Folded layouts with
+   one word per kernel row, and window layouts of 16 taps or more (``plan.row_stream``),
+   instead pack each padded input row once (``rowbits_bytes``, ``rowbits``) and ``pack`` cuts
+   every output position's word out of its rows with two shifts and a mask: each input element
+   is packed once per plane, not once per kernel tap that reads it (LeNet-5's 1-channel conv1:
+   2.85 -> 1.59 us at 1x1 bits);
 4. ``corr``        the offset correction ``-M * sum_c 2^c popcount(X_c)`` per output position;
 5. ``acc``         ``corr + s * sum_{b,c} 2^(b+c) popcount(U_b & X_c)`` in int64 registers;
 6. ``out``         the int32 cast, cropped to the real output and written in the output layout.
@@ -63,6 +64,12 @@ from .target import VectorIsa, vector_isa
 
 _bitwise_or = te.comm_reducer(lambda a, b: a | b, lambda dtype: tirx.const(0, dtype), name="bitwise_or")
 
+#: Window layers (one input channel per group) pack rows once (``plan.row_stream``) only from this many
+#: kernel taps: on a 3x3 depthwise layer the row packing's few bytes per row vectorise worse than the
+#: per-position gather (64 channels of 16x16 at 1x1 bits: 9.5 -> 14.4 us), while a 5x5 window gains
+#: (LeNet-5's conv1 2.85 -> 1.59 us; 32 channels of 16x16 at 2x2 bits 70.7 -> 12.9 us; znver4).
+ROW_STREAM_MIN_TAPS = 16
+
 #: Work (binary MACs, i.e. MACs * w_bits * a_bits) below which one core beats two: waking the
 #: second thread costs a few microseconds, more than a small layer takes.
 PARALLEL_MIN_BINARY_MACS = 4_000_000
@@ -87,9 +94,10 @@ class BitserialPlan:
     parallel: bool
     #: The target's vector unit the tiles were chosen for.
     isa: VectorIsa
-    #: Window/folded modes with one word per reduction row: pack each input row's bits once
-    #: and cut every output position's word out of the row with shifts (:func:`_row_stream`),
-    #: instead of gathering its elements bit by bit.
+    #: Folded modes with one word per kernel row, and window modes with one word and at least
+    #: :data:`ROW_STREAM_MIN_TAPS` taps: pack each input row's bits once and cut every output
+    #: position's word out of the rows with shifts (:func:`_row_stream`), instead of gathering its
+    #: elements bit by bit.
     row_stream: bool = False
 
     @property
@@ -159,7 +167,9 @@ def plan_conv2d(shape: ConvShape, w_bits: int, a_bits: int, layout: str = "NCHW"
         pos, ow_pad = int(pos_tile), round_up(shape.out_size[1], int(pos_tile))
     if parallel is None:
         parallel = shape.macs * w_bits * a_bits >= PARALLEL_MIN_BINARY_MACS
-    row_stream = weights.mode in ("window", "folded") and weights.words == 1
+    kh, kw = shape.kernel
+    row_stream = weights.words == 1 and (
+        weights.mode == "folded" or (weights.mode == "window" and kh * kw >= ROW_STREAM_MIN_TAPS))
     return BitserialPlan(shape, w_bits, a_bits, layout, weights, pos, vec, ow_pad, bool(parallel), isa, row_stream)
 
 

@@ -329,7 +329,7 @@ CONV_CASES = [
     ("depthwise_11x11_s4_2words", K.ConvShape(2, 4, (31, 31), (11, 11), stride=4, padding=(2, 2), groups=2), "NCHW"),
     ("depthwise_8x9_72taps", K.ConvShape(2, 2, (12, 13), (8, 9), padding=(1, 1), groups=2), "NCHW"),
     # rows of 74 and 112 bits: the row-stream cuts straddle two words
-    ("depthwise_wide_row_s2", K.ConvShape(2, 2, (6, 70), (3, 5), stride=(1, 2), padding=(1, 2), groups=2), "NCHW"),
+    ("depthwise_wide_row_s2", K.ConvShape(2, 2, (6, 70), (3, 6), stride=(1, 2), padding=(1, 2), groups=2), "NCHW"),
     ("folded_8slot_wide_row_s2", K.ConvShape(5, 3, (4, 27), (3, 3), stride=2, padding=(1, 1)), "NHWC"),
     ("even_2x2_s2_batch3", K.ConvShape(4, 4, (8, 6), (2, 2), stride=2, batch=3), "NCHW"),
     ("rect_kernel_1x3_pad", K.ConvShape(40, 5, (5, 9), (1, 3), padding=(0, 1)), "NHWC"),
@@ -1063,6 +1063,8 @@ def test_bitserial_tile_override_keeps_results_exact(pos_tile):
     (K.ConvShape(1, 6, (28, 28), (5, 5), padding=(2, 2)), True),  # LeNet-5 conv1: window, 25 taps
     (K.ConvShape(6, 16, (14, 14), (5, 5)), True),  # LeNet-5 conv2: folded, 40 bits per kernel row
     (K.ConvShape(2, 2, (12, 13), (8, 9), padding=(1, 1), groups=2), False),  # 72 taps: two words
+    (K.ConvShape(2, 2, (6, 70), (3, 6), stride=(1, 2), padding=(1, 2), groups=2), True),  # 18 taps, 74-bit rows
+    (K.ConvShape(8, 8, (9, 9), (3, 3), padding=(1, 1), groups=8), False),  # 3x3 depthwise: 9 taps gather
     (K.ConvShape(16, 8, (9, 9), (5, 5), padding=(2, 2)), False),  # folded, 80 bits per kernel row
     (K.ConvShape(70, 20, (7, 9), (3, 3)), False),  # channel
 ])
