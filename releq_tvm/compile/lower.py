@@ -1,15 +1,17 @@
 """Lower an :class:`IntegerNetwork` to a Relax module: one kernel call per weight layer, the rest in Relax.
 
 Every conv / dense is a ``relax.call_tir`` of a scheduled TIR kernel from ``releq_tvm.kernels``
-(the bit-serial kernel at the layer's bits, or the plain int8 kernel for the int8 baseline);
-the fixed-point requantization, ReLU, ReLU6, pooling, residual add, concat and flatten are Relax
-operators, legalized and fused by TVM's default CPU pipeline. The arithmetic is exactly that of
+(the bit-serial kernel at the layer's bits, the int8 or the lookup-table kernel, per layer), whose
+output stage runs the requantization and what :func:`plan_fusion` fuses into it; max pooling is a
+scheduled kernel too (:mod:`releq_tvm.kernels.pool`). ReLU / ReLU6 left on their own, average
+pooling, residual adds, concat and flatten are Relax operators, legalized and fused by TVM's
+default CPU pipeline. The arithmetic is exactly that of
 :func:`releq_tvm.compile.integer.integer_forward`.
 
-The weights are *parameters* of ``main`` (not constants): the library depends only on the
-network structure, the bits and the batch size, and the values live in a params file. Kernel
-PrimFuncs are marked opaque so the fusion pass never merges them with elementwise operators
-(their schedules are hand-made; a fused, rescheduled copy would lose them).
+:func:`build_relax_module` makes the weights parameters of ``main``; :func:`build_network` binds
+them as constants of the library, so ``main(x)`` takes the input alone. Kernel PrimFuncs are
+marked opaque so the fusion pass never merges them with elementwise operators (their schedules
+are hand-made; a fused, rescheduled copy would lose them).
 """
 
 from __future__ import annotations
