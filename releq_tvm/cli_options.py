@@ -71,13 +71,11 @@ def resolve_network(network: str | None, model_source: str | None, input_shape_t
     Every mistake (both or neither given, a bad shape, a model that cannot be read, run or compiled)
     is a one-line error before any work is done.
     """
+    from releq_tvm.config_fields import check_network_or_model
     from releq_tvm.errors import ReleqError
 
+    check_network_or_model(network, model_source, input_shape_text)
     if model_source is None:
-        if input_shape_text is not None:
-            raise ReleqError("--input-shape goes with --model; a registered network's input shape is known")
-        if network is None:
-            raise ReleqError("pass NET (see `releq-tvm networks`) or --model FILE for your own model")
         return network
     if network is not None:
         raise ReleqError(f"pass NET or --model, not both (got {network} and --model {model_source})")

@@ -115,6 +115,19 @@ def _in_range(value: float, f: dataclasses.Field) -> bool:
     return high is None or value <= high
 
 
+def check_model_shape(model: str | None, input_shape) -> None:
+    """``--input-shape`` goes with ``--model`` alone: a registered network states its input shape."""
+    if model is None and input_shape is not None:
+        raise ReleqError("--input-shape goes with --model; a registered network's input shape is known")
+
+
+def check_network_or_model(network: str | None, model: str | None, input_shape) -> None:
+    """A command on one network takes a registered NET or ``--model`` (:func:`check_model_shape` too)."""
+    check_model_shape(model, input_shape)
+    if model is None and network is None:
+        raise ReleqError("pass NET (see `releq-tvm networks`) or --model FILE for your own model")
+
+
 def check_settings(obj: Any) -> None:
     """Raise a one-line :class:`ReleqError` for the first field of ``obj`` outside its choices or range."""
     hints = setting_types(type(obj))

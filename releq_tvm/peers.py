@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from releq_tvm.bits import format_bits, parse_bits
+from releq_tvm.bits import format_bits
 from releq_tvm.timing import CallSampler, TimingConfig, interleaved_timing, timing_note
 from releq_tvm.config import BITS_MAX
 from releq_tvm.errors import ReleqError
@@ -152,25 +152,13 @@ PUBLISHED = "published"
 
 
 def network_bits(network: str, bits=None, act_bits=None, checkpoint: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(weight bits, activation bits) of ``network``: as given (text or ints), else the bits a
-    fine-tuned ``checkpoint`` was trained at (``releq-tvm finetune -o``, a search's finetuned.pt),
-    else (None or :data:`PUBLISHED`) the published weight bits and
-    :data:`releq_tvm.config.DEFAULT_ACT_BITS`; checked by :func:`parse_bits`."""
-    from releq_tvm.config import DEFAULT_ACT_BITS
-    from releq_tvm.networks import get_network_spec, layer_table
+    """(weight bits, activation bits) of ``network`` (:func:`releq_tvm.train.network_bits`), where
+    ``bits`` :data:`PUBLISHED` is None: the published weight bits."""
+    from releq_tvm.train import network_bits as bits_in_force
 
-    n = len(layer_table(network))
     if isinstance(bits, str) and bits.strip() == PUBLISHED:
         bits = None
-    w = None if bits is None else parse_bits(bits, n, network)
-    a = None if act_bits is None else parse_bits(act_bits, n, network, what="--act-bits")
-    if checkpoint is not None:
-        from releq_tvm.train import read_model_file
-
-        w, a = read_model_file(network, checkpoint).bits_in_force(w, a)
-    w = w if w is not None else parse_bits(list(get_network_spec(network).published_bits), n, network)
-    a = a if a is not None else parse_bits([DEFAULT_ACT_BITS], n, network, what="--act-bits")
-    return tuple(w), tuple(a)
+    return bits_in_force(network, bits, act_bits, checkpoint)[:2]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -214,6 +215,45 @@ class ModelFile:
                                  f"{format_bits(saved)}; drop {option} to use the file's")
         return (tuple(w_bits) if w_bits is not None else self.w_bits,
                 tuple(a_bits) if a_bits is not None else self.a_bits)
+
+
+class NetworkBits(NamedTuple):
+    """The bits a command runs ``network`` at, and where each vector came from."""
+
+    w_bits: tuple[int, ...]
+    a_bits: tuple[int, ...]
+    w_source: str  # "given", "checkpoint" or "published"
+    a_source: str  # "given", "checkpoint" or "default" (DEFAULT_ACT_BITS)
+
+
+def network_bits(network: str, bits=None, act_bits=None, checkpoint: str | None = None) -> NetworkBits:
+    """The weight and activation bits of ``network``: as given (text or ints), else the bits a
+    fine-tuned ``checkpoint`` was trained at (``releq-tvm finetune -o``, a search's finetuned.pt;
+    given bits must agree with it), else the published weight bits and
+    :data:`releq_tvm.config.DEFAULT_ACT_BITS`; checked by :func:`releq_tvm.bits.parse_bits`. A
+    network without published bits and none given is a one-line error."""
+    from releq_tvm.bits import parse_bits
+    from releq_tvm.config import DEFAULT_ACT_BITS
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.networks import get_network_spec, layer_table
+
+    spec = get_network_spec(network)  # UnknownNetworkError names the registered networks
+    n = len(layer_table(network))
+    w = None if bits is None else parse_bits(bits, n, network, what="--bits")
+    a = None if act_bits is None else parse_bits(act_bits, n, network, what="--act-bits")
+    w_source, a_source = ("given" if w is not None else "published"), ("given" if a is not None else "default")
+    if checkpoint is not None:
+        file_w, file_a = read_model_file(network, checkpoint).bits_in_force(w, a)
+        w_source = "checkpoint" if w is None and file_w is not None else w_source
+        a_source = "checkpoint" if a is None and file_a is not None else a_source
+        w, a = file_w, file_a
+    if w is None:
+        if spec.published_bits is None:
+            raise ReleqError(f"{network} has no published bitwidths; pass --bits with {n} values")
+        w = parse_bits(list(spec.published_bits), n, network)
+    if a is None:
+        a = parse_bits([DEFAULT_ACT_BITS], n, network, what="--act-bits")
+    return NetworkBits(tuple(w), tuple(a), w_source, a_source)
 
 
 def read_model_file(name: str, checkpoint=None) -> ModelFile:

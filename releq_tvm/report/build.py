@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from releq_tvm.bits import format_bits, parse_action_set
-from releq_tvm.config_fields import check_settings, command_args, setting
+from releq_tvm.bits import parse_action_set
+from releq_tvm.config_fields import check_model_shape, check_settings, command_args, setting
 from releq_tvm.report.accuracy import AccuracyConfig, AccuracyOracle
 from releq_tvm.report.choices import (
     BitChoice,
@@ -116,13 +116,11 @@ class ReportOptions:
 def register_report_model(opts: ReportOptions) -> str | None:
     """Register ``--model`` (checked as ``search --model`` checks it); returns its network name, or
     None without one. A search run of a user's model registers its own (:func:`releq_tvm.report.runs.load_run`)."""
-    from releq_tvm.errors import ReleqError
     from releq_tvm.search.config import SearchConfig
     from releq_tvm.search.run import register_search_model
 
     if opts.model is None:
-        if opts.input_shape is not None:
-            raise ReleqError("--input-shape goes with --model; a registered network's input shape is known")
+        check_model_shape(None, opts.input_shape)
         return None
     config = SearchConfig(model=opts.model, input_shape=opts.input_shape)
     register_search_model(config)

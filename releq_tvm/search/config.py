@@ -15,7 +15,7 @@ from typing import Literal
 
 from releq_tvm.bits import parse_action_set
 from releq_tvm.config import DEFAULT_ACTION_SET, DEFAULTS
-from releq_tvm.config_fields import check_settings, setting
+from releq_tvm.config_fields import check_network_or_model, check_settings, setting
 from releq_tvm.errors import ReleqError
 from releq_tvm.search.cost import CpuKernels, Measure, StripesMetric
 from releq_tvm.search.reward import RewardName, SqForm
@@ -210,12 +210,8 @@ class SearchConfig:
         """Raise a one-line :class:`ReleqError` for a value outside its choices or range, or for
         settings that cannot work together."""
         check_settings(self)
-        if self.model is None:
-            if self.network is None:
-                raise ReleqError("pass NET (see `releq-tvm networks`) or --model FILE for your own model")
-            if self.input_shape is not None:
-                raise ReleqError("--input-shape goes with --model; a registered network's input shape is known")
-        else:
+        check_network_or_model(self.network, self.model, self.input_shape)
+        if self.model is not None:
             from releq_tvm.networks.user_model import model_name
 
             if self.network != model_name(self.model):

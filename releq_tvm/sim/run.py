@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from releq_tvm.bits import format_bits, parse_bits
-from releq_tvm.config import DEFAULT_ACT_BITS
-from releq_tvm.errors import ReleqError
+from releq_tvm.bits import format_bits
 from releq_tvm.sim.config import StripesConfig
 from releq_tvm.sim.stripes import SimResult, StripesSimulator
 
@@ -23,35 +21,22 @@ class NetworkRun:
 
 def resolve_bits(network: str, bits: str | None, act_bits: str | None,
                  checkpoint: str | None = None) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
-    """Weight and activation bit vectors of ``network`` from CLI text; None: the bits a fine-tuned
-    ``checkpoint`` was trained at (``releq-tvm finetune -o``, a search's finetuned.pt), else the
-    published weight bits and 8-bit activations. Bits given beside a checkpoint must agree with it."""
-    from releq_tvm.networks import get_network_spec, layer_table
+    """Weight and activation bit vectors of ``network`` (:func:`releq_tvm.train.network_bits`: as
+    given, else a fine-tuned ``checkpoint``'s, else the published weight bits and 8-bit
+    activations), with notes saying where they came from."""
+    from releq_tvm.networks import get_network_spec
+    from releq_tvm.train import network_bits
 
-    spec = get_network_spec(network)  # UnknownNetworkError names the registered networks
-    n = len(layer_table(network))
+    chosen = network_bits(network, bits, act_bits, checkpoint)
     notes: list[str] = []
-    if checkpoint is not None:
-        from releq_tvm.train import read_model_file
-
-        given_w = None if bits is None else parse_bits(bits, n, network, what="--bits")
-        given_a = None if act_bits is None else parse_bits(act_bits, n, network, what="--act-bits")
-        w, a = read_model_file(network, checkpoint).bits_in_force(given_w, given_a)
-        if w is not None or a is not None:
-            notes.append(f"bits of the fine-tuned model file {checkpoint}")
-        bits = None if w is None else format_bits(w)
-        act_bits = None if a is None else format_bits(a)
-    if bits is None:
-        if spec.published_bits is None:
-            raise ReleqError(f"{network} has no published bitwidths; pass --bits with {n} values")
-        w = tuple(spec.published_bits)
+    if "checkpoint" in (chosen.w_source, chosen.a_source):
+        notes.append(f"bits of the fine-tuned model file {checkpoint}")
+    if chosen.w_source == "published":
+        spec = get_network_spec(network)
         notes.append(f"weight bits: the published bitwidths of {network}")
         if spec.published_bits_note:
             notes.append(f"{network}: {spec.published_bits_note}")
-    else:
-        w = parse_bits(bits, n, network, what="--bits")
-    a = parse_bits(act_bits if act_bits is not None else str(DEFAULT_ACT_BITS), n, network, what="--act-bits")
-    return w, a, tuple(notes)
+    return chosen.w_bits, chosen.a_bits, tuple(notes)
 
 
 def simulate_network(
