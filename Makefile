@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# pip (not uv) so torch 2.14.1 / torchvision 0.29.1 come from the wheels on this machine
-	$(BIN)/pip install --quiet -e '.[dev,peers]'
+	$(BIN)/pip install --quiet -e '.[dev,peers,distributed]'
 	touch $(STAMP)
 
 demo: $(STAMP)

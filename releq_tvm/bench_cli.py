@@ -106,3 +106,50 @@ def bench_peers_cmd(networks, bits_texts, act_bits_text, threads_text, rounds, a
 
 bench_group.add_command(_sim_bench.commands["speed"], "sim")
 bench_group.add_command(_sim_bench.commands["published"], "stripes-published")
+
+
+@bench_group.command("search")
+@click.argument("network", default="lenet")
+@click.option("--measure", type=click.Choice(["none", "cpu", "stripes"]), default="stripes", show_default=True,
+              help="The search's cost backend.")
+@click.option("--workers", "workers_text", default="1,2", show_default=True,
+              help="Ray worker counts to compare, comma-separated (the first is the reference).")
+@click.option("--episodes", type=click.IntRange(1), default=80, show_default=True, help="Training episodes per search.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--root", default="runs/bench-search", show_default=True, help="Folder of the benchmark's runs.")
+@click.option("--out", "out_path", default="results/search_workers.csv", show_default=True)
+def bench_search_cmd(network, measure, workers_text, episodes, seed, root, out_path) -> None:
+    """New configurations a search evaluates per wall-clock minute at each --workers N (each from an
+    empty cache, --envs N) -> results/search_workers.csv. Needs the distributed extra for N > 1."""
+    from pathlib import Path
+
+    from releq_tvm.errors import ReleqError
+    from releq_tvm.io import atomic_write_text
+    from releq_tvm.report.provenance import Provenance
+    from releq_tvm.report.tables import csv_text
+    from releq_tvm.search.config import SearchConfig
+    from releq_tvm.search.parallel import check_ray_installed
+    from releq_tvm.search.workers_bench import COLUMNS, bench_workers
+
+    try:
+        workers = [int(t) for t in workers_text.split(",") if t.strip()]
+    except ValueError:
+        workers = []
+    if not workers or min(workers) < 1:
+        raise ReleqError(f"--workers {workers_text!r} must be positive integers separated by commas, e.g. 1,2")
+    check_ray_installed(max(workers), None)
+    base = SearchConfig(network=network, measure=measure, episodes=episodes, seed=seed)
+    rows = bench_workers(base, workers, Path(root), echo=lambda line: click.echo(f"  .. {line}", err=True))
+    command = (f"releq-tvm bench search {network} --measure {measure} --workers {workers_text} --episodes {episodes} "
+               f"--seed {seed} --root {root} --out {out_path}")
+    notes = [
+        "new_configurations: lookups less cache hits over the training episodes, each search from an empty cache "
+        "of its own; train_minutes: the training episodes' wall time (Ray start and set-up excluded, in wall_minutes)",
+        "speedup: new_per_minute over the first row's; the searches ran one after another on this machine",
+    ]
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_path, csv_text(COLUMNS, rows, Provenance(command=command, seed=str(seed)).header_lines(notes)))
+    for row in rows:
+        click.echo(f"workers {row['workers']}: {row['new_per_minute']} new configurations per minute "
+                   f"(speedup {row['speedup']}x)")
+    click.echo(f"wrote {out_path}")

@@ -105,8 +105,9 @@ def captured(monkeypatch):
     """What `search` and `report` would run with: their configs, not a run."""
     seen = {}
 
-    def fake_search(config, resume=False, overwrite=False, echo=None, resume_episodes=None):
-        seen.update(config=config, resume=resume, overwrite=overwrite, resume_episodes=resume_episodes)
+    def fake_search(config, resume=False, overwrite=False, echo=None, resume_episodes=None, resume_settings=None):
+        seen.update(config=config, resume=resume, overwrite=overwrite, resume_episodes=resume_episodes,
+                    resume_settings=resume_settings)
 
     def fake_report(opts, progress=None):
         seen["opts"] = opts
@@ -205,6 +206,10 @@ def test_resume_takes_episodes_and_names_the_options_it_ignores(captured, tmp_pa
     assert "note: --resume uses the run's saved settings; ignoring ppo_clip_range" in result.output
     result = run("search", "lenet", "--resume", "--run-dir", str(tmp_path))
     assert captured["resume_episodes"] is None and "ignoring" not in result.output
+    assert captured["resume_settings"] == {}
+    # how fast it runs is taken anew: workers, environments, cluster
+    result = run("search", "lenet", "--resume", "--run-dir", str(tmp_path), "--workers", "4", "--envs", "2")
+    assert captured["resume_settings"] == {"workers": 4, "envs": 2} and "ignoring" not in result.output
 
 
 @pytest.mark.parametrize(

@@ -385,6 +385,43 @@ def test_identical_clip_runs_are_said_to_be_identical(tmp_path):
     assert "the clip never bound" in (tmp_path / "results" / "clip_sensitivity.csv").read_text()
 
 
+
+def write_ppo_log(run: Path, clip_fractions, name="progress.csv"):
+    """PPO's logger file as SB3 writes it: a first row before any update, then one row per update."""
+    run.joinpath("ppo").mkdir(exist_ok=True)
+    lines = ["time/iterations,train/clip_fraction,train/approx_kl,train/n_updates", "1,,,"]
+    lines += [f"{i + 2},{c},{c / 10},{3 * (i + 1)}" for i, c in enumerate(clip_fractions)]
+    run.joinpath("ppo", name).write_text("\n".join(lines) + "\n")
+
+
+def test_clip_ablation_reads_the_clip_fraction_from_ppo_logs(tmp_path):
+    from releq_tvm.report.runs import PpoStats, read_ppo_stats
+
+    runs = tmp_path / "runs"
+    dirs = [make_run(runs, name, clip=c) for name, c in (("c1", 0.1), ("c2", 0.2), ("c3", 0.3))]
+    for d in dirs:
+        write_ppo_log(d, [0.0] * 4)
+        write_ppo_log(d, [0.0] * 2, name="progress-resume4.csv")  # a resume ...
+        with open(d / "ppo" / "progress-resume4.csv", "a") as f:
+            f.write("4,0.0")  # ... whose last row a kill cut short
+    assert read_ppo_stats(dirs[0]) == PpoStats(updates=6, clipped_updates=0, max_clip_fraction=0.0, max_approx_kl=0.0)
+    assert read_ppo_stats(tmp_path) is None
+    build_report(options(tmp_path, networks=None, bits_from=[str(d) for d in dirs], pareto_networks=()))
+    text = (tmp_path / "results" / "clip_sensitivity.csv").read_text()
+    assert "at clip 0.1 the clip bound in 0 of 6 updates" in text and "the clip never bound" in text
+    assert "inferred" not in text
+    _, rows = read_csv(tmp_path / "results" / "clip_sensitivity.csv")
+    assert [(r["ppo_updates"], r["clipped_updates"]) for r in rows] == [("6", "0")] * 3
+
+    # the tightest clip bound in 2 of 3 updates: measured, and not said to have never bound
+    write_ppo_log(dirs[0], [0.0, 0.25, 0.5])
+    dirs[0].joinpath("ppo", "progress-resume4.csv").unlink()
+    assert read_ppo_stats(dirs[0]) == PpoStats(3, 2, 0.5, pytest.approx(0.05))
+    build_report(options(tmp_path, networks=None, bits_from=[str(d) for d in dirs], pareto_networks=()))
+    text = (tmp_path / "results" / "clip_sensitivity.csv").read_text()
+    assert "bound in 2 of 3 updates (largest clip fraction 0.5" in text and "never bound" not in text
+
+
 # ------------------------------------------------------------------------ W+A runs and --act-bits
 
 

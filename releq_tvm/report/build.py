@@ -396,6 +396,7 @@ def _search_diagnostics(out: StagedOutput, prov: Provenance, runs, say) -> None:
         ablation_groups,
         ablation_png,
         ablation_row,
+        clip_note,
         convergence_columns,
         identical_trajectories,
         convergence_png,
@@ -434,13 +435,16 @@ def _search_diagnostics(out: StagedOutput, prov: Provenance, runs, say) -> None:
             "training episode from which the policy's most likely bits never change (empty: still changing)",
             "test_acc_*: the run's long fine-tune (best.json), empty when the run scored no accuracy",
         ]
+        notes += ["ppo_updates, clipped_updates (clip fraction > 0), max_clip_fraction, max_approx_kl: PPO's own "
+                  "statistics over the run's updates (RUN/ppo/progress*.csv); empty for a run made before they were logged"]
         for net, group in groups.items():
-            if identical_trajectories(group):
-                notes.append(
-                    f"{net}: the runs made identical choices and earned identical rewards in every episode"
-                    + (": the clip never bound (each update kept the policy ratio within 1 +- the smallest clip), "
-                       "so at this learning rate and batch the clip range changes nothing" if vary == "clip" else "")
-                )
+            if vary == "clip":
+                note = clip_note(net, group)
+            elif identical_trajectories(group):
+                note = f"{net}: the runs made identical choices and earned identical rewards in every episode"
+            else:
+                note = None
+            notes += [note] if note else []
         out.write_text(f"{name}.csv", csv_text(ABLATION_COLUMNS, rows, prov.header_lines(notes)))
         out.write_bytes(f"{name}.png", ablation_png(groups, vary))
         out.document(f"{name}.csv", f"ablation over {title}", prov, [f"Runs: {', '.join(r['run'] for r in rows)}."])

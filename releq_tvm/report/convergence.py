@@ -20,7 +20,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from releq_tvm.bits import format_bits
-from releq_tvm.report.runs import SearchRun, choice_fixed_episode, moving_average, search_converged_episode
+from releq_tvm.report.runs import (
+    SearchRun,
+    choice_fixed_episode,
+    moving_average,
+    read_ppo_stats,
+    search_converged_episode,
+)
 
 #: Trailing window of every moving average, in episodes.
 MOVING_AVERAGE_EPISODES = 10
@@ -149,6 +155,10 @@ ABLATION_COLUMNS = (
     "final_reward_ma",
     "test_acc_quant_pct",
     "test_acc_fp32_pct",
+    "ppo_updates",
+    "clipped_updates",
+    "max_clip_fraction",
+    "max_approx_kl",
 )
 
 
@@ -158,6 +168,7 @@ def ablation_row(run: SearchRun, window: int = MOVING_AVERAGE_EPISODES) -> dict:
     sol = run.solution
     long = run.best.get("long_finetune") or {}
     rewards = [e.reward for e in run.train_episodes] or [e.reward for e in run.episodes]
+    ppo = read_ppo_stats(run.path)
     return {
         "network": run.network,
         "reward": run.reward_label,
@@ -174,6 +185,10 @@ def ablation_row(run: SearchRun, window: int = MOVING_AVERAGE_EPISODES) -> dict:
         "final_reward_ma": float(moving_average(rewards, window)[-1]),
         "test_acc_quant_pct": long.get("test_accuracy_quantized"),
         "test_acc_fp32_pct": long.get("test_accuracy_full_precision"),
+        "ppo_updates": None if ppo is None else ppo.updates,
+        "clipped_updates": None if ppo is None else ppo.clipped_updates,
+        "max_clip_fraction": None if ppo is None else ppo.max_clip_fraction,
+        "max_approx_kl": None if ppo is None else ppo.max_approx_kl,
     }
 
 
@@ -208,6 +223,30 @@ def identical_trajectories(group: Sequence[SearchRun]) -> bool:
         return [(e.phase, e.bits, e.a_bits, round(e.reward, 9)) for e in run.episodes]
 
     return len(group) > 1 and all(trace(r) == trace(group[0]) for r in group[1:])
+
+
+def clip_note(net: str, group: Sequence[SearchRun]) -> str | None:
+    """What a clip-range ablation of ``net`` shows about the clip: measured from PPO's own logger when
+    every run has ``ppo/progress.csv`` (clip fraction per update of the smallest clip), else inferred
+    from identical trajectories (older runs); None when neither says anything."""
+    identical = identical_trajectories(group)
+    tightest = min(group, key=lambda r: r.clip_range)
+    stats = read_ppo_stats(tightest.path)
+    if stats is None or any(read_ppo_stats(r.path) is None for r in group):
+        if not identical:
+            return None
+        return (f"{net}: the runs made identical choices and earned identical rewards in every episode: the clip "
+                "never bound (inferred: the runs have no ppo/progress.csv), so at this learning rate and batch the "
+                "clip range changes nothing")
+    note = (f"{net}: measured by PPO's logger (ppo/progress.csv): at clip {tightest.clip_range:g} the clip bound in "
+            f"{stats.clipped_updates} of {stats.updates} updates (largest clip fraction {stats.max_clip_fraction:.3g}, "
+            f"largest approx KL {stats.max_approx_kl:.2g})")
+    if identical and stats.clipped_updates == 0:
+        return note + ("; the runs made identical choices and earned identical rewards in every episode: the clip "
+                       "never bound, so at this learning rate and batch the clip range changes nothing")
+    if identical:
+        return note + "; the runs still made identical choices and earned identical rewards in every episode"
+    return note
 
 
 def ablation_png(groups: dict[str, list[SearchRun]], vary: str, window: int = MOVING_AVERAGE_EPISODES) -> bytes:

@@ -11,7 +11,9 @@ A run directory holds (see :mod:`releq_tvm.search.run_files`):
   ``a`` activations), the bits picked, and ``p_<bits>`` per bitwidth (empty when not allowed);
 * ``best.json``: ``solution`` (the deterministic episodes' best: ``w_bits``, ``a_bits``, ``sa``,
   ``cost_ratio``, ...), ``best`` (best reward seen), ``converged_episode`` (the search's own
-  convergence test), ``long_finetune`` (test accuracies after the long fine-tune).
+  convergence test), ``long_finetune`` (test accuracies after the long fine-tune);
+* ``ppo/progress*.csv``: PPO's own statistics per update (SB3's CSV logger: ``train/clip_fraction``,
+  ``train/approx_kl``, ...; one file per start of the run, resumes included), read by :func:`read_ppo_stats`.
 
 Everything is read once into a :class:`SearchRun`; a missing or malformed file is a one-line
 :class:`ReleqError` naming it. Rows cut short by a kill (the episode in flight) are skipped.
@@ -130,6 +132,36 @@ class SearchRun:
     def is_default_setting(self) -> bool:
         """True when reward (with its constants) and clip are the defaults: the run that stands for the method."""
         return self.reward_label == "asymmetric" and abs(self.clip_range - DEFAULTS.ppo.clip_range) < 1e-9
+
+
+@dataclass(frozen=True)
+class PpoStats:
+    """PPO's statistics over all updates of a run, as SB3's logger measured them."""
+
+    updates: int
+    clipped_updates: int  # updates in which the clip bound for at least one sample (clip fraction > 0)
+    max_clip_fraction: float
+    max_approx_kl: float
+
+
+def read_ppo_stats(run_dir: Path) -> PpoStats | None:
+    """Statistics of every update logged under ``RUN/ppo`` (all ``progress*.csv``: the first start and
+    every resume); None for a run without them (made before the logger, or with no update yet)."""
+    from releq_tvm.search.run_files import PPO_LOG_DIR
+
+    clip, kl = [], []
+    for path in sorted((run_dir / PPO_LOG_DIR).glob("progress*.csv")):
+        with open(path, encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    fraction, approx_kl = float(row["train/clip_fraction"]), float(row["train/approx_kl"])
+                except (KeyError, TypeError, ValueError):
+                    continue  # the first row of a start (no update yet) or a row cut short by a kill
+                clip.append(fraction)
+                kl.append(approx_kl)
+    if not clip:
+        return None
+    return PpoStats(len(clip), sum(c > 0 for c in clip), max(clip), max(kl))
 
 
 def _read_json(path: Path) -> dict:

@@ -154,6 +154,7 @@ class FinetunedAccuracy:
         self.last_hit = False
         self.seconds = 0.0
         self._ranges: tuple[list[float], list[bool]] | None = None
+        self._fresh: dict[tuple[Bits, Bits | None], float] = {}  # evaluated by prefetch, not yet asked for
         fp = cache.get(self.key, (), None)  # the float reference is cached under the empty bit vector
         if fp is None:
             from releq_tvm.train import evaluate
@@ -173,6 +174,10 @@ class FinetunedAccuracy:
     def accuracy(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float:
         """Val accuracy (percent) of the model at ``w_bits`` (and ``a_bits``) after the short fine-tune."""
         self.lookups += 1
+        fresh = self._fresh.pop((tuple(w_bits), None if a_bits is None else tuple(a_bits)), None)
+        if fresh is not None:  # evaluated just now by prefetch: the miss it was
+            self.last_hit = False
+            return fresh
         cached = self.cache.get(self.key, w_bits, a_bits)
         self.last_hit = cached is not None
         if cached is not None:
@@ -186,6 +191,62 @@ class FinetunedAccuracy:
         return acc
 
     def quantized_model(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> nn.Module:
+        """A fresh copy of the float model at ``w_bits`` (and ``a_bits``): see :meth:`ShortFinetune.quantized_model`."""
+        return self.short_finetune(a_bits is not None).quantized_model(w_bits, a_bits)
+
+    def short_finetune(self, activations: bool) -> ShortFinetune:
+        """What a cache miss runs, as a picklable value (a Ray worker runs it as this process would);
+        ``activations``: the configurations quantize activations (their quantizers' start levels
+        are calibrated here, once)."""
+        return ShortFinetune(self.model, self.input_shape, self.train, self.val, self.settings,
+                             self._input_ranges() if activations else None)
+
+    def _finetune_and_evaluate(self, w_bits, a_bits) -> float:
+        return self.short_finetune(a_bits is not None).accuracy(w_bits, a_bits)
+
+    def prefetch(self, configs: Sequence[tuple[Bits, Bits | None]], evaluate_many) -> int:
+        """Evaluate together the configurations of ``configs`` that are neither cached nor repeated
+        (parallel episodes reach several at once); returns how many were evaluated.
+
+        ``evaluate_many(job, configs) -> [(accuracy, seconds), ...]`` runs :class:`ShortFinetune`
+        ``job`` on each (e.g. on Ray workers, :class:`releq_tvm.search.parallel.RayEvaluator`).
+        This process alone writes the cache. The next :meth:`accuracy` of each one answers from
+        memory and counts as the miss it was; a configuration two environments reached answers
+        the second from the cache, as a hit: nothing is trained twice.
+        """
+        todo: list[tuple[Bits, Bits | None]] = []
+        for w_bits, a_bits in configs:
+            config = (tuple(w_bits), None if a_bits is None else tuple(a_bits))
+            if config in todo or config in self._fresh or self.cache.get(self.key, *config) is not None:
+                continue
+            todo.append(config)
+        if not todo:
+            return 0
+        job = self.short_finetune(todo[0][1] is not None)
+        for config, (acc, seconds) in zip(todo, evaluate_many(job, todo), strict=True):
+            self.cache.put(self.key, *config, acc, seconds)
+            self.seconds += seconds
+            self._fresh[config] = float(acc)
+        return len(todo)
+
+
+@dataclass(frozen=True)
+class ShortFinetune:
+    """The short fine-tune of one configuration and its val accuracy: what a cache miss costs.
+
+    Everything it needs besides the bits, as one picklable value; seeded, so it gives the same
+    accuracy in this process or on a Ray worker. ``ranges``: the start clipping level of each
+    layer's input quantizer and whether it is learned (None: weights only).
+    """
+
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    train: object
+    val: object
+    settings: FinetuneSettings
+    ranges: tuple[list[float], list[bool]] | None = None
+
+    def quantized_model(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> nn.Module:
         """A fresh copy of the float model with ``w_bits`` (and input quantizers for ``a_bits``) applied.
 
         The input quantizers (:class:`releq_tvm.quant.PactActivation`) start from the calibrated
@@ -196,11 +257,13 @@ class FinetunedAccuracy:
         model = copy.deepcopy(self.model)
         apply_bits(model, list(w_bits), self.input_shape)
         if a_bits is not None:
-            ranges, learn = self._input_ranges()
-            apply_act_bits(model, list(a_bits), self.input_shape, ranges, learn)
+            if self.ranges is None:
+                raise ValueError("activation bits need the calibrated ranges (ShortFinetune.ranges)")
+            apply_act_bits(model, list(a_bits), self.input_shape, *self.ranges)
         return model
 
-    def _finetune_and_evaluate(self, w_bits, a_bits) -> float:
+    def accuracy(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> float:
+        """Val accuracy (percent) after ``settings.short_steps`` Adam steps on the train split."""
         from releq_tvm.train import evaluate, train_steps
 
         s = self.settings
@@ -228,6 +291,10 @@ class NoAccuracy:
         self.lookups += 1
         self.hits += 1
         return self.full_precision
+
+    def prefetch(self, configs, evaluate_many) -> int:
+        """Nothing to evaluate ahead: every configuration scores the same."""
+        return 0
 
 
 def long_finetune(

@@ -10,11 +10,11 @@ import click
 
 from releq_tvm.cli_options import checkpoint_option, data_dir_option
 from releq_tvm.config_cli import option_fields, settings_from, settings_options
-from releq_tvm.search.config import SearchConfig
+from releq_tvm.search.config import RESUME_SETTINGS, SearchConfig
 
 #: Options of `search` that still count on --resume (the rest come from the run's config.json;
 #: NET or --model only name the default --run-dir).
-_RESUME_OPTIONS = ("network", "model", "run_dir", "resume", "episodes")
+_RESUME_OPTIONS = ("network", "model", "run_dir", "resume", "episodes", *RESUME_SETTINGS)
 #: The settings `search-seeds` passes on to every seed's search: all of them but the seed and the folder.
 _SEEDS_SETTINGS = tuple(f.name for f, _ in option_fields(SearchConfig) if f.name not in ("seed", "run_dir"))
 #: The settings `search-efficiency` offers: the model and its data (as `search` takes them) and what
@@ -64,7 +64,12 @@ def search_cmd(resume: bool, overwrite: bool, **settings) -> None:
         if ignored:
             click.echo(f"note: --resume uses the run's saved settings; ignoring {', '.join(ignored)}", err=True)
     resume_episodes = settings["episodes"] if resume and "episodes" in given else None
-    run_search(config, resume=resume, overwrite=overwrite, echo=click.echo, resume_episodes=resume_episodes)
+    anew = {name: settings[name] for name in RESUME_SETTINGS if resume and name in given}
+    try:
+        run_search(config, resume=resume, overwrite=overwrite, echo=click.echo, resume_episodes=resume_episodes,
+                   resume_settings=anew)
+    except KeyboardInterrupt:  # run_search saved the run and said how to resume it
+        ctx.exit(130)
 
 
 @click.command("search-efficiency")

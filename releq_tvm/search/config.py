@@ -21,6 +21,9 @@ from releq_tvm.search.cost import CpuKernels, Measure, StripesMetric
 from releq_tvm.search.reward import RewardName, SqForm
 
 AccuracyMode = Literal["finetune", "none"]
+#: Settings a resumed run takes anew when given (how fast it runs, not what it means): the Ray
+#: workers, the environments per update and the cluster. (``--episodes`` too: a new budget.)
+RESUME_SETTINGS = ("workers", "envs", "ray_address")
 FinetuneMode = Literal["per-episode", "per-step"]
 
 
@@ -199,6 +202,29 @@ class SearchConfig:
         1, min=1, help="Save the agent every this many episodes (1: a kill loses at most the episode in flight)."
     )
 
+    # Scale-out (issue 15). workers and envs change how fast a run goes, not what it means, so
+    # --resume takes them anew (any N); with workers 1 and envs 1 no Ray starts and a run is the
+    # single-process search, episode for episode.
+    workers: int = setting(
+        1, min=1,
+        help="Accuracy evaluations at once: N single-threaded Ray workers (needs the `distributed` extra; 1: no Ray).",
+    )
+    envs: int | None = setting(
+        None, min=1,
+        help="Environments stepping together: each policy update sees this many episodes (default: --workers).",
+    )
+    ray_address: str | None = setting(
+        None, metavar="ADDR", help="Join this Ray cluster (e.g. 10.0.0.5:6379 or auto) instead of starting a local Ray.",
+    )
+    rpc: str | None = setting(
+        None, metavar="HOST:PORT", help="--measure cpu: time the latency table on a TVM RPC server instead of this process.",
+    )
+    rpc_tracker: str | None = setting(
+        None, metavar="HOST:PORT",
+        help="--measure cpu: time the latency table on a device a TVM RPC tracker hands out (with --rpc-key).",
+    )
+    rpc_key: str | None = setting(None, metavar="KEY", help="Device key to ask the --rpc-tracker for.")
+
     def __post_init__(self) -> None:
         if self.model is not None and self.network is None:
             from releq_tvm.networks.user_model import model_name
@@ -219,11 +245,22 @@ class SearchConfig:
         if self.input_shape is not None and len(self.input_shape) != 3:
             raise ReleqError("--input-shape must be C,H,W with three positive integers such as 3,32,32; got "
                              + ",".join(str(s) for s in self.input_shape))
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise ReleqError("--rpc-tracker and --rpc-key go together: the tracker hands out a device of that key")
+        if self.rpc is not None and self.rpc_tracker is not None:
+            raise ReleqError("pass --rpc HOST:PORT (one server) or --rpc-tracker HOST:PORT --rpc-key KEY, not both")
+        if (self.rpc or self.rpc_tracker) and self.measure != "cpu":
+            raise ReleqError("--rpc and --rpc-tracker time the CPU latency table; they need --measure cpu")
         if self.search_activations and self.measure == "none":
             raise ReleqError(
                 "--search-activations needs a hardware cost (--measure cpu or stripes): "
                 "the SQ formula of --measure none has no activation term"
             )
+
+    @property
+    def n_envs(self) -> int:
+        """Environments stepping together (``envs``, default ``workers``)."""
+        return self.envs if self.envs is not None else self.workers
 
     def as_dict(self) -> dict:
         return asdict(self)

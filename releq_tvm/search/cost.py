@@ -174,6 +174,9 @@ def make_cost_backend(
     sq_form: str = "cost",
     metric: str = "cycles",
     cpu_kernels: str = "auto",
+    rpc: str | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
 ) -> CostBackend:
     """The backend for ``--measure``; cpu and stripes import their stage on first use."""
     if measure == "none":

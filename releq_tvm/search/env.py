@@ -134,6 +134,10 @@ class ReleqEnv(gym.Env):
         sq_form: str = "cost",
     ):
         super().__init__()
+        self._init_args = dict(
+            table=table, weight_std=weight_std, oracle=oracle, cost=cost, reward_fn=reward_fn, action_set=action_set,
+            act_action_set=act_action_set, finetune=finetune, latency_target=latency_target, sq_form=sq_form,
+        )
         if finetune not in get_args(FinetuneMode):
             raise ValueError(f"finetune must be one of {', '.join(get_args(FinetuneMode))}, got {finetune!r}")
         self.table = list(table)
@@ -244,23 +248,45 @@ class ReleqEnv(gym.Env):
         self._begin_episode()
         return self._observation(), {}
 
-    def step(self, action):
+    def _outcome_of(self, action):
+        """What :meth:`step` does with ``action`` to the network's bits, without doing it:
+        (layer, kind, bits picked, w_bits, a_bits after any latency-target correction, the
+        proposed configuration before it (None before the last step), corrections, terminated)."""
         layer, kind = self.schedule[self._t]
         bits = self.action_to_bits(int(action), kind)
-        (self.a_bits if kind == "a" else self.w_bits)[layer] = bits
-        self._prev_bits = bits
-        self._t += 1
-        terminated = self._t == self.episode_length
-
-        corrections = 0
+        w_bits = list(self.w_bits)
+        a_bits = None if self.a_bits is None else list(self.a_bits)
+        (a_bits if kind == "a" else w_bits)[layer] = bits
+        terminated = self._t + 1 == self.episode_length
+        proposed, corrections = None, 0
         if terminated:
-            self._proposed = self._config()
+            proposed = (tuple(w_bits), None if a_bits is None else tuple(a_bits))
             if self.latency_target is not None:
                 w, a, _, corrections = correct_to_target(
-                    self.w_bits, self.a_bits, self.cost.ratio, self.latency_target, self.action_set, self.act_action_set
+                    w_bits, a_bits, self.cost.ratio, self.latency_target, self.action_set, self.act_action_set
                 )
-                self.w_bits = list(w)
-                self.a_bits = None if a is None else list(a)
+                w_bits, a_bits = list(w), None if a is None else list(a)
+        return layer, kind, bits, w_bits, a_bits, proposed, corrections, terminated
+
+    def config_to_measure(self, action) -> tuple[Bits, Bits | None] | None:
+        """The configuration whose accuracy ``step(action)`` will ask the oracle for (None: none),
+        so parallel environments can have their accuracies evaluated together first."""
+        _, _, _, w_bits, a_bits, _, _, terminated = self._outcome_of(action)
+        if not (terminated or self.finetune == "per-step"):
+            return None
+        return tuple(w_bits), None if a_bits is None else tuple(a_bits)
+
+    def fresh_copy(self) -> ReleqEnv:
+        """Another environment over the same network, oracle, cost and reward, at 8 bits (parallel episodes)."""
+        return ReleqEnv(**self._init_args)
+
+    def step(self, action):
+        layer, kind, bits, w_bits, a_bits, proposed, corrections, terminated = self._outcome_of(action)
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self._prev_bits = bits
+        self._t += 1
+        if terminated:
+            self._proposed = proposed
 
         reward = 0.0
         if terminated or self.finetune == "per-step":

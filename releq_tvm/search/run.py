@@ -44,15 +44,16 @@ from releq_tvm.search.run_files import (
     EpisodeLog,
     RunState,
     best_point,
+    checkpoint_bytes,
     episode_point,
     episode_row,
     load_checkpoint,
     prepare_run_dir,
     record_resume,
-    save_checkpoint,
     save_finetuned_model,
     step_rows,
     write_best,
+    write_checkpoint,
     write_config,
 )
 
@@ -261,7 +262,8 @@ def build_parts(config: SearchConfig, oracle=None, cost=None, data: SearchData |
                          "labels are its classes, in its order, and the images in [0, 1] as it was trained on")
     if cost is None:
         cost = make_cost_backend(config.measure, config.network, table, sq_form=config.sq_form, metric=config.metric,
-                                 cpu_kernels=config.cpu_kernels)
+                                 cpu_kernels=config.cpu_kernels, rpc=config.rpc, rpc_tracker=config.rpc_tracker,
+                                 rpc_key=config.rpc_key)
     acc_limit = None if config.acc_limit is None else config.acc_limit / 100.0
     th = effective_th(config, oracle)
     if th != config.reward_th:
@@ -376,19 +378,23 @@ class ReleqSearch:
 
     def __init__(self, parts: SearchParts, run_dir: Path, echo=print):
         self.parts, self.config, self.env = parts, parts.config, parts.env
+        # parallel episodes: more environments over the same network, oracle and cost (env 0 reads off)
+        self.envs = [parts.env] + [parts.env.fresh_copy() for _ in range(parts.config.n_envs - 1)]
         self.run_dir, self.echo = Path(run_dir), echo
         self.value_columns = sorted(set(self.env.action_set) | set(self.env.act_action_set or ()))
         self.log = EpisodeLog(self.run_dir, self.value_columns)
         self.state = RunState()
-        self._step_probs: list[np.ndarray] = []
+        self._step_probs: list[list[np.ndarray]] = [[] for _ in self.envs]
+        self.pending_checkpoint: bytes | None = None  # the newest consistent checkpoint not yet on disk
         self.reset_clock()
 
-    def record_step(self, probs: np.ndarray) -> None:
-        self._step_probs.append(np.asarray(probs, dtype=np.float64))
+    def record_step(self, probs: np.ndarray, env_index: int = 0) -> None:
+        self._step_probs[env_index].append(np.asarray(probs, dtype=np.float64))
 
-    def finish_episode(self, phase: str, chosen_bits: list[int]) -> bool:
-        """Write the episode just finished; return False when training should stop (converged)."""
-        out, state = self.env.last_episode, self.state
+    def finish_episode(self, phase: str, chosen_bits: list[int], env_index: int = 0) -> bool:
+        """Write the episode environment ``env_index`` just finished; return False when training
+        should stop (converged)."""
+        out, state = self.envs[env_index].last_episode, self.state
         state.episode += 1
         now = time.perf_counter()
         seconds, self._clock = now - self._clock, now
@@ -397,12 +403,12 @@ class ReleqSearch:
         state.cpu_seconds, self._cpu_clock = state.cpu_seconds + cpu_now - self._cpu_clock, cpu_now
         state.lookups += out.lookups
         state.hits += out.hits
-        greedy = [self.env.action_to_bits(int(np.argmax(p)), self.env.schedule[i][1]) for i, p in enumerate(self._step_probs)]
-        greedy_prob = float(np.mean([p.max() for p in self._step_probs]))
+        step_probs, self._step_probs[env_index] = self._step_probs[env_index], []
+        greedy = [self.env.action_to_bits(int(np.argmax(p)), self.env.schedule[i][1]) for i, p in enumerate(step_probs)]
+        greedy_prob = float(np.mean([p.max() for p in step_probs]))
         greedy_text = format_bits(greedy)
         row = episode_row(state.episode, phase, out, greedy_text, greedy_prob, seconds)
-        self.log.append(row, step_rows(self.env, state.episode, phase, self._step_probs, chosen_bits, self.value_columns))
-        self._step_probs = []
+        self.log.append(row, step_rows(self.env, state.episode, phase, step_probs, chosen_bits, self.value_columns))
         point = episode_point(out, state.episode, phase)
         if state.best is None or point["reward"] > state.best["reward"]:
             state.best = point
@@ -462,8 +468,19 @@ class ReleqSearch:
     def write_best(self) -> None:
         write_best(self.run_dir, self.config, self.parts.oracle, self.state, self.solution())
 
-    def save_checkpoint(self, agent) -> None:
-        save_checkpoint(self.run_dir, agent, self.state, self.env.state_dict())
+    def save_checkpoint(self, agent, write: bool = True) -> None:
+        """Checkpoint the run now (agent, state, every env, RNG); ``write`` False keeps it in memory
+        only, for :meth:`save_pending` to write when the run is interrupted."""
+        blob = checkpoint_bytes(agent, self.state, [env.state_dict() for env in self.envs])
+        if write:
+            write_checkpoint(self.run_dir, blob)
+        self.pending_checkpoint = None if write else blob
+
+    def save_pending(self) -> None:
+        """Write the newest consistent checkpoint, if it is not on disk yet (on Ctrl-C)."""
+        if self.pending_checkpoint is not None:
+            write_checkpoint(self.run_dir, self.pending_checkpoint)
+            self.pending_checkpoint = None
 
     def resume(self, vec_env):
         """Restore the state, env, agent and random state of checkpoint.pt and drop the rows after
@@ -474,7 +491,8 @@ class ReleqSearch:
         agent = None
         if checkpoint is not None:
             self.state = checkpoint.state
-            self.env.load_state_dict(checkpoint.env_state)
+            for i, env in enumerate(self.envs):  # resumed with more environments: the new ones start as env 0
+                env.load_state_dict(checkpoint.env_states[i if i < len(checkpoint.env_states) else 0])
             agent = RecurrentPPO.load(io.BytesIO(checkpoint.agent), env=vec_env, device="cpu")
             # a resumed run logs PPO's statistics to a file of its own: SB3's CSV writer truncates
             agent.set_logger(ppo_logger(self.run_dir / PPO_LOG_DIR, suffix=f"-resume{self.state.episodes_done}"))
@@ -506,32 +524,36 @@ def _make_callback(search: ReleqSearch):
         """Per step: the policy's probabilities; per episode: log, convergence, checkpoint."""
 
         def _on_rollout_start(self) -> None:
-            # Rollouts are exactly one episode long, so here the previous episode's update is done.
+            # Rollouts are exactly one episode (per environment) long, so here the previous
+            # episodes' update is done: a consistent point, written every checkpoint_every episodes
+            # and otherwise kept in memory for an interrupt.
             state = search.state
             if state.episode > state.episodes_done:
-                state.episodes_done = state.episode
-                if state.episodes_done % search.config.checkpoint_every == 0:
-                    search.save_checkpoint(self.model)
+                before, state.episodes_done = state.episodes_done, state.episode
+                every = search.config.checkpoint_every
+                search.save_checkpoint(self.model, write=state.episodes_done // every > before // every)
 
         def _on_step(self) -> bool:
             model = self.model
             with torch.no_grad():
-                # _last_lstm_states is still the state the action was sampled from.
+                # _last_lstm_states is still the state the actions were sampled from.
                 dist, _ = model.policy.get_distribution(
                     self.locals["obs_tensor"], model._last_lstm_states.pi, self.locals["episode_starts"]
                 )
-            search.record_step(dist.distribution.probs[0].cpu().numpy())
-            if not self.locals["dones"][0]:
-                return True
-            chosen = [int(b) for b in _episode_actions(search)]
-            return search.finish_episode("train", chosen)
+            for i, probs in enumerate(dist.distribution.probs.cpu().numpy()):
+                search.record_step(probs, i)
+            keep_training = True
+            for i in np.flatnonzero(self.locals["dones"]):  # all environments end their episodes together
+                chosen = [int(b) for b in _episode_actions(search, int(i))]
+                keep_training = search.finish_episode("train", chosen, int(i)) and keep_training
+            return keep_training
 
     return EpisodeCallback()
 
 
-def _episode_actions(search: ReleqSearch) -> list[int]:
+def _episode_actions(search: ReleqSearch, env_index: int = 0) -> list[int]:
     """The bits the agent picked at each step of the episode just finished (before any correction)."""
-    out = search.env.last_episode
+    out = search.envs[env_index].last_episode
     picked = []
     for layer, kind in search.env.schedule:
         picked.append((out.proposed_a_bits if kind == "a" else out.proposed_w_bits)[layer])
@@ -572,6 +594,7 @@ def run_search(
     resume_episodes: int | None = None,
     overwrite: bool = False,
     data: SearchData | None = None,
+    resume_settings: dict | None = None,
 ) -> dict:
     """Run (or resume) one search; returns the content of best.json.
 
@@ -580,14 +603,22 @@ def run_search(
     may change the budget; ``overwrite`` replaces a run already in ``run_dir``.
     ``data``: images in memory to score accuracy on instead of ``config.data`` or the network's
     own dataset (on resume, the same images again: their digest is checked against the run's).
+    ``resume_settings``: settings a resumed run takes anew (``workers``, ``envs``, ``ray_address``:
+    how fast it runs, not what it means; see :data:`releq_tvm.search.config.RESUME_SETTINGS`).
     ``oracle`` and ``cost`` replace the real accuracy oracle and cost backend (for tests).
+
+    Ctrl-C stops the run at its newest consistent checkpoint (written, if it was not yet) and
+    re-raises KeyboardInterrupt after saying how to resume.
     """
-    from stable_baselines3.common.vec_env import DummyVecEnv
+    from releq_tvm.search.parallel import check_ray_installed, make_vec_env
 
     # -- set up ------------------------------------------------------------------------------------
-    if not resume:
-        check_search_inputs(config, data, oracle)  # before the run folder is made
-    run_dir, config = prepare_run_dir(config, resume, resume_episodes, overwrite)
+    if not resume:  # before the run folder is made
+        check_search_inputs(config, data, oracle)
+        check_ray_installed(config.workers, config.ray_address)
+    run_dir, config = prepare_run_dir(config, resume, resume_episodes, overwrite, resume_settings)
+    if resume:  # its settings, with any given anew
+        check_ray_installed(config.workers, config.ray_address)
     parts = build_parts(config, oracle=oracle, cost=cost, data=data)
     if resume:
         _check_same_data(run_dir, parts)
@@ -597,7 +628,38 @@ def run_search(
     for note in parts.notes:
         echo(f"note: {note}")
     search = ReleqSearch(parts, run_dir, echo=echo)
-    vec_env = DummyVecEnv([lambda: parts.env])
+    evaluator = _make_evaluator(config, parts, echo)
+    try:
+        return _run(search, make_vec_env(search.envs, evaluator), resume)
+    except KeyboardInterrupt:
+        search.save_pending()
+        state = search.state
+        echo(f"interrupted: {run_dir} is saved after training episode {state.episodes_done} "
+             f"({state.greedy_done} read-off episodes); continue with: releq-tvm search --resume --run-dir {run_dir}")
+        raise
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+
+
+def _make_evaluator(config: SearchConfig, parts: SearchParts, echo):
+    """Ray workers for the accuracy evaluations (None: this process evaluates, one at a time)."""
+    if config.workers <= 1 and config.ray_address is None:
+        return None
+    if not hasattr(parts.oracle, "short_finetune"):
+        echo(f"note: --workers {config.workers}: accuracy is not fine-tuned here ({type(parts.oracle).__name__}), "
+             "so nothing runs on Ray; the environments step in this process")
+        return None
+    from releq_tvm.search.parallel import RayEvaluator
+
+    evaluator = RayEvaluator(config.workers, config.ray_address, threads=config.threads or 1)
+    echo(f"{evaluator.describe()}; {config.n_envs} environments step together")
+    return evaluator
+
+
+def _run(search: ReleqSearch, vec_env, resume: bool) -> dict:
+    """Train, read off and long fine-tune (the body of :func:`run_search`)."""
+    parts, config, run_dir, echo = search.parts, search.config, search.run_dir, search.echo
 
     agent = None
     if resume:

@@ -7,7 +7,7 @@ A run directory (``--run-dir``; the report reads it with :mod:`releq_tvm.report.
 * ``episodes.csv``: one row per episode (:data:`EPISODE_COLUMNS`, :func:`episode_row`);
 * ``action_probs.csv``: one row per step, the policy's probability of every bitwidth (:func:`step_rows`);
 * ``best.json``: the chosen configuration, the best one seen, convergence, cache and time (:func:`write_best`);
-* ``checkpoint.pt``: agent + :class:`RunState` + env state + RNG state (:func:`save_checkpoint`);
+* ``checkpoint.pt``: agent + :class:`RunState` + every env's state + RNG state (:func:`checkpoint_bytes`);
 * ``finetuned.pt``: the long fine-tune's model of the chosen configuration, with its bits and learned
   activation clipping levels (:func:`save_finetuned_model`; best.json's ``long_finetune.model_file``
   names it), so ``releq-tvm compile NET --checkpoint RUN/finetuned.pt`` builds what was fine-tuned;
@@ -38,7 +38,7 @@ import torch
 from releq_tvm.bits import format_bits
 from releq_tvm.errors import ReleqError
 from releq_tvm.io import atomic_write_bytes, atomic_write_text
-from releq_tvm.search.config import SearchConfig
+from releq_tvm.search.config import RESUME_SETTINGS, SearchConfig
 
 EPISODE_COLUMNS = (
     "episode", "phase", "w_bits", "a_bits", "proposed_w_bits", "proposed_a_bits", "corrections",
@@ -91,13 +91,14 @@ class RunState:
 # The run folder and config.json
 # ----------------------------------------------------------------------------------------------
 def prepare_run_dir(
-    config: SearchConfig, resume: bool, episodes: int | None = None, overwrite: bool = False
+    config: SearchConfig, resume: bool, episodes: int | None = None, overwrite: bool = False,
+    settings: Mapping | None = None,
 ) -> tuple[Path, SearchConfig]:
     """Create (or, with ``resume``, reopen) the run directory; returns it and the config to use.
 
     On resume every setting comes from the run's config.json except ``episodes``, which (when
-    given) replaces the training budget, e.g. to extend a run. ``overwrite`` starts afresh in a
-    folder that already holds a run.
+    given) replaces the training budget, e.g. to extend a run, and the :data:`~releq_tvm.search.config.RESUME_SETTINGS`
+    in ``settings``. ``overwrite`` starts afresh in a folder that already holds a run.
     """
     if resume and overwrite:
         raise ReleqError("--resume continues a run and --overwrite replaces it; pass one of them")
@@ -107,6 +108,12 @@ def prepare_run_dir(
         stored = saved_config(run_dir)
         if episodes is not None:
             stored.episodes = int(episodes)
+        unknown = set(settings or {}) - set(RESUME_SETTINGS)
+        if unknown:
+            raise ValueError(f"a resumed run keeps its {', '.join(sorted(unknown))}")
+        for name, value in (settings or {}).items():
+            setattr(stored, name, value)
+        stored.validate()
         return run_dir, stored
     if cfg_path.exists():
         if not overwrite:
@@ -369,14 +376,23 @@ def save_finetuned_model(run_dir: Path, model, network: str, input_shape, long_r
 # ----------------------------------------------------------------------------------------------
 # checkpoint.pt
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: Path, agent, state: RunState, env_state: dict) -> None:
-    """agent + run state + env state + RNG state, in one atomically replaced file."""
+def checkpoint_bytes(agent, state: RunState, env_states: list[dict]) -> bytes:
+    """agent + run state + the state of every environment + RNG state, as checkpoint.pt's bytes.
+
+    ``env`` keeps the first environment's state (the key runs with one environment always had);
+    ``envs`` holds all of them (parallel episodes)."""
     buf = io.BytesIO()
     agent.save(buf)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
     out = io.BytesIO()
-    torch.save({"agent": buf.getvalue(), "state": {**asdict(state), "env": env_state}, "rng": rng}, out)
-    atomic_write_bytes(run_dir / "checkpoint.pt", out.getvalue())
+    blob = {"agent": buf.getvalue(), "state": {**asdict(state), "env": env_states[0], "envs": env_states}, "rng": rng}
+    torch.save(blob, out)
+    return out.getvalue()
+
+
+def write_checkpoint(run_dir: Path, blob: bytes) -> None:
+    """Replace checkpoint.pt atomically with :func:`checkpoint_bytes`' ``blob``."""
+    atomic_write_bytes(run_dir / "checkpoint.pt", blob)
 
 
 @dataclass
@@ -384,7 +400,7 @@ class Checkpoint:
     """checkpoint.pt as read back."""
 
     state: RunState
-    env_state: dict  # ReleqEnv.state_dict()
+    env_states: list[dict]  # ReleqEnv.state_dict() of each environment (one for runs before parallel episodes)
     agent: bytes  # RecurrentPPO.save's file: RecurrentPPO.load(io.BytesIO(agent), env=...)
     rng: dict  # torch, numpy and random states
 
@@ -400,4 +416,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     if not path.exists():
         return None
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    return Checkpoint(RunState.from_dict(blob["state"]), blob["state"]["env"], blob["agent"], blob["rng"])
+    saved = blob["state"]
+    return Checkpoint(RunState.from_dict(saved), saved.get("envs") or [saved["env"]], blob["agent"], blob["rng"])
