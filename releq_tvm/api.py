@@ -236,6 +236,8 @@ def compile(
     kernels: str = "auto",
     target: str | dict | None = None,
     rpc: str | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
     batch: int = 1,
     repeats: int = 7,
     measure: bool = True,
@@ -254,7 +256,9 @@ def compile(
     (default: the network's training images for MNIST networks, else seeded uniform noise).
     ``kernels``: ``auto`` (per layer the fastest of bit-serial, int8 and lut on this machine),
     ``bitserial`` or ``int8``. ``target``: host (None), a CPU name, ``llvm -mcpu=...`` or a JSON
-    target. ``rpc``: ``HOST:PORT`` of a TVM RPC server to time on. ``batch``: images per call.
+    target (default with ``rpc`` / ``rpc_tracker``: the remote device's CPU). ``rpc``: ``HOST:PORT`` of a
+    TVM RPC server to time on; or ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``: time on a device of
+    that key which the TVM RPC tracker hands out. ``batch``: images per call.
     ``repeats``: timing samples per measurement. ``baselines``: also time the int8, auto and fp32
     builds (:attr:`CompileResult.measurement`; ``releq_tvm.report.fidelity.write_fidelity_csv``
     writes it as ``--fidelity-csv`` does). ``progress`` receives one line per step. ``out_dir``
@@ -266,8 +270,10 @@ def compile(
     from releq_tvm.compile.measure import measure_network
     from releq_tvm.compile.target import resolve_target
     from releq_tvm.compile.timing import Runner
+    from releq_tvm.config_fields import check_rpc_options
     from releq_tvm.networks import get_network_spec, layer_table
 
+    check_rpc_options(rpc, rpc_tracker, rpc_key)
     network = resolve_model(model, input_shape, name)
     if kernels not in ("auto", "bitserial", "int8"):
         raise ReleqError(f"kernels must be auto, bitserial or int8; got {kernels!r}")
@@ -276,8 +282,9 @@ def compile(
         raise ReleqError(f"{network} has no published bitwidths; pass --bits with {n} values (one value = all layers)")
     w_bits = parse_bits(_bits_value(bits), n, network) if bits is not None else None  # None: the checkpoint's or published
     a_bits = parse_bits(_bits_value(act_bits), n, network, what="--act-bits") if act_bits is not None else None
-    target = resolve_target(target)
-    runner = Runner(rpc) if (measure and rpc) else Runner()
+    remote = bool(measure and (rpc or rpc_tracker))
+    runner = Runner(rpc, rpc_tracker, rpc_key) if remote else Runner()
+    target = resolve_target(runner.target() if remote and target is None else target)
     say = progress or (lambda message: None)
 
     started = time.perf_counter()
@@ -293,7 +300,7 @@ def compile(
     measurement = None
     if measure:
         # "bits" is the pure bit-serial build at the bits (the paper's comparison): reuse ours if it is one
-        reuse = compiled if (kernels == "bitserial" and not rpc) else None
+        reuse = compiled if (kernels == "bitserial" and not remote) else None
         measurement = measure_network(network, net.w_bits, net.a_bits, repeats=repeats, target=target, batch=batch,
                                       baselines=baselines, runner=runner, compiled=reuse, model=net.model, progress=say)
     return CompileResult(

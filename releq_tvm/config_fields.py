@@ -186,3 +186,19 @@ def command_args(obj: Any, always: tuple[str, ...] = ()) -> list[str]:
         else:
             args += [name, str(value)]
     return args
+
+
+def check_rpc_options(rpc: str | None, tracker: str | None, key: str | None) -> None:
+    """One-line :class:`ReleqError` unless the options name one server, one tracker + key, or neither."""
+    if (tracker is None) != (key is None):
+        raise ReleqError("--rpc-tracker and --rpc-key go together: the tracker hands out a device of that key")
+    if rpc is not None and tracker is not None:
+        raise ReleqError("pass --rpc HOST:PORT (one server) or --rpc-tracker HOST:PORT --rpc-key KEY, not both")
+
+
+def where_label(rpc: str | None = None, tracker: str | None = None, key: str | None = None) -> str:
+    """Where a runner made with these options times code: ``local``, ``rpc://HOST:PORT`` or
+    ``rpc-tracker://HOST:PORT/KEY``."""
+    if tracker:
+        return f"rpc-tracker://{tracker}/{key}"
+    return f"rpc://{rpc}" if rpc else "local"

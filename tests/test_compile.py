@@ -587,7 +587,8 @@ def test_rpc_measurement_against_a_local_server(tmp_path):
         runner = Runner(f"127.0.0.1:{port}")
         table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING, runner=runner)
         assert table.latency_us(layer_table("lenet")[4], 2, 8) > 0
-        assert table.machine["rpc"] == f"127.0.0.1:{port}"
+        assert runner.where == f"rpc://127.0.0.1:{port}" and table.machine["device"]["reported_by"] == "rpc"
+        assert f"{port}" not in table.namespace  # keyed by the server's CPU, not its address
         net = quantize_network("lenet", LENET_BITS)
         compiled = compile_network(net, "bitserial", batch=1)
         from releq_tvm.compile.measure import time_integer_network
@@ -597,6 +598,143 @@ def test_rpc_measurement_against_a_local_server(tmp_path):
     finally:
         os.killpg(server.pid, 15)
         server.wait()
+
+
+def _start(command: list[str], log, ready: str, seconds: float = 180):
+    """A TVM RPC process in its own process group (it and its workers end together); waits for ``ready`` in its log."""
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", *command], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    deadline = time.time() + seconds  # TVM is imported before the socket binds: slow on a busy machine
+    while ready not in log.read_text() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    return process
+
+
+def _stop(*processes) -> None:
+    for process in processes:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, 15)
+            process.wait()
+
+
+class _FakeRemote:
+    """What LatencyTable reads of a remote runner, without a server: its CPU as the session reports it."""
+
+    remote, session = True, object()
+
+    def __init__(self, where: str, llvm_cpu: str = "znver4", threads: int = 1):
+        self.where = where
+        self._facts = {"llvm_cpu": llvm_cpu, "triple": "x86_64-pc-linux-gnu", "vendor": "amd", "features": ["avx2"],
+                       "cpu_model": None, "threads": threads, "reported_by": "rpc"}
+
+    def machine(self) -> dict:
+        return dict(self._facts)
+
+    def target(self):
+        from releq_tvm.compile.target import resolve_target
+
+        return resolve_target({"kind": "llvm", "mcpu": self._facts["llvm_cpu"]})
+
+
+def test_latency_table_of_a_remote_device_is_keyed_by_its_cpu_not_its_address(tmp_path):
+    """Two servers with one CPU share a namespace; another remote CPU reads another; the local key is unchanged."""
+    from releq_tvm.compile.timing import Runner
+
+    path = tmp_path / "t.sqlite"
+    one = LatencyTable(path=path, runner=_FakeRemote("rpc://10.0.0.1:9090"))
+    two = LatencyTable(path=path, runner=_FakeRemote("rpc-tracker://10.0.0.2:9190/epyc"))
+    other = LatencyTable(path=path, runner=_FakeRemote("rpc://10.0.0.1:9090", llvm_cpu="skylake-avx512"))
+    assert one.namespace == two.namespace != other.namespace
+    assert one.namespace.startswith("latency/rpc-amd_znver4-znver4-tvm") and "skylake-avx512" in other.namespace
+    assert str(one.target.attrs["mcpu"]) == "znver4" and str(other.target.attrs["mcpu"]) == "skylake-avx512"
+    assert one.machine["device"]["reported_by"] == "rpc" and "cpu_model" not in one.machine
+    explicit = LatencyTable(target="haswell", path=path, runner=_FakeRemote("rpc://10.0.0.1:9090"))
+    assert str(explicit.target.attrs["mcpu"]) == "haswell" and explicit.namespace != one.namespace
+    local = LatencyTable(path=path, runner=Runner())
+    assert local.namespace == LatencyTable(path=path).namespace
+    assert local.namespace.startswith(f"latency/{machine_key(local.target)}/") and "device" not in local.machine
+
+
+def test_local_runner_describes_this_machine(tmp_path):
+    from releq_tvm.compile.timing import Runner
+    from releq_tvm.kernels.target import host_cpu_name, tvm_threads
+
+    runner = Runner()
+    facts = runner.machine()
+    assert runner.where == "local" and not runner.remote and facts["reported_by"] == "local"
+    assert facts["llvm_cpu"] == host_cpu_name() and facts["threads"] == tvm_threads()
+    assert facts["triple"].startswith("x86_64") and facts["vendor"] in ("amd", "intel") and "sse2" in facts["features"]
+    assert str(runner.target().attrs["mcpu"]) == host_cpu_name()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"tracker": "127.0.0.1:9190"}, "--rpc-tracker and --rpc-key go together"),
+    ({"key": "epyc"}, "--rpc-tracker and --rpc-key go together"),
+    ({"rpc": "127.0.0.1:9090", "tracker": "127.0.0.1:9190", "key": "epyc"}, "not both"),
+    ({"tracker": "9190", "key": "epyc"}, "--rpc-tracker '9190' must look like HOST:PORT"),
+    ({"tracker": "127.0.0.1:{free}", "key": "epyc"}, "cannot reach the TVM RPC tracker at 127.0.0.1:"),
+])
+def test_runner_rejects_bad_rpc_options_in_one_line(options, message):
+    from releq_tvm.compile.timing import Runner
+
+    options = {k: v.format(free=_free_port()) for k, v in options.items()}
+    started = time.time()
+    with pytest.raises(ReleqError, match=message) as error:
+        Runner(**options)
+    assert "\n" not in str(error.value) and time.time() - started < 5
+
+
+def test_compile_cli_rejects_a_tracker_without_a_key():
+    result = CliRunner().invoke(main, ["compile", "lenet", "--rpc-tracker", "127.0.0.1:9190", "--no-measure"])
+    assert result.exit_code == 2 and "--rpc-tracker and --rpc-key go together" in result.output
+
+
+def _request_when_registered(runner_class, tracker: str, key: str, seconds: float = 60):
+    """A runner on ``key`` once the server has registered with the tracker (it does so after binding)."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return runner_class(tracker=tracker, key=key)
+        except ReleqError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_rpc_tracker_measurement_names_the_remote_cpu(tmp_path):
+    """A TVM RPC tracker and a server registered to it with a key, both on 127.0.0.1."""
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
+    from releq_tvm.compile.timing import Runner
+    from releq_tvm.kernels.target import host_cpu_name
+
+    tracker_port, server_port = _free_port(), _free_port()
+    tracker = server = None
+    try:
+        tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tracker_port),
+                          "--port-end", str(tracker_port + 1)], tmp_path / "tracker.log", "bind to")
+        server = _start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(server_port),
+                         "--port-end", str(server_port + 1), "--tracker", f"127.0.0.1:{tracker_port}",
+                         "--key", "releq-test"], tmp_path / "server.log", "bind to")
+        address = f"127.0.0.1:{tracker_port}"
+        runner = _request_when_registered(Runner, address, "releq-test")
+        assert runner.where == f"rpc-tracker://{address}/releq-test" and runner.remote
+        facts = runner.machine()
+        # asked of the server through the session (reported_by, no CPU model name), same CPU as here
+        assert facts["reported_by"] == "rpc" and facts["cpu_model"] is None and facts["threads"] >= 1
+        assert facts["llvm_cpu"] == host_cpu_name() and facts["features"] == Runner().machine()["features"]
+        table = LatencyTable(path=tmp_path / "t.sqlite", timing=FAST_TIMING, runner=runner)
+        assert table.machine["device"] == facts and str(table.target.attrs["mcpu"]) == facts["llvm_cpu"]
+        assert table.namespace.startswith(f"latency/rpc-{facts['vendor']}_{facts['llvm_cpu']}-")
+        us = table.latency_us(layer_table("lenet")[4], 2, 8)
+        assert 0 < us < float("inf")
+        started = time.time()
+        with pytest.raises(ReleqError, match="has no device of key 'no-such-key'") as error:
+            Runner(tracker=address, key="no-such-key")
+        assert "\n" not in str(error.value) and time.time() - started < 5
+    finally:
+        _stop(server, tracker)
 
 
 @pytest.mark.parametrize("env", [None, "1", "2"])

@@ -108,6 +108,15 @@ def test_workers_without_ray_is_one_line_saying_what_to_install(tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
+def test_seeds_side_by_side_or_episodes_side_by_side_not_both(tmp_path):
+    from releq_tvm.cli import main
+
+    result = CliRunner().invoke(main, ["search-seeds", "lenet", "--accuracy", "none", "--jobs", "2", "--workers", "2",
+                                       "--root", str(tmp_path / "seeds")])
+    assert result.exit_code == 2 and "pass one of them (e.g. --jobs 1 --workers 2)" in result.output
+    assert not (tmp_path / "seeds").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # prefetch: evaluated together, counted once, written by this process only
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_optio
 @click.option("--target", "target_text", default=None,
               help='Target: host (default), an x86 CPU name, llvm/MCPU, or JSON {"kind": "llvm", "mcpu": ...}.')
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="Time on a TVM RPC server instead of this process.")
+@click.option("--rpc-tracker", default=None, metavar="HOST:PORT",
+              help="Time on a device that this TVM RPC tracker hands out (with --rpc-key).")
+@click.option("--rpc-key", default=None, metavar="KEY", help="The device key to ask --rpc-tracker for.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Images per call of the library.")
 @click.option("--repeats", type=click.IntRange(1), default=7, show_default=True, help="Timing samples per measurement.")
 @click.option("--measure/--no-measure", default=True, show_default=True, help="Time the layers and the network.")
@@ -33,8 +36,8 @@ from releq_tvm.cli_options import act_bits_option, bits_option, checkpoint_optio
               help="Per layer: the fastest of bit-serial at its bits, int8 and lut (dense, 1-4 weight bits) (auto), "
                    "or one family everywhere.")
 @json_option
-def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_text, rpc, batch, repeats, measure,
-                baselines, fidelity_csv, kernels, as_json) -> None:
+def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_text, rpc, rpc_tracker, rpc_key, batch,
+                repeats, measure, baselines, fidelity_csv, kernels, as_json) -> None:
     """Compile NET (or your own --model) at per-layer bits into a deployable folder and time it.
 
     A --model (ONNX, .pt2 or package.module:function) has no published bits: pass --bits. Its
@@ -49,6 +52,10 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
     --checkpoint takes a float state_dict (`releq-tvm train`) or a fine-tuned model
     (`releq-tvm finetune ... -o FILE`, or a search run's finetuned.pt): the build then uses its learned
     activation clipping levels and its bits, and computes what the fine-tuned torch model computes.
+
+    --rpc HOST:PORT times on one TVM RPC server; --rpc-tracker HOST:PORT --rpc-key KEY on a device of
+    that key which a TVM RPC tracker hands out. Either way the build targets the remote CPU unless
+    --target says otherwise, and the latency table is that CPU's.
     """
     from releq_tvm.api import compile as compile_model
     from releq_tvm.bits import format_bits
@@ -62,8 +69,8 @@ def compile_cmd(network, bits_text, act_bits_text, out_dir, checkpoint, target_t
             click.echo(f"  .. {message}", err=True)
 
     built = compile_model(network, bits_text, act_bits_text, out_dir=out_dir, checkpoint=checkpoint, kernels=kernels,
-                          target=target_text, rpc=rpc, batch=batch, repeats=repeats, measure=measure,
-                          baselines=baselines, progress=say)
+                          target=target_text, rpc=rpc, rpc_tracker=rpc_tracker, rpc_key=rpc_key, batch=batch,
+                          repeats=repeats, measure=measure, baselines=baselines, progress=say)
     if fidelity_csv:
         from releq_tvm.report.fidelity import write_fidelity_csv
 

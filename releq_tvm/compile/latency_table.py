@@ -5,7 +5,9 @@ latency in microseconds. An entry is measured the first time it is asked for (on
 build, well under a second, plus a few milliseconds of timing), then served from the one cache
 store (:mod:`releq_tvm.store`). The namespace is the machine key (CPU model, LLVM CPU, TVM
 version, threads) plus a digest of the machine description and a hash of the kernel sources,
-so a table measured elsewhere, with another TVM or with other kernel code, is never used. Each
+so a table measured elsewhere, with another TVM or with other kernel code, is never used.
+Timed on a remote device (a TVM RPC server or tracker), the key and description are that
+device's CPU as its TVM reports it (:func:`remote_machine_info`). Each
 entry is its own write, so processes measuring at the same time never lose each other's
 entries. Tables of the old format (JSON files under ``cache_dir()/latency/``) are not read:
 their entries are measured again.
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import tvm
 
 from releq_tvm.bits import parse_bits
 from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS
@@ -38,7 +41,8 @@ from releq_tvm.store import Store, open_store
 from releq_tvm.compile.integer import random_integer_network
 from releq_tvm.compile.layers import layer_sampler, measure_layer
 from releq_tvm.compile.lower import build_network, family_applies, kernel_bits
-from releq_tvm.compile.target import kernels_fingerprint, machine_info, machine_key, resolve_target
+from releq_tvm.compile.target import (file_safe, kernels_fingerprint, machine_info, machine_key, resolve_target,
+                                      target_dict)
 from releq_tvm.compile.timing import Runner, main_sampler
 from releq_tvm.timing import TimingConfig, interleaved_timing
 
@@ -73,14 +77,32 @@ def layer_key(layer: LayerSpec, w_bits: int, a_bits: int, backend: str = "bitser
     return f"{backend}|{shape_label(layer)} n{batch}|w{w_bits}a{a_bits}"
 
 
-class LatencyTable:
-    """Per-layer latencies (microseconds) of this machine, measured lazily and cached on disk.
+def remote_machine_info(target, device: dict) -> dict:
+    """What a latency measured on a remote device depends on: that device's CPU as its TVM reports it
+    (``device``: :meth:`Runner.machine`), the target the kernels were built for and this TVM's version
+    (it compiles them). Not the server's address: servers with the same CPU share entries."""
+    return {"device": device, "target": target_dict(target), "tvm": tvm.__version__}
 
-    ``target`` defaults to the host CPU; ``path`` is the cache store file (None: the shared
-    ``cache_dir()/cache.sqlite``). The entries live in the store's :attr:`namespace`, which
-    names the machine key and a digest of the full machine description (so another machine,
-    TVM or kernel code reads another namespace and measures afresh). ``builds`` counts the
-    kernels this object compiled (0 when everything came from the cache).
+
+def remote_machine_key(machine: dict) -> str:
+    """A file-name-safe key of a remote device (vendor, LLVM CPU, target CPU, TVM version, threads), as
+    :func:`machine_key` is for this machine's; ``rpc-`` first, so the two never meet."""
+    device = machine["device"]
+    return file_safe(f"rpc-{device['vendor']}_{device['llvm_cpu']}-{machine['target'].get('mcpu', 'generic')}"
+                     f"-tvm{machine['tvm']}-t{device['threads']}")
+
+
+class LatencyTable:
+    """Per-layer latencies (microseconds) of one CPU, measured lazily and cached on disk.
+
+    The CPU is this machine's, or with a remote ``runner`` (a TVM RPC server or tracker) the
+    remote device's as its TVM reports it (:meth:`Runner.machine`): then ``target`` defaults to
+    that CPU and the namespace names it, not the server's address, so servers with the same CPU
+    share entries. ``target`` defaults to the host CPU otherwise; ``path`` is the cache store
+    file (None: the shared ``cache_dir()/cache.sqlite``). The entries live in the store's
+    :attr:`namespace`, which names the machine key and a digest of the full machine description
+    (so another machine, TVM or kernel code reads another namespace and measures afresh).
+    ``builds`` counts the kernels this object compiled (0 when everything came from the cache).
     """
 
     #: The store namespace holding the machine description of every latency namespace.
@@ -88,12 +110,15 @@ class LatencyTable:
 
     def __init__(self, target=None, path: str | Path | None = None, timing: TimingConfig = TimingConfig(),
                  batch: int = 1, runner: Runner | None = None):
-        self.target = resolve_target(target)
+        remote = runner is not None and runner.remote
+        self.target = resolve_target(runner.target() if remote and target is None else target)
         # the kernel sources are part of what a number depends on: edited kernels invalidate the table
-        self.machine = dict(machine_info(self.target), kernels=kernels_fingerprint())
-        if runner is not None and runner.rpc:
-            self.machine = dict(self.machine, rpc=runner.rpc)
-        key = machine_key(self.target) + (f"-rpc_{runner.rpc.replace(':', '_')}" if runner and runner.rpc else "")
+        if remote:
+            self.machine = dict(remote_machine_info(self.target, runner.machine()), kernels=kernels_fingerprint())
+            key = remote_machine_key(self.machine)
+        else:
+            self.machine = dict(machine_info(self.target), kernels=kernels_fingerprint())
+            key = machine_key(self.target)
         description = {"format": TABLE_FORMAT, "machine": self.machine}
         digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
         self.namespace = f"latency/{key}/{digest}"

@@ -162,6 +162,11 @@ def search_seeds_cmd(n_seeds: int, jobs: int, root, out, long_front: int, **sett
     config = settings_from(SearchConfig, settings, long_finetune=settings["long_steps"] > 0)
     check_search_inputs(config)  # NET or --model, and data for accuracy: before hours of searching
     _check_long_front(config, long_front)
+    if jobs > 1 and (config.workers > 1 or config.ray_address):
+        from releq_tvm.errors import ReleqError
+
+        raise ReleqError("--jobs runs seeds side by side and --workers runs each seed's episodes side by side; "
+                         "pass one of them (e.g. --jobs 1 --workers 2)")
     tag = "-wa" if config.search_activations else ""
     root = root or f"runs/seeds/{config.network}-{config.measure}-{config.reward}{tag}"
     seeds = list(range(n_seeds))

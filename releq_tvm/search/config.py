@@ -15,7 +15,7 @@ from typing import Literal
 
 from releq_tvm.bits import parse_action_set
 from releq_tvm.config import DEFAULT_ACTION_SET, DEFAULTS
-from releq_tvm.config_fields import check_network_or_model, check_settings, setting
+from releq_tvm.config_fields import check_network_or_model, check_rpc_options, check_settings, setting
 from releq_tvm.errors import ReleqError
 from releq_tvm.search.cost import CpuKernels, Measure, StripesMetric
 from releq_tvm.search.reward import RewardName, SqForm
@@ -245,10 +245,7 @@ class SearchConfig:
         if self.input_shape is not None and len(self.input_shape) != 3:
             raise ReleqError("--input-shape must be C,H,W with three positive integers such as 3,32,32; got "
                              + ",".join(str(s) for s in self.input_shape))
-        if (self.rpc_tracker is None) != (self.rpc_key is None):
-            raise ReleqError("--rpc-tracker and --rpc-key go together: the tracker hands out a device of that key")
-        if self.rpc is not None and self.rpc_tracker is not None:
-            raise ReleqError("pass --rpc HOST:PORT (one server) or --rpc-tracker HOST:PORT --rpc-key KEY, not both")
+        check_rpc_options(self.rpc, self.rpc_tracker, self.rpc_key)
         if (self.rpc or self.rpc_tracker) and self.measure != "cpu":
             raise ReleqError("--rpc and --rpc-tracker time the CPU latency table; they need --measure cpu")
         if self.search_activations and self.measure == "none":

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, get_args
 
 from releq_tvm.config import BITS_MAX, E_MEM_OVER_E_MAC
+from releq_tvm.config_fields import check_rpc_options, where_label
 from releq_tvm.errors import ReleqError
 from releq_tvm.search.reward import state_of_quantization
 
@@ -99,32 +100,61 @@ class CpuLatencyCost(_Memo):
 
     ``latency_ratio`` defaults to :func:`releq_tvm.compile.cpu_cost_ratio` (the on-disk
     latency table; missing entries are built and timed on first use). Tests inject a fake.
+    ``rpc`` (``HOST:PORT`` of a TVM RPC server) or ``rpc_tracker`` (``HOST:PORT``) + ``rpc_key``
+    time the table on that remote device instead of this process: the connection (and, with a
+    tracker, the device) is taken on the first ratio asked for and kept, and ``latency_ratio`` is
+    then called with ``table=`` that device's :class:`releq_tvm.compile.LatencyTable`.
     """
 
     name = "cpu"
     uses_activations = True
 
-    def __init__(self, network: str, latency_ratio: Callable[..., float] | None = None, kernels: str = "auto"):
+    def __init__(self, network: str, latency_ratio: Callable[..., float] | None = None, kernels: str = "auto",
+                 rpc: str | None = None, rpc_tracker: str | None = None, rpc_key: str | None = None):
         super().__init__()
         if kernels not in CPU_KERNELS:
             raise ReleqError(f"unknown --cpu-kernels {kernels!r}; use one of {', '.join(CPU_KERNELS)}")
+        check_rpc_options(rpc, rpc_tracker, rpc_key)
         self.network = network
         self.kernels = kernels
+        self.rpc, self.rpc_tracker, self.rpc_key = rpc, rpc_tracker, rpc_key
         self._fn = latency_ratio
+        self._table = None
+
+    @property
+    def remote(self) -> bool:
+        return self.rpc is not None or self.rpc_tracker is not None
+
+    @property
+    def where(self) -> str:
+        """Where the latencies are timed: ``local``, ``rpc://HOST:PORT`` or ``rpc-tracker://HOST:PORT/KEY``."""
+        return where_label(self.rpc, self.rpc_tracker, self.rpc_key)
 
     def _function(self) -> Callable[..., float]:
         if self._fn is None:
             self._fn = _import_backend("releq_tvm.compile", "cpu_cost_ratio", "cpu")
         return self._fn
 
+    def remote_table(self):
+        """The remote device's latency table, connected on first use (None when timing locally)."""
+        if self.remote and self._table is None:
+            runner_class = _import_backend("releq_tvm.compile", "Runner", "cpu")
+            table_class = _import_backend("releq_tvm.compile", "LatencyTable", "cpu")
+            self._table = table_class(runner=runner_class(self.rpc, self.rpc_tracker, self.rpc_key))
+        return self._table
+
     def _compute(self, w_bits, a_bits):
-        return self._function()(self.network, list(w_bits), None if a_bits is None else list(a_bits), kernels=self.kernels)
+        extra = {"table": self.remote_table()} if self.remote else {}
+        return self._function()(self.network, list(w_bits), None if a_bits is None else list(a_bits),
+                                kernels=self.kernels, **extra)
 
     def describe(self) -> str:
         if self.kernels == "auto":
-            return (f"measured TVM CPU latency of {self.network} built auto (each layer the fastest of bit-serial at "
+            text = (f"measured TVM CPU latency of {self.network} built auto (each layer the fastest of bit-serial at "
                     "its bits and int8) / the same at 8-bit weights and activations (the int8 build)")
-        return f"measured TVM bit-serial CPU latency of {self.network} / latency at 8-bit weights and activations"
+        else:
+            text = f"measured TVM bit-serial CPU latency of {self.network} / latency at 8-bit weights and activations"
+        return f"{text}; timed on {self.where}" if self.remote else text
 
 
 class StripesCost(_Memo):
@@ -178,11 +208,14 @@ def make_cost_backend(
     rpc_tracker: str | None = None,
     rpc_key: str | None = None,
 ) -> CostBackend:
-    """The backend for ``--measure``; cpu and stripes import their stage on first use."""
+    """The backend for ``--measure``; cpu and stripes import their stage on first use. ``rpc`` /
+    ``rpc_tracker`` + ``rpc_key``: where ``cpu`` times its latency table (see :class:`CpuLatencyCost`)."""
+    if (rpc or rpc_tracker) and measure != "cpu":
+        raise ReleqError("--rpc and --rpc-tracker time the CPU latency table; they need --measure cpu")
     if measure == "none":
         return SQCost(table, form=sq_form)
     if measure == "cpu":
-        return CpuLatencyCost(network, kernels=cpu_kernels)
+        return CpuLatencyCost(network, kernels=cpu_kernels, rpc=rpc, rpc_tracker=rpc_tracker, rpc_key=rpc_key)
     if measure == "stripes":
         return StripesCost(table, metric=metric)
     raise ReleqError(f"unknown --measure {measure!r}; use one of {', '.join(MEASURES)}")

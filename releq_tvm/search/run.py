@@ -7,7 +7,9 @@ Read top to bottom, :func:`run_search` does:
    model (``--model``) is registered first, and the data is ``--data``, the network's own dataset,
    or images passed in memory (:class:`SearchData`);
 2. train sb3-contrib ``RecurrentPPO`` with ``n_steps`` = episode length, so the policy is
-   updated at the end of every episode; a callback logs every episode (episodes.csv), the
+   updated at the end of every episode (of every batch of ``--envs N`` episodes, which step
+   together and have their accuracies evaluated at once on Ray workers:
+   :mod:`releq_tvm.search.parallel`); a callback logs every episode (episodes.csv), the
    policy's probability of every bitwidth at every step (action_probs.csv), the best
    configuration (best.json), checks convergence, and checkpoints agent + :class:`RunState` +
    env + RNG state (checkpoint.pt, one atomic file) after every update;
@@ -19,8 +21,9 @@ What each file of the run holds, and how it is written and read back, is
 :mod:`releq_tvm.search.run_files`.
 
 A run killed at any moment resumes with ``resume=True``: the rows after the last checkpoint
-are dropped (at most the episode in flight) and training continues from the saved agent,
-env state and random state, so a resumed run makes the same choices as an uninterrupted one.
+are dropped (at most the episodes in flight) and training continues from the saved agent,
+env states and random state, so a resumed run makes the same choices as an uninterrupted one
+(with the same number of environments). Ctrl-C writes the newest consistent checkpoint first.
 """
 
 from __future__ import annotations
@@ -678,7 +681,7 @@ def _run(search: ReleqSearch, vec_env, resume: bool) -> dict:
     )
     search.reset_clock()
 
-    # -- train: one policy update per episode --------------------------------------------------------
+    # -- train: one policy update per batch of N episodes (the budget rounds up to whole batches) ----
     if not state.training_finished:
         remaining = config.episodes - state.episodes_done
         if remaining > 0 and not search.stopped_by_convergence:
