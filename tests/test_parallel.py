@@ -45,6 +45,8 @@ def test_n_environments_step_together_and_each_update_sees_n_episodes(tmp_path):
     # the three environments of a batch start from one policy, so their bits differ only by sampling
     first_batch = {r["w_bits"] for r in rows[:3]}
     assert len(first_batch) > 1
+    # the episodes of a batch share its time evenly
+    assert len({r["seconds"] for r in rows[:3]}) == 1 and len({r["seconds"] for r in rows[3:6]}) == 1
     assert oracle.lookups == 6 + 2
 
 
@@ -160,10 +162,15 @@ def _slow_oracle(tmp_path, steps):
 
 
 def test_ray_workers_give_the_accuracy_this_process_gives(tmp_path, evaluator):
-    job = _slow_oracle(tmp_path, 3).short_finetune(False)
+    oracle = _slow_oracle(tmp_path, 3)
+    job = oracle.short_finetune(False)
     configs = [((8, 4, 4, 4, 8), None), ((2, 2, 2, 2, 2), None)]
+    shipped = evaluator.shipped
     assert evaluator.evaluate_many(job, configs)[0][0] == job.accuracy(*configs[0])
-    results = evaluator.evaluate_many(job, configs)
+    # the oracle hands out one fine-tune object, so its data goes to the workers once per run
+    assert oracle.short_finetune(False) is job
+    results = evaluator.evaluate_many(oracle.short_finetune(False), configs)
+    assert evaluator.shipped - shipped == 1
     assert [acc for acc, _ in results] == [job.accuracy(*c) for c in configs]
     assert all(seconds > 0 for _, seconds in results)
     assert os.getpid() not in evaluator.pids and len(evaluator.pids) >= 1

@@ -155,6 +155,7 @@ class FinetunedAccuracy:
         self.seconds = 0.0
         self._ranges: tuple[list[float], list[bool]] | None = None
         self._fresh: dict[tuple[Bits, Bits | None], float] = {}  # evaluated by prefetch, not yet asked for
+        self._jobs: dict[bool, ShortFinetune] = {}  # see short_finetune
         fp = cache.get(self.key, (), None)  # the float reference is cached under the empty bit vector
         if fp is None:
             from releq_tvm.train import evaluate
@@ -197,9 +198,11 @@ class FinetunedAccuracy:
     def short_finetune(self, activations: bool) -> ShortFinetune:
         """What a cache miss runs, as a picklable value (a Ray worker runs it as this process would);
         ``activations``: the configurations quantize activations (their quantizers' start levels
-        are calibrated here, once)."""
-        return ShortFinetune(self.model, self.input_shape, self.train, self.val, self.settings,
-                             self._input_ranges() if activations else None)
+        are calibrated here, once). One object per kind, so it is shipped to Ray workers once."""
+        if activations not in self._jobs:
+            self._jobs[activations] = ShortFinetune(self.model, self.input_shape, self.train, self.val, self.settings,
+                                                    self._input_ranges() if activations else None)
+        return self._jobs[activations]
 
     def _finetune_and_evaluate(self, w_bits, a_bits) -> float:
         return self.short_finetune(a_bits is not None).accuracy(w_bits, a_bits)

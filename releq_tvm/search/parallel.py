@@ -114,6 +114,7 @@ class RayEvaluator:
         self._job = None
         self.pids: set[int] = set()
         self.tasks = 0
+        self.shipped = 0  # fine-tunes put into Ray's object store
 
     def describe(self) -> str:
         where = f"the Ray cluster at {self.address}" if self.address else f"{self.workers} local Ray workers"
@@ -123,8 +124,9 @@ class RayEvaluator:
         """(accuracy %, seconds) of each configuration, evaluated concurrently; in order."""
         import ray
 
-        if job is not self._job:  # a run ships its fine-tune once
+        if job is not self._job:  # a run ships its fine-tune once (its data can be 200 MB)
             self._job, self._job_ref = job, ray.put(job)
+            self.shipped += 1
         refs = [self._task.remote([self._job_ref], w, a, self.threads) for w, a in configs]
         results = ray.get(refs)
         self.tasks += len(refs)

@@ -394,16 +394,23 @@ class ReleqSearch:
     def record_step(self, probs: np.ndarray, env_index: int = 0) -> None:
         self._step_probs[env_index].append(np.asarray(probs, dtype=np.float64))
 
-    def finish_episode(self, phase: str, chosen_bits: list[int], env_index: int = 0) -> bool:
-        """Write the episode environment ``env_index`` just finished; return False when training
-        should stop (converged)."""
+    def lap(self, episodes: int = 1) -> tuple[float, float]:
+        """Wall and CPU seconds since the last lap, each episode's share when ``episodes`` ended together."""
+        now, cpu_now = time.perf_counter(), time.process_time()
+        seconds, cpu = (now - self._clock) / episodes, (cpu_now - self._cpu_clock) / episodes
+        self._clock, self._cpu_clock = now, cpu_now
+        return seconds, cpu
+
+    def finish_episode(self, phase: str, chosen_bits: list[int], env_index: int = 0,
+                       lap: tuple[float, float] | None = None) -> bool:
+        """Write the episode environment ``env_index`` just finished (``lap``: its share of the time
+        of the episodes that ended with it; default: the time since the last one); return False
+        when training should stop (converged)."""
         out, state = self.envs[env_index].last_episode, self.state
         state.episode += 1
-        now = time.perf_counter()
-        seconds, self._clock = now - self._clock, now
+        seconds, cpu = lap if lap is not None else self.lap()
         state.elapsed += seconds
-        cpu_now = time.process_time()
-        state.cpu_seconds, self._cpu_clock = state.cpu_seconds + cpu_now - self._cpu_clock, cpu_now
+        state.cpu_seconds += cpu
         state.lookups += out.lookups
         state.hits += out.hits
         step_probs, self._step_probs[env_index] = self._step_probs[env_index], []
@@ -546,9 +553,11 @@ def _make_callback(search: ReleqSearch):
             for i, probs in enumerate(dist.distribution.probs.cpu().numpy()):
                 search.record_step(probs, i)
             keep_training = True
-            for i in np.flatnonzero(self.locals["dones"]):  # all environments end their episodes together
+            done = np.flatnonzero(self.locals["dones"])  # all environments end their episodes together
+            lap = search.lap(len(done)) if len(done) else None
+            for i in done:
                 chosen = [int(b) for b in _episode_actions(search, int(i))]
-                keep_training = search.finish_episode("train", chosen, int(i)) and keep_training
+                keep_training = search.finish_episode("train", chosen, int(i), lap) and keep_training
             return keep_training
 
     return EpisodeCallback()
