@@ -49,7 +49,8 @@ def _bits_text(bits) -> str:
 
 #: Settings a variant is named by when they differ from :class:`SearchConfig`'s defaults.
 VARIANT_SETTINGS = ("reward", "weight_std_in_state", "cpu_kernels", "action_set", "act_action_set", "max_loss",
-                    "latency_target", "ppo_clip_range", "short_steps", "episodes")
+                    "latency_target", "ppo_clip_range", "ppo_learning_rate", "ppo_n_epochs", "ppo_ent_coef",
+                    "ppo_normalize_advantage", "short_steps", "episodes", "envs", "workers")
 
 
 def variant_of(run: SearchRun) -> str:
