@@ -123,7 +123,7 @@ def bench_search_cmd(network, measure, workers_text, episodes, seed, root, out_p
     empty cache, --envs N) -> results/search_workers.csv. Needs the distributed extra for N > 1."""
     from pathlib import Path
 
-    from releq_tvm.errors import ReleqError
+    from releq_tvm.config_fields import parse_counts
     from releq_tvm.io import atomic_write_text
     from releq_tvm.report.provenance import Provenance
     from releq_tvm.report.tables import csv_text
@@ -131,12 +131,7 @@ def bench_search_cmd(network, measure, workers_text, episodes, seed, root, out_p
     from releq_tvm.search.parallel import check_ray_installed
     from releq_tvm.search.workers_bench import COLUMNS, bench_workers
 
-    try:
-        workers = [int(t) for t in workers_text.split(",") if t.strip()]
-    except ValueError:
-        workers = []
-    if not workers or min(workers) < 1:
-        raise ReleqError(f"--workers {workers_text!r} must be positive integers separated by commas, e.g. 1,2")
+    workers = parse_counts(workers_text, "--workers")
     check_ray_installed(max(workers), None)
     base = SearchConfig(network=network, measure=measure, episodes=episodes, seed=seed)
     rows = bench_workers(base, workers, Path(root), echo=lambda line: click.echo(f"  .. {line}", err=True))

@@ -202,3 +202,15 @@ def where_label(rpc: str | None = None, tracker: str | None = None, key: str | N
     if tracker:
         return f"rpc-tracker://{tracker}/{key}"
     return f"rpc://{rpc}" if rpc else "local"
+
+
+def parse_counts(text: str, option: str) -> tuple[int, ...]:
+    """A comma list of positive integers (``"1,2,2"`` -> ``(1, 2)``, repeats dropped, in order), such
+    as thread or worker counts; one line naming ``option`` otherwise."""
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise ReleqError(f"{option} must be a comma list of positive integers such as 1,2; got {text!r}")
+    return tuple(dict.fromkeys(values))

@@ -138,13 +138,9 @@ def import_peer_engines():
 
 def parse_threads(text: str) -> tuple[int, ...]:
     """``"1,2"`` -> ``(1, 2)``; one line saying what is wrong otherwise."""
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise ReleqError(f"--threads must be a comma list of positive integers such as 1,2; got {text!r}")
-    return tuple(dict.fromkeys(values))
+    from releq_tvm.config_fields import parse_counts
+
+    return parse_counts(text, "--threads")
 
 
 #: ``--bits published``: each network's published weight bits (the default when no --bits is given).

@@ -24,7 +24,6 @@ from releq_tvm.report.runs import (
     SearchRun,
     choice_fixed_episode,
     moving_average,
-    read_ppo_stats,
     search_converged_episode,
 )
 
@@ -168,7 +167,7 @@ def ablation_row(run: SearchRun, window: int = MOVING_AVERAGE_EPISODES) -> dict:
     sol = run.solution
     long = run.best.get("long_finetune") or {}
     rewards = [e.reward for e in run.train_episodes] or [e.reward for e in run.episodes]
-    ppo = read_ppo_stats(run.path)
+    ppo = run.ppo
     return {
         "network": run.network,
         "reward": run.reward_label,
@@ -227,12 +226,12 @@ def identical_trajectories(group: Sequence[SearchRun]) -> bool:
 
 def clip_note(net: str, group: Sequence[SearchRun]) -> str | None:
     """What a clip-range ablation of ``net`` shows about the clip: measured from PPO's own logger when
-    every run has ``ppo/progress.csv`` (clip fraction per update of the smallest clip), else inferred
-    from identical trajectories (older runs); None when neither says anything."""
+    every run has it (:attr:`SearchRun.ppo`: the clip fraction per update at the smallest clip), else
+    inferred from identical trajectories (older runs); None when neither says anything."""
     identical = identical_trajectories(group)
     tightest = min(group, key=lambda r: r.clip_range)
-    stats = read_ppo_stats(tightest.path)
-    if stats is None or any(read_ppo_stats(r.path) is None for r in group):
+    stats = tightest.ppo
+    if any(r.ppo is None for r in group):
         if not identical:
             return None
         return (f"{net}: the runs made identical choices and earned identical rewards in every episode: the clip "

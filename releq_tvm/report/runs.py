@@ -13,7 +13,8 @@ A run directory holds (see :mod:`releq_tvm.search.run_files`):
   ``cost_ratio``, ...), ``best`` (best reward seen), ``converged_episode`` (the search's own
   convergence test), ``long_finetune`` (test accuracies after the long fine-tune);
 * ``ppo/progress*.csv``: PPO's own statistics per update (SB3's CSV logger: ``train/clip_fraction``,
-  ``train/approx_kl``, ...; one file per start of the run, resumes included), read by :func:`read_ppo_stats`.
+  ``train/approx_kl``, ...; one file per start of the run, resumes included), read by :func:`read_ppo_stats`
+  into :attr:`SearchRun.ppo`.
 
 Everything is read once into a :class:`SearchRun`; a missing or malformed file is a one-line
 :class:`ReleqError` naming it. Rows cut short by a kill (the episode in flight) are skipped.
@@ -70,6 +71,8 @@ class SearchRun:
     probs: np.ndarray | None
     prob_episodes: tuple[int, ...]
     action_set: tuple[int, ...]
+    #: PPO's own statistics over the run's updates (``ppo/progress*.csv``); None: the run logged none.
+    ppo: PpoStats | None = None
 
     @property
     def config(self) -> dict:
@@ -254,7 +257,7 @@ def load_run(path: str | Path) -> SearchRun:
     if bits is None or len(bits) != n_layers:
         raise ReleqError(f"{run_dir / 'best.json'} has no {n_layers}-layer solution for {network}; did the run finish?")
     probs, prob_episodes = read_action_probs(run_dir / "action_probs.csv", n_layers, run.action_set)
-    return SearchRun(run_dir, meta, episodes, best, probs, prob_episodes, run.action_set)
+    return SearchRun(run_dir, meta, episodes, best, probs, prob_episodes, run.action_set, read_ppo_stats(run_dir))
 
 
 def discover_runs(paths: Iterable[str | Path]) -> list[SearchRun]:

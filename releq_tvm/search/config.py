@@ -17,14 +17,14 @@ from releq_tvm.bits import parse_action_set
 from releq_tvm.config import DEFAULT_ACTION_SET, DEFAULTS
 from releq_tvm.config_fields import check_network_or_model, check_rpc_options, check_settings, setting
 from releq_tvm.errors import ReleqError
-from releq_tvm.search.cost import CpuKernels, Measure, StripesMetric
+from releq_tvm.search.cost import CpuKernels, Measure, StripesMetric, check_remote_measure
 from releq_tvm.search.reward import RewardName, SqForm
 
 AccuracyMode = Literal["finetune", "none"]
+FinetuneMode = Literal["per-episode", "per-step"]
 #: Settings a resumed run takes anew when given (how fast it runs, not what it means): the Ray
 #: workers, the environments per update and the cluster. (``--episodes`` too: a new budget.)
 RESUME_SETTINGS = ("workers", "envs", "ray_address")
-FinetuneMode = Literal["per-episode", "per-step"]
 
 
 @dataclass
@@ -246,8 +246,7 @@ class SearchConfig:
             raise ReleqError("--input-shape must be C,H,W with three positive integers such as 3,32,32; got "
                              + ",".join(str(s) for s in self.input_shape))
         check_rpc_options(self.rpc, self.rpc_tracker, self.rpc_key)
-        if (self.rpc or self.rpc_tracker) and self.measure != "cpu":
-            raise ReleqError("--rpc and --rpc-tracker time the CPU latency table; they need --measure cpu")
+        check_remote_measure(self.measure, self.rpc, self.rpc_tracker)
         if self.search_activations and self.measure == "none":
             raise ReleqError(
                 "--search-activations needs a hardware cost (--measure cpu or stripes): "

@@ -197,6 +197,12 @@ def _import_backend(module: str, attr: str, measure: str) -> Callable[..., float
         ) from None
 
 
+def check_remote_measure(measure: str, rpc: str | None, rpc_tracker: str | None) -> None:
+    """``--rpc`` / ``--rpc-tracker`` time the CPU latency table: one line unless ``measure`` is cpu."""
+    if (rpc or rpc_tracker) and measure != "cpu":
+        raise ReleqError("--rpc and --rpc-tracker time the CPU latency table; they need --measure cpu")
+
+
 def make_cost_backend(
     measure: str,
     network: str,
@@ -210,8 +216,7 @@ def make_cost_backend(
 ) -> CostBackend:
     """The backend for ``--measure``; cpu and stripes import their stage on first use. ``rpc`` /
     ``rpc_tracker`` + ``rpc_key``: where ``cpu`` times its latency table (see :class:`CpuLatencyCost`)."""
-    if (rpc or rpc_tracker) and measure != "cpu":
-        raise ReleqError("--rpc and --rpc-tracker time the CPU latency table; they need --measure cpu")
+    check_remote_measure(measure, rpc, rpc_tracker)
     if measure == "none":
         return SQCost(table, form=sq_form)
     if measure == "cpu":

@@ -83,7 +83,7 @@ def _ray_temp_dir() -> str | None:
 # ----------------------------------------------------------------------------------------------
 class RayEvaluator:
     """Runs short fine-tunes on Ray: a local Ray of ``workers`` single-threaded CPU workers, or the
-    cluster at ``address`` (then ``workers`` only caps nothing: the cluster's CPUs decide).
+    cluster at ``address`` (then the cluster's CPUs decide how many run at once, not ``workers``).
 
     ``evaluate_many(job, configs)`` is what :meth:`FinetunedAccuracy.prefetch` calls. ``pids``
     collects the worker processes that answered (for the run's log and the fault test).
