@@ -196,6 +196,14 @@ def check_rpc_options(rpc: str | None, tracker: str | None, key: str | None) -> 
         raise ReleqError("pass --rpc HOST:PORT (one server) or --rpc-tracker HOST:PORT --rpc-key KEY, not both")
 
 
+def host_port(text: str, option: str) -> tuple[str, int]:
+    """``HOST:PORT`` split (one line naming ``option`` otherwise)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ReleqError(f"{option} {text!r} must look like HOST:PORT, e.g. 127.0.0.1:9090")
+    return host, int(port)
+
+
 def where_label(rpc: str | None = None, tracker: str | None = None, key: str | None = None) -> str:
     """Where a runner made with these options times code: ``local``, ``rpc://HOST:PORT`` or
     ``rpc-tracker://HOST:PORT/KEY``."""

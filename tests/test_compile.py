@@ -656,6 +656,20 @@ def test_latency_table_of_a_remote_device_is_keyed_by_its_cpu_not_its_address(tm
     assert local.namespace.startswith(f"latency/{machine_key(local.target)}/") and "device" not in local.machine
 
 
+def test_a_network_timed_remotely_names_the_remote_cpu_not_this_one():
+    from releq_tvm.compile.measure import timed_machine
+    from releq_tvm.compile.target import machine_info, resolve_target
+    from releq_tvm.compile.timing import Runner
+
+    remote = _FakeRemote("rpc-tracker://10.0.0.2:9190/epyc", llvm_cpu="skylake-avx512", threads=4)
+    target = resolve_target(remote.target())
+    m = timed_machine(target, remote)
+    assert m["cpu_model"] == "amd skylake-avx512 (remote, rpc-tracker://10.0.0.2:9190/epyc)"
+    assert m["threads"] == 4 and m["cores"] is None and m["device"]["reported_by"] == "rpc"
+    assert m["target"]["mcpu"] == "skylake-avx512"
+    assert timed_machine(resolve_target(None), Runner()) == machine_info(resolve_target(None))
+
+
 def test_local_runner_describes_this_machine(tmp_path):
     from releq_tvm.compile.timing import Runner
     from releq_tvm.kernels.target import host_cpu_name, tvm_threads

@@ -189,7 +189,7 @@ def measure_network(
     from releq_tvm.bits import parse_bits
     from releq_tvm.compile.artifact import compile_network
     from releq_tvm.compile.latency_table import LatencyTable, layer_key, shape_label
-    from releq_tvm.compile.target import machine_info, resolve_target
+    from releq_tvm.compile.target import resolve_target
     from releq_tvm.config import BITS_MAX, DEFAULT_ACT_BITS
     from releq_tvm.networks import create_network, layer_table
 
@@ -277,5 +277,23 @@ def measure_network(
         network=network, w_bits=w, a_bits=a, batch=batch, layers=layers,
         network_ms={k: t["median_ms"] for k, t in whole.items()},
         network_iqr_ms={k: t["iqr_ms"] for k, t in whole.items()},
-        sum_of_layers_ms=sums, compile_s=compile_s, timing=config, where=runner.where, machine=machine_info(target),
+        sum_of_layers_ms=sums, compile_s=compile_s, timing=config, where=runner.where,
+        machine=timed_machine(target, runner),
     )
+
+
+def timed_machine(target, runner) -> dict:
+    """The machine a network was timed on, as a result file names it: this one's
+    (:func:`~releq_tvm.compile.target.machine_info`), or with a remote ``runner`` the remote device's
+    as its TVM reports it (vendor and LLVM CPU; TVM's RPC does not tell the model name, core count
+    or caches, so those are None), with the device facts under ``device``."""
+    from releq_tvm.compile.target import machine_info, target_dict
+
+    if not runner.remote:
+        return machine_info(target)
+    device = runner.machine()
+    return {
+        "cpu_model": f"{device['vendor']} {device['llvm_cpu']} (remote, {runner.where})",
+        "target": target_dict(target), "tvm": tvm.__version__, "cores": None, "threads": device["threads"],
+        "caches_kib": None, "device": device,
+    }

@@ -26,7 +26,7 @@ import tvm
 from tvm import relax
 
 from releq_tvm.compile.target import resolve_target
-from releq_tvm.config_fields import check_rpc_options, where_label
+from releq_tvm.config_fields import check_rpc_options, host_port, where_label
 from releq_tvm.errors import ReleqError
 from releq_tvm.kernels.target import X86_TRIPLE, cache_sizes, pin_tvm_threads, tvm_threads
 from releq_tvm.machine import cpu_model
@@ -45,13 +45,6 @@ def _how_to_start(key: str) -> str:
             f"with `python -m tvm.exec.rpc_server --tracker 127.0.0.1:9190 --key {key}`")
 
 
-def _address(text: str, option: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ReleqError(f"{option} {text!r} must look like HOST:PORT, e.g. 127.0.0.1:9090")
-    return host, int(port)
-
-
 def _last_line(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()
     return (lines[-1] if lines else type(exc).__name__)[:120]
@@ -59,7 +52,7 @@ def _last_line(exc: Exception) -> str:
 
 def connect_server(rpc: str):
     """A TVM RPC session with the server at ``HOST:PORT`` (one-line :class:`ReleqError` if unreachable)."""
-    host, port = _address(rpc, "--rpc")
+    host, port = host_port(rpc, "--rpc")
     from tvm import rpc as tvm_rpc
 
     try:
@@ -82,7 +75,7 @@ def request_device(tracker: str, key: str, wait_s: float = TRACKER_WAIT_S, sessi
 
     from tvm import rpc as tvm_rpc
 
-    host, port = _address(tracker, "--rpc-tracker")
+    host, port = host_port(tracker, "--rpc-tracker")
     try:  # TVM's own connect retries a refused tracker for 60 s
         socket.create_connection((host, port), timeout=TRACKER_CONNECT_S).close()
         client = tvm_rpc.connect_tracker(host, port)

@@ -18,10 +18,14 @@ Without Ray (``--workers 1``, the default) none of this runs: one process, as be
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
+from releq_tvm.config_fields import host_port
 from releq_tvm.errors import ReleqError
 
 Bits = tuple[int, ...]
@@ -69,11 +73,69 @@ def _evaluate(job_box: list, w_bits: Bits, a_bits: Bits | None, threads: int) ->
     return float(acc), time.perf_counter() - start, os.getpid()
 
 
+#: Seconds to wait for a --ray-address to answer at all (Ray itself waits minutes on a closed port).
+CONNECT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """One line, within :data:`CONNECT_S`, when nothing listens at a ``--ray-address`` HOST:PORT."""
+    import socket
+
+    if address == "auto":  # Ray finds the cluster this machine runs
+        return
+    host, port = host_port(address.removeprefix("ray://"), "--ray-address")
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_S).close()
+    except OSError as exc:
+        raise ReleqError(f"nothing answers at --ray-address {address} ({exc.strerror or exc}); start the cluster "
+                         "with `ray start --head --port PORT` and pass HOST:PORT, or auto") from None
+
+
+@contextlib.contextmanager
+def _stderr_held():
+    """Hold what this process (Python or Ray's C++) writes to stderr: pass it on if the block
+    succeeds, drop it if it raises (the caller then says what went wrong in one line)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        held.seek(0)
+        text = held.read().decode(errors="replace")
+    sys.stderr.write(text)
+
+
+def _cannot_join(address: str | None, exc: Exception) -> str:
+    """The one line for a Ray that would not start or a cluster that would not let us join."""
+    import ray.exceptions
+
+    auth_error = getattr(ray.exceptions, "AuthenticationError", ())  # Ray < 2.5x has no token auth
+
+    if address is None:
+        return f"cannot start a local Ray ({str(exc).splitlines()[0][:160]})"
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, auth_error) or "InvalidAuthToken" in str(c) for c in causes):
+        # Ray turns token authentication on by itself only for a cluster it finds (address auto),
+        # never for one named: joining it by name is the user's call, so say how, don't do it.
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        return (f"the Ray cluster at {address} wants its authentication token (RAY_AUTH_MODE is {mode}): "
+                "run with RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token, "
+                "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+    return (f"cannot join the Ray cluster at {address} ({str(exc).splitlines()[0][:160]}); "
+            "check --ray-address (HOST:PORT of `ray start --head`, or auto)")
+
+
 def _ray_temp_dir() -> str | None:
     """Ray's session folder: under TMPDIR as Ray would, unless that path is too long for the Unix
     sockets Ray makes inside it (at most 107 bytes with ~70 of Ray's own); then /tmp/ray, Ray's default."""
-    import tempfile
-
     under_tmpdir = os.path.join(tempfile.gettempdir(), "ray")
     return None if len(under_tmpdir) <= 36 else "/tmp/ray"
 
@@ -90,25 +152,30 @@ class RayEvaluator:
     """
 
     def __init__(self, workers: int, address: str | None = None, threads: int = 1):
-        check_ray_installed(max(workers, 2), address)
+        check_ray_installed(workers if address else max(workers, 2), address)
         import ray
 
         self.workers, self.address, self.threads = workers, address, threads
         self._started = not ray.is_initialized()
+        if self._started and address is not None:
+            _check_reachable(address)
         if self._started:
             try:
-                ray.init(
-                    address=address,
-                    num_cpus=None if address else workers,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=False,
-                    _temp_dir=_ray_temp_dir(),
-                )
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = f"the Ray cluster at {address}" if address else "a local Ray"
-                raise ReleqError(f"cannot start {where} ({str(exc).splitlines()[0][:160]}); "
-                                 "check --ray-address (e.g. HOST:6379 of `ray start --head`)") from None
+                # a refused join logs a warning a second until Ray gives up (a local start spawns
+                # Ray's processes, which must not inherit the held stderr)
+                with _stderr_held() if address else contextlib.nullcontext():
+                    ray.init(
+                        address=address,
+                        num_cpus=None if address else workers,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        configure_logging=False,
+                        _temp_dir=_ray_temp_dir(),
+                    )
+            except Exception as exc:  # ConnectionError, RuntimeError, AuthenticationError, ValueError...
+                raise ReleqError(_cannot_join(address, exc)) from None
+        #: CPUs Ray offers these tasks: ``workers`` locally, the whole cluster's when joined
+        self.cpus = int(ray.cluster_resources().get("CPU", 0)) if address else workers
         self._task = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=False)(_evaluate)
         self._job_ref = None
         self._job = None
@@ -117,7 +184,8 @@ class RayEvaluator:
         self.shipped = 0  # fine-tunes put into Ray's object store
 
     def describe(self) -> str:
-        where = f"the Ray cluster at {self.address}" if self.address else f"{self.workers} local Ray workers"
+        where = (f"the Ray cluster at {self.address} ({self.cpus} CPUs)" if self.address
+                 else f"{self.workers} local Ray workers")
         return f"accuracy evaluations on {where} (1 CPU and {self.threads} torch thread(s) each)"
 
     def evaluate_many(self, job, configs: Sequence[tuple[Bits, Bits | None]]) -> list[tuple[float, float]]:

@@ -622,16 +622,22 @@ def run_search(
     Ctrl-C stops the run at its newest consistent checkpoint (written, if it was not yet) and
     re-raises KeyboardInterrupt after saying how to resume.
     """
-    from releq_tvm.search.parallel import check_ray_installed, make_vec_env
+    from releq_tvm.search.parallel import make_vec_env
 
     # -- set up ------------------------------------------------------------------------------------
-    if not resume:  # before the run folder is made
+    evaluator = None
+    if not resume:  # before the run folder is made: a Ray that would not start leaves no run behind
         check_search_inputs(config, data, oracle)
-        check_ray_installed(config.workers, config.ray_address)
-    run_dir, config = prepare_run_dir(config, resume, resume_episodes, overwrite, resume_settings)
-    if resume:  # its settings, with any given anew
-        check_ray_installed(config.workers, config.ray_address)
-    parts = build_parts(config, oracle=oracle, cost=cost, data=data)
+        evaluator = _start_ray(config)
+    try:
+        run_dir, config = prepare_run_dir(config, resume, resume_episodes, overwrite, resume_settings)
+        if resume:  # its settings, with any given anew (nothing is written before record_resume)
+            evaluator = _start_ray(config)
+        parts = build_parts(config, oracle=oracle, cost=cost, data=data)
+    except BaseException:
+        if evaluator is not None:
+            evaluator.close()
+        raise
     if resume:
         _check_same_data(run_dir, parts)
         record_resume(run_dir, config, command)
@@ -640,7 +646,7 @@ def run_search(
     for note in parts.notes:
         echo(f"note: {note}")
     search = ReleqSearch(parts, run_dir, echo=echo)
-    evaluator = _make_evaluator(config, parts, echo)
+    evaluator = _use_evaluator(evaluator, config, parts, echo)
     try:
         return _run(search, make_vec_env(search.envs, evaluator), resume)
     except KeyboardInterrupt:
@@ -654,18 +660,29 @@ def run_search(
             evaluator.close()
 
 
-def _make_evaluator(config: SearchConfig, parts: SearchParts, echo):
-    """Ray workers for the accuracy evaluations (None: this process evaluates, one at a time)."""
+def _start_ray(config: SearchConfig):
+    """Ray workers for the accuracy evaluations, local or joined (None: ``--workers 1``, no Ray)."""
     if config.workers <= 1 and config.ray_address is None:
         return None
+    from releq_tvm.search.parallel import RayEvaluator, check_ray_installed
+
+    check_ray_installed(config.workers, config.ray_address)
+    return RayEvaluator(config.workers, config.ray_address, threads=config.threads or 1)
+
+
+def _use_evaluator(evaluator, config: SearchConfig, parts: SearchParts, echo):
+    """The evaluator the environments step with (None: this process evaluates, one at a time)."""
+    if evaluator is None:
+        return None
     if not hasattr(parts.oracle, "short_finetune"):
+        evaluator.close()
         echo(f"note: --workers {config.workers}: accuracy is not fine-tuned here ({type(parts.oracle).__name__}), "
              "so nothing runs on Ray; the environments step in this process")
         return None
-    from releq_tvm.search.parallel import RayEvaluator
-
-    evaluator = RayEvaluator(config.workers, config.ray_address, threads=config.threads or 1)
     echo(f"{evaluator.describe()}; {config.n_envs} environments step together")
+    if config.n_envs < evaluator.cpus:
+        echo(f"note: {config.n_envs} environment(s) ask for at most {config.n_envs} evaluation(s) at once, "
+             f"so {evaluator.cpus - config.n_envs} of Ray's {evaluator.cpus} CPUs idle; --envs {evaluator.cpus} uses them all")
     return evaluator
 
 
