@@ -1062,6 +1062,10 @@ def test_bitserial_tile_override_keeps_results_exact(pos_tile):
 @pytest.mark.parametrize("shape, uses_row_stream", [
     (K.ConvShape(1, 6, (28, 28), (5, 5), padding=(2, 2)), True),  # LeNet-5 conv1: window, 25 taps
     (K.ConvShape(6, 16, (14, 14), (5, 5)), True),  # LeNet-5 conv2: folded, 40 bits per kernel row
+    # folded with whole bytes of channels: columns' bits at once (_column_bits), rows of odd widths
+    (K.ConvShape(16, 32, (9, 11), (3, 3), stride=2, padding=(1, 1)), True),  # ResNet-20's 16 -> 32, stride 2
+    (K.ConvShape(16, 16, (7, 13), (3, 3), padding=(1, 1)), True),  # 13 columns: no whole vector
+    (K.ConvShape(3, 8, (9, 9), (3, 3), padding=(1, 1)), True),  # slot 4: the bit-by-bit row stream
     (K.ConvShape(2, 2, (12, 13), (8, 9), padding=(1, 1), groups=2), False),  # 72 taps: two words
     (K.ConvShape(2, 2, (6, 70), (3, 6), stride=(1, 2), padding=(1, 2), groups=2), True),  # 18 taps, 74-bit rows
     (K.ConvShape(8, 8, (9, 9), (3, 3), padding=(1, 1), groups=8), False),  # 3x3 depthwise: 9 taps gather
