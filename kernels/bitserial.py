@@ -129,7 +129,10 @@ def _choose_tiles(mode: str, out_w: int, tile: int, layout: str, isa: VectorIsa)
 
     For NCHW output, 8 columns x 1 register is preferred when the row is wide enough and the
     tile is one register: each output channel then stores 8 neighbouring int32 as one vector
-    instead of 8 scalars.
+    instead of 8 scalars. Otherwise the widest tile of at least half the budget that divides
+    the row: padded columns cost more than their share (side by side, one thread, znver4, 2x2
+    bits: ResNet-20's 16->16 on 32x32 26.3 -> 21.3 us with 8 columns instead of 12, its
+    32->32 on 16x16 21.4 -> 16.1 us with 4 instead of 6, its 16->32 stride 2 17.1 -> 13.2 us).
     """
     lanes, budget = isa.uint64_lanes, accumulator_budget(isa)
     if mode == "window":  # vectorised over output columns
@@ -138,7 +141,11 @@ def _choose_tiles(mode: str, out_w: int, tile: int, layout: str, isa: VectorIsa)
     vec = tile // lanes
     if layout == "NCHW" and vec == 1 and round_up(out_w, 8) - out_w <= out_w // 8:
         return 8, 1, round_up(out_w, 8)
-    for pos in range(min(budget // vec, 16), 0, -1):
+    most = min(budget // vec, 16)
+    for pos in range(most, (most - 1) // 2, -1):  # a tile that divides the row: no column wasted
+        if out_w % pos == 0:
+            return pos, vec, out_w
+    for pos in range(most, 0, -1):
         padded = round_up(out_w, pos)
         if (padded - out_w) * 8 <= out_w:  # at most 1/8 of the columns wasted
             return pos, vec, padded
@@ -450,11 +457,12 @@ def _conv_graph(plan: BitserialPlan, x: te.Tensor, w: te.Tensor):
 
     # channel / folded: the reduction element e of a word is channel e % slot at kernel column e // slot
     cg, words, slot, kcols = s.in_per_group, wl.words, wl.slot, wl.kernel_cols
+    column_bits = wl.mode == "folded" and slot >= COLUMN_BITS_MIN_SLOT
     if wl.mode == "channel":
         # a single word packs round_up(cg, 8) channels (whole bytes), the extra ones zero
         channels = round_up(cg, 8) if words == 1 else words * WORD_BITS
         cols, col_stride = (owp - 1) * sw + kw, sw
-    elif plan.row_stream:
+    elif plan.row_stream or column_bits:
         # each row's (column, channel) bits packed once; a word is a cut of kw * slot bits
         channels, cols, col_stride = slot, (owp - 1) * sw + kw, 1
     else:
@@ -475,23 +483,29 @@ def _conv_graph(plan: BitserialPlan, x: te.Tensor, w: te.Tensor):
     pad = te.compute((s.batch, s.groups, rows, channels, cols), pad_value, name="pad")
     if wl.mode == "channel":
         pack = bitpack(pad, plan.a_bits, pack_axis=3)  # (N, G, rows, words, a_bits, cols)
+    elif column_bits:  # whole bytes of channels: each column's bits at once, a word is the next columns
+        colbits = _column_bits(pad, slot, plan.a_bits)
+        per_word = WORD_BITS // slot
+
+        def column_word(n, g, r, word, plane, j):
+            parts = []
+            for i in range(per_word):  # kernel column word * per_word + i, none past the kernel
+                kc = word * per_word + i if words > 1 else i
+                if i >= kw:
+                    break
+                part = colbits[n, g, r, plane, j * sw + te.min(kc, kw - 1)] << tirx.const(slot * i, "uint64")
+                parts.append(tirx.Select(kc < kw, part, tirx.const(0, "uint64")) if words * per_word > kw else part)
+            return functools.reduce(operator.or_, parts)
+
+        pack = te.compute((s.batch, s.groups, rows, words, plan.a_bits, owp), column_word, name="pack")
     elif plan.row_stream:
-        if slot >= COLUMN_BITS_MIN_SLOT:  # whole bytes of channels: each column's bits at once, a word is kw columns
-            colbits = _column_bits(pad, slot, plan.a_bits)
-            pack = te.compute(
-                (s.batch, s.groups, rows, 1, plan.a_bits, owp),
-                lambda n, g, r, word, plane, j: functools.reduce(operator.or_, (
-                    colbits[n, g, r, plane, j * sw + i] << tirx.const(slot * i, "uint64") for i in range(kw))),
-                name="pack",
-            )
-        else:
-            stream = _row_stream(lambda n, g, r, e: pad[n, g, r, e % slot, e // slot], s.batch, s.groups, rows,
-                                 ((owp - 1) * sw + kw) * slot, plan.a_bits)
-            pack = te.compute(
-                (s.batch, s.groups, rows, 1, plan.a_bits, owp),
-                lambda n, g, r, word, plane, j: _cut(stream, n, g, plane, r, j * sw * slot, kw * slot),
-                name="pack",
-            )
+        stream = _row_stream(lambda n, g, r, e: pad[n, g, r, e % slot, e // slot], s.batch, s.groups, rows,
+                             ((owp - 1) * sw + kw) * slot, plan.a_bits)
+        pack = te.compute(
+            (s.batch, s.groups, rows, 1, plan.a_bits, owp),
+            lambda n, g, r, word, plane, j: _cut(stream, n, g, plane, r, j * sw * slot, kw * slot),
+            name="pack",
+        )
     else:
 
         def folded_element(idx, j):
@@ -616,7 +630,7 @@ def schedule_bitserial(func: tvm.tirx.PrimFunc, plan: BitserialPlan) -> tvm.tirx
         tile_loop, first_reduce, unrolled, lanes = jo, rt, (rb, rc, jv), jl
     else:
         # pack the whole input once, on the calling thread (a few % of the work)
-        if plan.row_stream:
+        if plan.row_stream or has_block(sch, "colbits"):
             _schedule_row_stream(sch)
         else:
             _schedule_pack(sch, "pack", PACK_LANES, None)

@@ -1041,6 +1041,21 @@ def test_fused_epilogue_on_the_int8_column_layout(epilogue):
     np.testing.assert_array_equal(tensors[-1].numpy(), K.epilogue_reference(epilogue, acc, 1, **extra))
 
 
+@pytest.mark.parametrize("shape, pos_tile, vec_tile", [
+    (K.ConvShape(16, 16, (32, 32), (3, 3), padding=(1, 1)), 8, 2),  # not 12: 36 columns for 32
+    (K.ConvShape(32, 32, (16, 16), (3, 3), padding=(1, 1)), 4, 4),  # not 6: 18 for 16
+    (K.ConvShape(6, 16, (14, 14), (5, 5)), 10, 2),  # LeNet-5's conv2: not 11
+    (K.ConvShape(16, 16, (7, 7), (3, 3), padding=(1, 1)), 7, 2),
+    (K.ConvShape(16, 16, (13, 13), (3, 3), padding=(1, 1)), 7, 2),  # 13 is prime: padded to 14, within 1/8
+])
+def test_bitserial_register_tile_divides_the_row_where_it_can(shape, pos_tile, vec_tile):
+    """AVX-512 (32 registers, 8 uint64 lanes): the widest tile of at least half the 24 accumulators
+    that divides the output row, else the least padding within 1/8 of the row."""
+    plan = K.plan_conv2d(shape, 2, 2, isa=K.vector_isa(K.make_target("znver4")))
+    assert (plan.pos_tile, plan.vec_tile) == (pos_tile, vec_tile)
+    assert plan.out_w_pad == -(-shape.out_size[1] // pos_tile) * pos_tile
+
+
 @pytest.mark.parametrize("pos_tile", [1, 3, 8])
 def test_bitserial_tile_override_keeps_results_exact(pos_tile):
     import tvm
