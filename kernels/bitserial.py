@@ -14,7 +14,10 @@ Stages inside a PrimFunc (block names in brackets):
    instead pack each padded input row once (``rowbits_bytes``, ``rowbits``) and ``pack`` cuts
    every output position's word out of its rows with two shifts and a mask: each input element
    is packed once per plane, not once per kernel tap that reads it (LeNet-5's 1-channel conv1:
-   2.85 -> 1.59 us at 1x1 bits);
+   2.85 -> 1.59 us at 1x1 bits). Folded layouts of 16 or more channel slots go further
+   (``colbits_chan``, ``colbits``: :func:`_column_bits`): each column's channels are packed at once,
+   8 channels per uint64 and one multiply per plane, and ``pack`` ORs ``kw`` shifted columns into
+   a word, all along the row in vectors;
 4. ``corr``        the offset correction ``-M * sum_c 2^c popcount(X_c)`` per output position;
 5. ``acc``         ``corr + s * sum_{b,c} 2^(b+c) popcount(U_b & X_c)`` in int64 registers;
 6. ``out``         the int32 cast, cropped to the real output and written in the output layout.
