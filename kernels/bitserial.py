@@ -248,10 +248,12 @@ def _row_stream(element, batch: int, groups: int, rows: int, length: int, a_bits
     return _pack_words(shape, 3, min(length, WORD_BITS), bit_element, "rowbits")[1]
 
 
-#: Folded layouts with one word per kernel row and at least this many channel slots pack each
-#: column's channels at once (:func:`_column_bits`) instead of bit by bit (:func:`_row_stream`). Side
-#: by side, one thread, znver4: ResNet-20's 16-channel 3x3 on 32x32 1.57x faster at 1x1 bits, 1.25x at
-#: 2x2, 1.13x at 2x3; at 8 slots (LeNet-5's conv2, 6 channels) no gain (0.88-1.08x), so not there.
+#: Folded layouts of at least this many channel slots pack each column's channels at once
+#: (:func:`_column_bits`) instead of bit by bit (:func:`_row_stream`, or the per-position gather
+#: when a kernel row takes more than one word). Side by side, one thread, znver4: ResNet-20's
+#: 16-channel 3x3 on 32x32 1.57x faster at 1x1 bits, 1.25x at 2x2, 1.13x at 2x3; its 32-channel
+#: 3x3 (two words per row) 1.04-1.22x; at 8 slots (LeNet-5's conv2, 6 channels) no gain
+#: (0.88-1.08x), so not there.
 COLUMN_BITS_MIN_SLOT = 16
 
 #: Bit ``p`` of each byte of a uint64, gathered into one byte: ``((v >> p) & LOW) * GATHER >> 56``
@@ -466,7 +468,7 @@ def _conv_graph(plan: BitserialPlan, x: te.Tensor, w: te.Tensor):
         channels = round_up(cg, 8) if words == 1 else words * WORD_BITS
         cols, col_stride = (owp - 1) * sw + kw, sw
     elif plan.row_stream or column_bits:
-        # each row's (column, channel) bits packed once; a word is a cut of kw * slot bits
+        # each row's (column, channel) bits packed once; a word is kw * slot of them (per word)
         channels, cols, col_stride = slot, (owp - 1) * sw + kw, 1
     else:
         # the pad stage stays input-sized (slot channels); the pack stage gathers each word's

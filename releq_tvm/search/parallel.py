@@ -114,7 +114,7 @@ def _cannot_join(address: str | None, exc: Exception) -> str:
     """The one line for a Ray that would not start or a cluster that would not let us join."""
     import ray.exceptions
 
-    auth_error = getattr(ray.exceptions, "AuthenticationError", ())  # Ray < 2.5x has no token auth
+    auth_error = getattr(ray.exceptions, "AuthenticationError", ())  # older Rays have no token authentication
 
     if address is None:
         return f"cannot start a local Ray ({str(exc).splitlines()[0][:160]})"

@@ -634,19 +634,19 @@ def run_search(
         if resume:  # its settings, with any given anew (nothing is written before record_resume)
             evaluator = _start_ray(config)
         parts = build_parts(config, oracle=oracle, cost=cost, data=data)
+        if resume:
+            _check_same_data(run_dir, parts)
+            record_resume(run_dir, config, command)
+        else:
+            write_config(run_dir, config, _about_the_run(parts), command)
+        for note in parts.notes:
+            echo(f"note: {note}")
+        search = ReleqSearch(parts, run_dir, echo=echo)
+        evaluator = _use_evaluator(evaluator, config, parts, echo)
     except BaseException:
         if evaluator is not None:
             evaluator.close()
         raise
-    if resume:
-        _check_same_data(run_dir, parts)
-        record_resume(run_dir, config, command)
-    else:
-        write_config(run_dir, config, _about_the_run(parts), command)
-    for note in parts.notes:
-        echo(f"note: {note}")
-    search = ReleqSearch(parts, run_dir, echo=echo)
-    evaluator = _use_evaluator(evaluator, config, parts, echo)
     try:
         return _run(search, make_vec_env(search.envs, evaluator), resume)
     except KeyboardInterrupt:
