@@ -267,8 +267,8 @@ def _column_bits(pad: te.Tensor, slot: int, a_bits: int) -> te.Tensor:
 
     Without gathers: ``colbits_chan`` joins 8 channels of a column into a uint64 (contiguous loads
     along the row), and ``colbits`` takes each plane's bit of those 8 bytes with one multiply; both
-    vectorise along the row. A folded word with one word per kernel row is then ``kw`` of these
-    shifted together (the bit-by-bit gather of :func:`_row_stream` took 80 % of a 16-channel 3x3 layer).
+    vectorise along the row. A folded word is then the columns it holds (``64 // slot``, at most
+    ``kw``) shifted together (the bit-by-bit gather of :func:`_row_stream` took 80 % of a 16-channel 3x3 layer).
     """
     batch, groups, rows, cols = (int(pad.shape[i]) for i in (0, 1, 2, 4))
     u64 = lambda value: tirx.const(value, "uint64")  # noqa: E731

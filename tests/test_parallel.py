@@ -86,6 +86,22 @@ def test_one_worker_starts_no_ray(tmp_path, monkeypatch):
     assert len(load_checkpoint(tmp_path / "run").env_states) == 1
 
 
+def test_workers_without_a_fine_tune_to_run_start_no_ray(tmp_path, monkeypatch):
+    """An oracle with nothing to ship (here a fake; --accuracy none alike) steps in this process."""
+    pytest.importorskip("ray", reason="the distributed extra is not installed")
+    import releq_tvm.search.parallel as parallel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no Ray without a fine-tune to run")
+
+    monkeypatch.setattr(parallel, "RayEvaluator", refuse)
+    said = []
+    run_search(_config(tmp_path, "run", episodes=2, final_episodes=1, workers=2), echo=said.append,
+               oracle=FakeAccuracy())
+    assert any("accuracy is not fine-tuned here (FakeAccuracy), so nothing runs on Ray" in s for s in said)
+    assert len(load_checkpoint(tmp_path / "run").env_states) == 2
+
+
 def test_ctrl_c_saves_the_newest_consistent_checkpoint_and_says_how_to_resume(tmp_path):
     said = []
     # checkpoints every 4 episodes; killed in episode 3: episode 2's update is the newest consistent point

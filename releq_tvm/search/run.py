@@ -628,11 +628,11 @@ def run_search(
     evaluator = None
     if not resume:  # before the run folder is made: a Ray that would not start leaves no run behind
         check_search_inputs(config, data, oracle)
-        evaluator = _start_ray(config)
+        evaluator = _start_ray(config, oracle, echo)
     try:
         run_dir, config = prepare_run_dir(config, resume, resume_episodes, overwrite, resume_settings)
         if resume:  # its settings, with any given anew (nothing is written before record_resume)
-            evaluator = _start_ray(config)
+            evaluator = _start_ray(config, oracle, echo)
         parts = build_parts(config, oracle=oracle, cost=cost, data=data)
         if resume:
             _check_same_data(run_dir, parts)
@@ -642,7 +642,11 @@ def run_search(
         for note in parts.notes:
             echo(f"note: {note}")
         search = ReleqSearch(parts, run_dir, echo=echo)
-        evaluator = _use_evaluator(evaluator, config, parts, echo)
+        if evaluator is not None:
+            echo(f"{evaluator.describe()}; {config.n_envs} environments step together")
+            if config.n_envs < evaluator.cpus:
+                echo(f"note: {config.n_envs} environment(s) ask for at most {config.n_envs} evaluation(s) at once, so "
+                     f"{evaluator.cpus - config.n_envs} of Ray's {evaluator.cpus} CPUs idle; --envs {evaluator.cpus} uses them all")
     except BaseException:
         if evaluator is not None:
             evaluator.close()
@@ -660,30 +664,22 @@ def run_search(
             evaluator.close()
 
 
-def _start_ray(config: SearchConfig):
-    """Ray workers for the accuracy evaluations, local or joined (None: ``--workers 1``, no Ray)."""
+def _start_ray(config: SearchConfig, oracle, echo):
+    """Ray workers for the accuracy evaluations, local or joined. None: ``--workers 1`` (no Ray), or
+    nothing to fine-tune (``--accuracy none``, or an ``oracle`` without a short fine-tune), so no
+    Ray is started only to sit idle."""
     if config.workers <= 1 and config.ray_address is None:
         return None
     from releq_tvm.search.parallel import RayEvaluator, check_ray_installed
 
-    check_ray_installed(config.workers, config.ray_address)
-    return RayEvaluator(config.workers, config.ray_address, threads=config.threads or 1)
-
-
-def _use_evaluator(evaluator, config: SearchConfig, parts: SearchParts, echo):
-    """The evaluator the environments step with (None: this process evaluates, one at a time)."""
-    if evaluator is None:
-        return None
-    if not hasattr(parts.oracle, "short_finetune"):
-        evaluator.close()
-        echo(f"note: --workers {config.workers}: accuracy is not fine-tuned here ({type(parts.oracle).__name__}), "
+    check_ray_installed(config.workers, config.ray_address)  # the flags asked for Ray, needed or not
+    finetunes = hasattr(oracle, "short_finetune") if oracle is not None else config.accuracy != "none"
+    if not finetunes:
+        what = type(oracle).__name__ if oracle is not None else "--accuracy none"
+        echo(f"note: --workers {config.workers}: accuracy is not fine-tuned here ({what}), "
              "so nothing runs on Ray; the environments step in this process")
         return None
-    echo(f"{evaluator.describe()}; {config.n_envs} environments step together")
-    if config.n_envs < evaluator.cpus:
-        echo(f"note: {config.n_envs} environment(s) ask for at most {config.n_envs} evaluation(s) at once, "
-             f"so {evaluator.cpus - config.n_envs} of Ray's {evaluator.cpus} CPUs idle; --envs {evaluator.cpus} uses them all")
-    return evaluator
+    return RayEvaluator(config.workers, config.ray_address, threads=config.threads or 1)
 
 
 def _run(search: ReleqSearch, vec_env, resume: bool) -> dict:
